@@ -1,0 +1,1 @@
+"""The Ray pipeline: shards, stages, replicas, commit protocol."""
