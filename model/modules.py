@@ -1,0 +1,280 @@
+"""The building blocks of mT5: norm, attention with relative position bias, feed-forward, blocks, stacks.
+
+Parameter names here are ours (fused q/k/v, fused wi_0/wi_1); model/weights.py maps them to and from
+the Hugging Face layout, so nothing here knows the file format.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MT5Config
+
+
+class RMSNorm(nn.Module):
+    """T5's layer norm: scale only, no mean, no bias; the variance is always accumulated in float32."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return self.weight * x
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    # Written out rather than F.gelu(approximate="tanh"): that kernel is not bit-identical to the
+    # reference's formula, and greedy parity on near-ties depends on the last bits.
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
+                             max_distance: int) -> torch.Tensor:
+    """Mesh TensorFlow's bucketing: exact buckets for small distances, log-spaced ones up to max_distance."""
+    buckets = torch.zeros_like(relative_position)
+    if bidirectional:
+        num_buckets //= 2
+        buckets += (relative_position > 0).to(torch.long) * num_buckets
+        distance = relative_position.abs()
+    else:
+        distance = -torch.clamp(relative_position, max=0)
+    max_exact = num_buckets // 2
+    is_small = distance < max_exact
+    log_bucket = max_exact + (
+        torch.log(distance.float() / max_exact) / math.log(max_distance / max_exact) * (num_buckets - max_exact)
+    ).to(torch.long)
+    log_bucket = torch.clamp(log_bucket, max=num_buckets - 1)
+    return buckets + torch.where(is_small, distance, log_bucket)
+
+
+class RelativePositionBias(nn.Module):
+    """One per stack: computed once per forward and shared by every block (T5 stores it in block 0)."""
+
+    def __init__(self, config: MT5Config, bidirectional: bool):
+        super().__init__()
+        self.embedding = nn.Embedding(config.relative_attention_num_buckets, config.num_heads)
+        self.bidirectional = bidirectional
+        self.num_buckets = config.relative_attention_num_buckets
+        self.max_distance = config.relative_attention_max_distance
+
+    def forward(self, query_positions: torch.Tensor, key_length: int) -> torch.Tensor:
+        memory = torch.arange(key_length, device=query_positions.device)
+        relative = memory[None, :] - query_positions[:, None]  # [q_len, k_len]
+        buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
+        return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)  # [1, heads, q_len, k_len]
+
+
+def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 0/1 key mask [batch, k_len] -> an additive bias [batch, 1, 1, k_len] (0 keep, dtype-min drop)."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor, dropout: float) -> torch.Tensor:
+    # T5 does not scale scores by 1/sqrt(d_kv): that scale is folded into the initialisation.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout, scale=1.0)
+
+
+class KVCache(nn.Module):
+    """A preallocated self-attention cache, written in place one step at a time."""
+
+    def __init__(self, batch: int, heads: int, max_len: int, d_kv: int, dtype: torch.dtype, device):
+        super().__init__()
+        self.register_buffer("k", torch.zeros(batch, heads, max_len, d_kv, dtype=dtype, device=device))
+        self.register_buffer("v", torch.zeros(batch, heads, max_len, d_kv, dtype=dtype, device=device))
+
+    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = pos + k.shape[2]
+        self.k[:, :, pos:end] = k
+        self.v[:, :, pos:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Beam search: row i continues from row index[i]."""
+        self.k.copy_(self.k.index_select(0, index))
+        self.v.copy_(self.v.index_select(0, index))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, config: MT5Config):
+        super().__init__()
+        self.heads, self.d_kv, self.inner = config.num_heads, config.d_kv, config.inner_dim
+        self.qkv = nn.Linear(config.d_model, 3 * self.inner, bias=False)
+        self.o = nn.Linear(self.inner, config.d_model, bias=False)
+        self.dropout = config.dropout_rate
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache: KVCache | None = None, pos: int = 0):
+        batch, length, _ = x.shape
+        qkv = self.qkv(x).view(batch, length, 3, self.heads, self.d_kv).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # each [batch, heads, length, d_kv]
+        if cache is not None:
+            k, v = cache.update(pos, k, v)
+        out = attend(q, k, v, bias, self.dropout if self.training else 0.0)
+        return self.o(out.transpose(1, 2).reshape(batch, length, self.inner))
+
+
+class CrossAttention(nn.Module):
+    """Decoder-to-encoder attention. Keys and values are projected once per sequence (project_kv) and
+    shared by all of that sequence's beams: the beams are folded into the query axis, not copied."""
+
+    def __init__(self, config: MT5Config):
+        super().__init__()
+        self.heads, self.d_kv, self.inner = config.num_heads, config.d_kv, config.inner_dim
+        self.q = nn.Linear(config.d_model, self.inner, bias=False)
+        self.kv = nn.Linear(config.d_model, 2 * self.inner, bias=False)
+        self.o = nn.Linear(self.inner, config.d_model, bias=False)
+        self.dropout = config.dropout_rate
+
+    def project_kv(self, encoder_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, length, _ = encoder_states.shape
+        kv = self.kv(encoder_states).view(batch, length, 2, self.heads, self.d_kv).permute(2, 0, 3, 1, 4)
+        return kv[0], kv[1]  # each [batch, heads, src_len, d_kv]
+
+    def forward(self, x: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        rows, length, _ = x.shape
+        batch = k.shape[0]
+        group = rows // batch  # beams per source sequence
+        q = self.q(x).view(batch, group * length, self.heads, self.d_kv).transpose(1, 2)
+        out = attend(q, k, v, bias, self.dropout if self.training else 0.0)  # [batch, heads, group*len, d_kv]
+        return self.o(out.transpose(1, 2).reshape(rows, length, self.inner))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: MT5Config):
+        super().__init__()
+        self.gated = config.is_gated
+        self.d_ff = config.d_ff
+        # Gated: wi_0 (activation branch) and wi_1 (linear branch) fused into one matmul.
+        self.wi = nn.Linear(config.d_model, (2 if self.gated else 1) * config.d_ff, bias=False)
+        self.wo = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.wi(x)
+        if self.gated:
+            gate, linear = h.split(self.d_ff, dim=-1)
+            h = gelu_new(gate) * linear
+        else:
+            h = F.relu(h)
+        h = self.dropout(h)
+        # wo may be kept in float32 while the rest is float16 (see keep_wo_in_float32).
+        wo = self.wo.weight
+        if isinstance(wo, torch.Tensor) and wo.dtype != h.dtype and wo.dtype.is_floating_point:
+            h = h.to(wo.dtype)
+        return self.wo(h)
+
+
+def clamp_fp16(x: torch.Tensor) -> torch.Tensor:
+    # mT5's activations overflow float16; the reference clamps after every sub-layer, so do we.
+    if x.dtype != torch.float16:
+        return x
+    big = torch.finfo(torch.float16).max
+    limit = torch.where(torch.isinf(x).any(), big - 1000, big)
+    return torch.clamp(x, min=-limit, max=limit)
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, config: MT5Config):
+        super().__init__()
+        self.self_attn_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.self_attn = SelfAttention(config)
+        self.ff_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.ff = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        x = clamp_fp16(x + self.dropout(self.self_attn(self.self_attn_norm(x), bias)))
+        return clamp_fp16(x + self.dropout(self.ff(self.ff_norm(x))))
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, config: MT5Config):
+        super().__init__()
+        self.self_attn_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.self_attn = SelfAttention(config)
+        self.cross_attn_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.cross_attn = CrossAttention(config)
+        self.ff_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.ff = FeedForward(config)
+        self.dropout = nn.Dropout(config.dropout_rate)
+
+    def forward(self, x, self_bias, cross_k, cross_v, cross_bias, cache: KVCache | None = None, pos: int = 0):
+        x = clamp_fp16(x + self.dropout(self.self_attn(self.self_attn_norm(x), self_bias, cache, pos)))
+        x = clamp_fp16(x + self.dropout(self.cross_attn(self.cross_attn_norm(x), cross_k, cross_v, cross_bias)))
+        return clamp_fp16(x + self.dropout(self.ff(self.ff_norm(x))))
+
+
+class Encoder(nn.Module):
+    """The encoder stack. It takes embeddings: the embedding table is the model's, shared with the decoder."""
+
+    def __init__(self, config: MT5Config):
+        super().__init__()
+        self.relative_bias = RelativePositionBias(config, bidirectional=True)
+        self.blocks = nn.ModuleList(EncoderBlock(config) for _ in range(config.num_layers))
+        self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.gradient_checkpointing = False
+
+    def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.dropout(embeds)
+        length = embeds.shape[1]
+        bias = self.relative_bias(torch.arange(length, device=x.device), length)  # [1, heads, len, len]
+        if attention_mask is not None:
+            bias = bias + mask_to_bias(attention_mask, bias.dtype)  # [batch, heads, len, len]
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, bias, use_reentrant=False)
+            else:
+                x = block(x, bias)
+        return self.dropout(self.final_norm(x))
+
+
+class Decoder(nn.Module):
+    """The decoder stack; like the encoder, it takes embeddings."""
+
+    def __init__(self, config: MT5Config):
+        super().__init__()
+        self.relative_bias = RelativePositionBias(config, bidirectional=False)
+        self.blocks = nn.ModuleList(DecoderBlock(config) for _ in range(config.num_decoder_layers))
+        self.final_norm = RMSNorm(config.d_model, config.layer_norm_epsilon)
+        self.dropout = nn.Dropout(config.dropout_rate)
+        self.gradient_checkpointing = False
+
+    def project_cross_kv(self, encoder_states: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each layer's cross-attention keys and values: computed once per source, reused every step."""
+        return [block.cross_attn.project_kv(encoder_states) for block in self.blocks]
+
+    def forward(self, embeds: torch.Tensor, cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
+                encoder_mask: torch.Tensor | None, decoder_mask: torch.Tensor | None = None,
+                caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
+        """Run `embeds` [rows, len, d_model] at positions pos..pos+len. With caches, earlier positions come
+        from them. encoder_mask is [sources, src_len]; rows may be a multiple of sources (beams)."""
+        x = self.dropout(embeds)
+        length = embeds.shape[1]
+        key_length = pos + length
+        positions = torch.arange(pos, key_length, device=x.device)
+        self_bias = self.relative_bias(positions, key_length)  # [1, heads, len, key_len]
+        causal = positions[:, None] >= torch.arange(key_length, device=x.device)[None, :]
+        self_bias = self_bias.masked_fill(~causal, torch.finfo(self_bias.dtype).min)
+        if decoder_mask is not None:
+            self_bias = self_bias + mask_to_bias(decoder_mask[:, :key_length], self_bias.dtype)
+        dtype = cross_kv[0][0].dtype if cross_kv else x.dtype
+        if encoder_mask is not None:
+            cross_bias = mask_to_bias(encoder_mask, dtype)  # [sources, 1, 1, src_len]
+        else:
+            cross_bias = torch.zeros(1, 1, 1, 1, dtype=dtype, device=x.device)
+        for i, block in enumerate(self.blocks):
+            cache = caches[i] if caches is not None else None
+            k, v = cross_kv[i]
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(block, x, self_bias, k, v, cross_bias, use_reentrant=False)
+            else:
+                x = block(x, self_bias, k, v, cross_bias, cache, pos)
+        return self.dropout(self.final_norm(x))

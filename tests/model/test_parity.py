@@ -1,0 +1,187 @@
+"""Our mT5 against transformers on the same checkpoints: logits, hidden states, losses, every head, generate."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+
+import model as ours
+
+# Maximum absolute logit difference allowed in float32 (logits here are O(10)).
+FP32_ATOL = 1e-4
+
+
+def batch_with_padding(seed: int = 0, batch: int = 4, length: int = 14):
+    """Inputs of different lengths, each ending in EOS, right-padded with pad id 0."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 4000, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    for row, used in enumerate(torch.linspace(length, 4, batch).long().tolist()):
+        ids[row, used - 1] = 1
+        ids[row, used:] = 0
+        mask[row, used:] = 0
+    return ids, mask
+
+
+def decoder_inputs(seed: int = 1, batch: int = 4, length: int = 7):
+    g = torch.Generator().manual_seed(seed)
+    dec = torch.randint(3, 4000, (batch, length), generator=g)
+    dec[:, 0] = 0
+    return dec
+
+
+@pytest.fixture(scope="module", params=["tiny_checkpoint", "tiny_relu_tied_checkpoint"])
+def checkpoint(request):
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="module")
+def pair(checkpoint):
+    """(transformers model, our model) from the same directory."""
+    reference = transformers.MT5ForConditionalGeneration.from_pretrained(checkpoint).eval()
+    return reference, ours.MT5ForConditionalGeneration.from_pretrained(checkpoint)
+
+
+def test_logits_and_encoder_states_match_transformers_with_padding(pair):
+    reference, model = pair
+    ids, mask = batch_with_padding()
+    dec = decoder_inputs()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+        got = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    torch.testing.assert_close(got.logits, expected.logits, atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(got.encoder_last_hidden_state, expected.encoder_last_hidden_state, atol=1e-5, rtol=0)
+
+
+def test_loss_with_ignored_labels_matches_transformers(pair):
+    reference, model = pair
+    ids, mask = batch_with_padding()
+    labels = decoder_inputs(seed=2)[:, 1:].contiguous()
+    labels[1, 3:] = -100
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, labels=labels)
+        got = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got.logits, expected.logits, atol=FP32_ATOL, rtol=0)
+
+
+GENERATE_SETTINGS = {
+    "greedy": dict(max_new_tokens=24),
+    "xlsum_beam": dict(num_beams=4, no_repeat_ngram_size=2, length_penalty=0.6, max_new_tokens=24),
+    "beam_early_stopping_two_returned": dict(num_beams=3, early_stopping=True, num_return_sequences=2,
+                                             max_new_tokens=16),
+    "beam_never_stop": dict(num_beams=2, early_stopping="never", length_penalty=1.2, max_new_tokens=12),
+    "greedy_min_new_tokens_repetition_penalty": dict(max_new_tokens=20, min_new_tokens=8, repetition_penalty=1.3),
+    "greedy_max_length": dict(max_length=9, no_repeat_ngram_size=3),
+}
+
+
+@pytest.mark.parametrize("settings", GENERATE_SETTINGS.values(), ids=GENERATE_SETTINGS.keys())
+def test_generate_is_token_identical_to_transformers(pair, settings):
+    reference, model = pair
+    ids, mask = batch_with_padding(seed=3, batch=6)
+    expected = reference.generate(input_ids=ids, attention_mask=mask, **settings)
+    got = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    assert got.tolist() == expected.tolist()
+
+
+def test_generation_fixture_exercises_eos(pair):
+    """Parity is only meaningful if some sequences stop early: check the fixture makes them."""
+    _, model = pair
+    ids, mask = batch_with_padding(seed=3, batch=6)
+    out = model.generate(input_ids=ids, attention_mask=mask, **GENERATE_SETTINGS["xlsum_beam"])
+    finished = (out == 1).any(1)
+    assert finished.any()
+
+
+def test_generation_config_json_supplies_defaults(tiny_checkpoint, tmp_path):
+    reference = transformers.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+    reference.generation_config.update(num_beams=3, max_new_tokens=10, no_repeat_ngram_size=2)
+    reference.save_pretrained(tmp_path)
+    (tmp_path / "spiece.model").write_bytes((tiny_checkpoint / "spiece.model").read_bytes())
+    model = ours.MT5ForConditionalGeneration.from_pretrained(tmp_path)
+    assert (model.generation_config.num_beams, model.generation_config.max_new_tokens) == (3, 10)
+    ids, mask = batch_with_padding(seed=4)
+    assert model.generate(input_ids=ids, attention_mask=mask).tolist() == \
+        reference.generate(input_ids=ids, attention_mask=mask).tolist()
+
+
+@pytest.mark.slow
+def test_mt5_small_shape_matches_transformers(small_checkpoint):
+    reference = transformers.MT5ForConditionalGeneration.from_pretrained(small_checkpoint).eval()
+    model = ours.MT5ForConditionalGeneration.from_pretrained(small_checkpoint)
+    ids, mask = batch_with_padding(batch=3, length=24)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs(batch=3))
+        got = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs(batch=3))
+    torch.testing.assert_close(got.logits, expected.logits, atol=FP32_ATOL, rtol=0)
+    for settings in (dict(max_new_tokens=12), dict(num_beams=4, no_repeat_ngram_size=2, length_penalty=0.6,
+                                                   max_new_tokens=12)):
+        assert model.generate(input_ids=ids, attention_mask=mask, **settings).tolist() == \
+            reference.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
+
+
+# --- the other five classes -------------------------------------------------------------------------
+
+def _head_pair(cls_name: str, tiny_checkpoint, tmp_path, **config_overrides):
+    config = transformers.MT5Config.from_pretrained(tiny_checkpoint, **config_overrides)
+    torch.manual_seed(5)
+    reference = getattr(transformers, cls_name)(config).eval()
+    reference.save_pretrained(tmp_path)
+    return reference, getattr(ours, cls_name).from_pretrained(tmp_path)
+
+
+def test_mt5_model_and_encoder_model_match_transformers(tiny_checkpoint, tmp_path):
+    ids, mask = batch_with_padding()
+    dec = decoder_inputs()
+    reference, model = _head_pair("MT5Model", tiny_checkpoint, tmp_path / "bare")
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+        got = model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.encoder_last_hidden_state, expected.encoder_last_hidden_state, atol=1e-5, rtol=0)
+
+    reference, model = _head_pair("MT5EncoderModel", tiny_checkpoint, tmp_path / "encoder")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids, attention_mask=mask).last_hidden_state,
+                                   reference(input_ids=ids, attention_mask=mask).last_hidden_state, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("problem,labels", [
+    ("regression", torch.tensor([0.5, -1.0, 2.0, 0.0])),
+    ("single_label_classification", torch.tensor([0, 2, 1, 2])),
+    ("multi_label_classification", torch.tensor([[1.0, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]])),
+])
+def test_sequence_classification_logits_and_loss_match_transformers(tiny_checkpoint, tmp_path, problem, labels):
+    num_labels = 1 if problem == "regression" else 3
+    reference, model = _head_pair("MT5ForSequenceClassification", tiny_checkpoint, tmp_path,
+                                  num_labels=num_labels, problem_type=problem)
+    ids, mask = batch_with_padding()  # one EOS per row
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, labels=labels)
+        got = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-6)
+
+
+def test_token_classification_matches_transformers(tiny_checkpoint, tmp_path):
+    reference, model = _head_pair("MT5ForTokenClassification", tiny_checkpoint, tmp_path, num_labels=5)
+    ids, mask = batch_with_padding()
+    labels = torch.randint(0, 5, ids.shape, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, labels=labels)
+        got = model(input_ids=ids, attention_mask=mask, labels=labels)
+    torch.testing.assert_close(got.logits, expected.logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-6)
+
+
+def test_question_answering_matches_transformers(tiny_checkpoint, tmp_path):
+    reference, model = _head_pair("MT5ForQuestionAnswering", tiny_checkpoint, tmp_path)
+    ids, mask = batch_with_padding()
+    start, end = torch.tensor([1, 3, 0, 50]), torch.tensor([2, 5, 1, 60])  # 50, 60: outside, ignored
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, start_positions=start, end_positions=end)
+        got = model(input_ids=ids, attention_mask=mask, start_positions=start, end_positions=end)
+    torch.testing.assert_close(got.start_logits, expected.start_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.end_logits, expected.end_logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-6)
