@@ -12,6 +12,7 @@ from torch import nn
 
 from . import checkpoint, weights
 from .config import MT5Config
+from .quantize import METHODS as QUANTIZATIONS, quantize
 from .modules import CrossAttention, Decoder, Encoder, FeedForward, RelativePositionBias, RMSNorm, SelfAttention
 
 log = logging.getLogger(__name__)
@@ -50,28 +51,48 @@ class MT5PreTrainedModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, source: str | Path, *, dtype: torch.dtype | str = torch.float32,
-                        device: str | torch.device = "cpu", cache_dir: str | Path | None = None):
+                        device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
+                        quantization: str = "none"):
         """Load a Hugging Face mT5 checkpoint: a directory, an fsspec URI or a hub id.
 
         The model is built on the meta device and its parameters are assigned straight from the
         memory-mapped safetensors in the target dtype and device, so no float32 copy is made.
+        `quantization` ("int8", "nf4", "fp4") swaps the blocks' linear layers for bitsandbytes ones.
         """
         dtype = as_dtype(dtype)
+        if quantization not in QUANTIZATIONS:  # before reading any weight
+            raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+        model, directory = cls._on_meta(source, cache_dir)
+        weights.load_into(model, directory, dtype=dtype, device=device)
+        model.eval()
+        quantize(model, quantization)  # after eval(): the new layers copy the training flag
+        model._after_load(directory)
+        return model
+
+    @classmethod
+    def check_pretrained(cls, source: str | Path, *, cache_dir: str | Path | None = None) -> Path:
+        """What from_pretrained checks, from config.json and the safetensors headers alone: no weight is
+        read. Returns the local checkpoint directory. For failing fast before a cluster does any work."""
+        model, directory = cls._on_meta(source, cache_dir)
+        weights.check(model, directory)
+        return directory
+
+    @classmethod
+    def _on_meta(cls, source, cache_dir):
         directory = checkpoint.resolve_checkpoint(source, cache_dir=cache_dir)
         config = MT5Config.from_dict(checkpoint.read_json(directory, "config.json", required=True),
                                      source=str(directory / "config.json"))
         with torch.device("meta"):
-            model = cls(config)
-        weights.load_into(model, directory, dtype=dtype, device=device)
-        model.eval()
-        model._after_load(directory)
-        return model
+            return cls(config), directory
 
     def _after_load(self, directory: Path) -> None:
         """Hook for what a class reads beside the weights (generation_config.json)."""
 
     def save_pretrained(self, out_dir: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write config.json and safetensors in the Hugging Face layout, loadable by transformers."""
+        if any(type(m).__module__.startswith("bitsandbytes") for m in self.modules()):
+            raise ValueError("save_pretrained writes full-precision checkpoints: save the model before quantizing it "
+                             "(quantization is applied at load time with from_pretrained(..., quantization=...))")
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         config = self.config.to_dict()

@@ -116,11 +116,10 @@ def _target_dtype(our_name: str, dtype: torch.dtype) -> torch.dtype:
     return dtype
 
 
-def load_into(model: nn.Module, checkpoint_dir: Path, *, dtype: torch.dtype, device: torch.device | str) -> None:
-    """Fill a model built on the meta device from the checkpoint's safetensors, strictly.
-
-    Key sets and every shape are checked from the file headers before any tensor is read, so a
-    config that does not match the weights fails at once, naming the file and the tensors.
+def check(model: nn.Module, checkpoint_dir: Path) -> dict[str, str]:
+    """Compare the checkpoint's key set and every shape with the model's (built on the meta device),
+    from the safetensors headers alone. Returns, for each HF key the model needs, the key in the file.
+    A config that does not match the weights fails here, naming the file and the tensors.
     """
     tied = model.config.tie_word_embeddings and hasattr(model, "lm_head")
     expected = {name: tuple(t.shape) for name, t in to_hf_state_dict(model).items()}  # meta tensors: no data
@@ -157,6 +156,13 @@ def load_into(model: nn.Module, checkpoint_dir: Path, *, dtype: torch.dtype, dev
                 f"{where}: {stored} has shape {list(header[stored][0])}, but config.json implies "
                 f"{list(expected[name])}; the config does not match the weights")
 
+    return source
+
+
+def load_into(model: nn.Module, checkpoint_dir: Path, *, dtype: torch.dtype, device: torch.device | str) -> None:
+    """Fill a model built on the meta device from the checkpoint's safetensors, after `check`."""
+    tied = model.config.tie_word_embeddings and hasattr(model, "lm_head")
+    source = check(model, checkpoint_dir)
     wanted = {stored: name for name, stored in source.items()}
     pending: dict[str, dict[int, torch.Tensor]] = {}
     state: dict[str, torch.Tensor] = {}

@@ -1,0 +1,63 @@
+"""The replica: a Ray actor holding one model replica, pinned to a GPU or to CPU cores.
+
+It summarizes work units end to end (read -> stages -> commit) and runs two units at a time, so that
+one unit's reading and writing overlap the other's inference on the shared model thread.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import time
+
+import pyarrow as pa
+import torch
+
+from model import MT5ForConditionalGeneration, MT5Tokenizer
+
+from .commit import OutputLocation
+from .settings import SummarizeSettings
+from .shards import WorkUnit, open_filesystem, read_unit
+from .stages import Stats, Summarizer, output_schema
+
+# Units a replica runs at once: two keep the model busy across unit boundaries.
+UNITS_PER_REPLICA = 2
+
+
+def load_model(settings: SummarizeSettings, device: str):
+    """The tokenizer and the (optionally quantized) model, as the settings ask."""
+    dtype = settings.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    model = MT5ForConditionalGeneration.from_pretrained(settings.model, dtype=dtype, device=device,
+                                                       quantization=settings.quantization)
+    return model, MT5Tokenizer.from_pretrained(settings.model)
+
+
+class Replica:
+    def __init__(self, settings: SummarizeSettings, input_url: str, output_url: str,
+                 storage_options: dict | None, cpu_threads: int):
+        import ray  # the actor runs inside Ray; the module stays importable without a cluster
+
+        gpus = ray.get_gpu_ids()
+        self.device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
+        if self.device == "cpu":
+            torch.set_num_threads(cpu_threads)
+        model, tokenizer = load_model(settings, self.device)
+        self.summarizer = Summarizer(model, tokenizer, settings)
+        self.fs, _ = open_filesystem(input_url, storage_options)
+        self.location = OutputLocation(output_url, storage_options)
+        self.text_column = settings.text_column
+
+    def where(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "device": self.device}
+
+    def process(self, unit: WorkUnit, schema: pa.Schema, attempt: str) -> dict:
+        """Summarize one unit and commit it; returns its statistics."""
+        start = time.perf_counter()
+        stats = Stats()
+        out = self.summarizer.stream(read_unit(self.fs, unit), stats)
+        # write_unit publishes only if the unit comes out with as many rows as its footer promised
+        self.location.write_unit(unit, output_schema(schema, self.text_column), out, attempt=attempt)
+        return {"unit": unit.id, "seconds": time.perf_counter() - start, **dataclasses.asdict(stats)}
+

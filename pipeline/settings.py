@@ -1,0 +1,60 @@
+"""SummarizeSettings: what a summarization run does, parsed once from the flags and passed inward."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
+DTYPES = ("float32", "bfloat16", "float16", "auto")
+
+
+@dataclass(frozen=True)
+class SummarizeSettings:
+    model: str
+    text_column: str = "text"
+    id_column: str | None = "id"
+    prefix: str = ""
+    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    quantization: str = "none"
+    max_input_tokens: int = 512
+    max_new_tokens: int = 84
+    num_beams: int = 4
+    # None: take the checkpoint's generation_config.json value (XL-Sum's is 2 and 0.6).
+    no_repeat_ngram_size: int | None = None
+    length_penalty: float | None = None
+    # Batches are formed by token budget: rows * longest input <= max_batch_tokens, and rows <= batch_size.
+    batch_size: int = 32
+    max_batch_tokens: int = 16384
+    rows_per_unit: int = 20000
+
+    def __post_init__(self):
+        if self.quantization not in QUANTIZATIONS:
+            raise ValueError(f"--quantization {self.quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        for name in ("max_input_tokens", "max_new_tokens", "num_beams", "batch_size", "max_batch_tokens",
+                     "rows_per_unit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.max_batch_tokens < self.max_input_tokens:
+            raise ValueError(f"--max-batch-tokens ({self.max_batch_tokens}) must be at least --max-input-tokens "
+                             f"({self.max_input_tokens}), or a long document could never be batched")
+
+    def generation(self) -> dict:
+        """Settings for model.generate; unset ones fall back to the checkpoint's generation_config.json."""
+        settings = dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams)
+        if self.no_repeat_ngram_size is not None:
+            settings["no_repeat_ngram_size"] = self.no_repeat_ngram_size
+        if self.length_penalty is not None:
+            settings["length_penalty"] = self.length_penalty
+        return settings
+
+    def output_affecting(self) -> dict:
+        """The settings that change what is written: a rerun with other values must not mix outputs.
+
+        Batch sizes are left out on purpose: they change speed, not which rows land where.
+        """
+        fields = dataclasses.asdict(self)
+        for name in ("batch_size", "max_batch_tokens"):
+            del fields[name]
+        return fields

@@ -1,0 +1,64 @@
+"""Generation behaviour beyond parity: sampling, settings, and the cache layout that makes it fast."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import model as ours
+from model.generate import DecodeState, ban_repeated_ngrams
+from tests.model.test_parity import batch_with_padding
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_checkpoint):
+    return ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+
+
+def test_sampling_with_a_seed_is_reproducible_and_varies_with_it(tiny):
+    ids, mask = batch_with_padding()
+    settings = dict(do_sample=True, top_k=20, top_p=0.9, temperature=1.5, max_new_tokens=12)
+    first = tiny.generate(input_ids=ids, attention_mask=mask, seed=7, **settings)
+    again = tiny.generate(input_ids=ids, attention_mask=mask, seed=7, **settings)
+    other = tiny.generate(input_ids=ids, attention_mask=mask, seed=8, **settings)
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+
+
+def test_sampling_with_top_k_one_is_greedy(tiny):
+    ids, mask = batch_with_padding()
+    greedy = tiny.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12)
+    sampled = tiny.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_k=1, seed=3, max_new_tokens=12)
+    assert torch.equal(greedy, sampled)
+
+
+def test_num_return_sequences_with_sampling_gives_that_many_rows(tiny):
+    ids, mask = batch_with_padding(batch=2)
+    out = tiny.generate(input_ids=ids, attention_mask=mask, do_sample=True, num_return_sequences=3, seed=1,
+                        max_new_tokens=6)
+    assert out.shape[0] == 6
+
+
+def test_unknown_or_invalid_settings_are_refused(tiny):
+    ids, mask = batch_with_padding(batch=1)
+    with pytest.raises(TypeError, match="num_beam"):
+        tiny.generate(input_ids=ids, attention_mask=mask, num_beam=4)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        tiny.generate(input_ids=ids, attention_mask=mask, num_beams=2, num_return_sequences=3)
+    with pytest.raises(ValueError, match="top_p"):
+        tiny.generate(input_ids=ids, attention_mask=mask, do_sample=True, top_p=0.0)
+
+
+def test_cross_attention_kv_is_per_document_not_per_beam_and_cache_is_preallocated(tiny):
+    ids, mask = batch_with_padding(batch=3)
+    state = DecodeState(tiny, ids, mask, rows=3 * 4, max_len=20)
+    k, v = state.cross_kv[0]
+    assert k.shape[0] == 3 and v.shape[0] == 3  # shared by the 4 beams of each document
+    assert state.caches[0].k.shape == (12, tiny.config.num_heads, 20, tiny.config.d_kv)
+
+
+def test_no_repeat_ngram_bans_exactly_the_completing_tokens():
+    sequences = torch.tensor([[0, 5, 6, 7, 5], [0, 1, 2, 3, 4]])
+    scores = torch.zeros(2, 10)
+    banned = ban_repeated_ngrams(sequences, scores, 2).isinf()
+    assert banned[0].nonzero().flatten().tolist() == [6]  # "5 6" seen, last token is 5
+    assert not banned[1].any()

@@ -1,0 +1,276 @@
+"""Quantized replicas through bitsandbytes (int8, nf4, fp4): layers, bytes, agreement, transformers parity.
+
+The tiny checkpoint has random weights, so how closely quantized logits follow the float32 ones says
+little about summaries from a real checkpoint; the agreement thresholds below only catch a broken
+quantization (wrong layout, wrong scales, a layer left in an undefined state).
+"""
+from __future__ import annotations
+
+import gc
+import sys
+import weakref
+
+import bitsandbytes as bnb
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import model as ours
+from model.quantize import METHODS, quantize, quantized_bytes
+from tests.model.test_parity import batch_with_padding, decoder_inputs
+
+QUANTIZED = ("int8", "nf4", "fp4")
+
+# Lowest cosine similarity, over all positions, between quantized and float32 logits on the test batch.
+# Measured on the tiny checkpoint over six input batches: int8 >= 0.9992, nf4 >= 0.926, fp4 >= 0.866
+# (one per-position minimum each; the means are >= 0.9998, 0.975 and 0.948).
+MIN_COSINE = {"int8": 0.99, "nf4": 0.85, "fp4": 0.80}
+
+
+def load(checkpoint, method: str, **kwargs):
+    return quantize(ours.MT5ForConditionalGeneration.from_pretrained(checkpoint), method, **kwargs)
+
+
+def logits(model, seed: int = 0) -> torch.Tensor:
+    ids, mask = batch_with_padding(seed)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs(seed + 1)).logits
+
+
+def projections(model) -> dict[str, nn.Module]:
+    """The stacks' projections quantize() may replace (all but wo), by name."""
+    return {name: m for name, m in model.named_modules()
+            if name.split(".")[0] in ("encoder", "decoder") and name.split(".")[-1] in ("qkv", "q", "kv", "o", "wi")}
+
+
+@pytest.fixture(scope="module")
+def float32_logits(tiny_checkpoint):
+    return logits(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint))
+
+
+@pytest.mark.parametrize("method", QUANTIZED)
+def test_each_method_uses_bitsandbytes_layers_and_runs_forward_and_beam_search(tiny_checkpoint, method):
+    model = load(tiny_checkpoint, method)
+    expected = bnb.nn.Linear8bitLt if method == "int8" else bnb.nn.Linear4bit
+    layers = projections(model)
+    assert len(layers) == 3 * 3 + 2 * 6  # per encoder block: qkv, o, wi; per decoder block: qkv, o, q, kv, o, wi
+    for name, layer in layers.items():
+        assert type(layer) is expected, name
+        assert layer.weight.dtype == (torch.int8 if method == "int8" else torch.uint8), name
+        assert getattr(layer.weight, "quant_type", method) == method, name
+    # transformers' rule for mT5: wo and the (untied) output head stay in full precision.
+    for name, layer in model.named_modules():
+        if name.endswith("ff.wo") or name == "lm_head":
+            assert type(layer) is nn.Linear and layer.weight.dtype == torch.float32, name
+
+    ids, mask = batch_with_padding()
+    out = logits(model)
+    assert out.shape == (4, 7, model.config.vocab_size) and torch.isfinite(out).all()
+    generated = model.generate(input_ids=ids, attention_mask=mask, num_beams=2, max_new_tokens=8)
+    assert generated.shape[0] == 4 and 2 <= generated.shape[1] <= 9
+    assert ((generated >= 0) & (generated < model.config.vocab_size)).all()
+
+
+@pytest.mark.parametrize("method", QUANTIZED)
+def test_quantized_logits_follow_float32_logits(tiny_checkpoint, float32_logits, method):
+    got = logits(load(tiny_checkpoint, method))
+    cosine = F.cosine_similarity(got.flatten(0, 1), float32_logits.flatten(0, 1), dim=-1)
+    assert cosine.min() > MIN_COSINE[method], f"{method}: lowest cosine {cosine.min():.4f}"
+
+
+def test_bytes_shrink_by_the_width_of_the_weights_plus_their_statistics(tiny_checkpoint):
+    """Weights shrink 4x (int8) and 8x (4-bit) exactly; the statistics beside them are int8's float32
+    scale per output row, and 4-bit's 8-bit absmax per block of 64 plus two small code books per layer
+    (about 1.1 kB: a large share of these tiny layers, 0.4% of mt5-small's 4-bit projection bytes).
+    Nothing else in the model changes size."""
+    full = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    full_layers = projections(full)
+    full_bytes = sum(quantized_bytes(layer) for layer in full_layers.values())
+    totals = {"fp32": quantized_bytes(full)}
+    for method in QUANTIZED:
+        model = load(tiny_checkpoint, method)
+        layers = projections(model)
+        for name, layer in layers.items():
+            numel = full_layers[name].weight.numel()
+            payload = layer.weight.numel() * layer.weight.element_size()
+            assert payload == numel // (1 if method == "int8" else 2), name
+            statistics = quantized_bytes(layer) - payload
+            if method == "int8":
+                assert statistics == 4 * layer.out_features, name
+            else:
+                assert numel // 64 <= statistics <= numel // 64 + 1_200, name
+        quantized_layer_bytes = sum(quantized_bytes(layer) for layer in layers.values())
+        totals[method] = quantized_bytes(model)
+        # The model shrinks by exactly what its projections shrink: no full-precision copy is kept.
+        assert totals["fp32"] - totals[method] == full_bytes - quantized_layer_bytes
+    assert totals["nf4"] == totals["fp4"] < totals["int8"] < totals["fp32"]
+
+
+def test_quantize_releases_the_full_precision_weights(tiny_checkpoint):
+    model = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    originals = [weakref.ref(layer.weight) for layer in projections(model).values()]
+    quantize(model, "nf4")
+    gc.collect()
+    assert all(ref() is None for ref in originals)
+
+
+def test_none_leaves_the_model_untouched(tiny_checkpoint, float32_logits):
+    model = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    before = {name: type(m) for name, m in model.named_modules()}
+    assert quantize(model, "none") is model
+    assert {name: type(m) for name, m in model.named_modules()} == before
+    torch.testing.assert_close(logits(model), float32_logits, atol=0, rtol=0)
+
+
+def test_skip_keeps_the_named_modules_and_empty_skip_quantizes_the_untied_head(tiny_checkpoint):
+    model = load(tiny_checkpoint, "nf4", skip=("lm_head", "decoder", "self_attn.o"))
+    for name, layer in projections(model).items():
+        kept = name.startswith("decoder.") or name.endswith("self_attn.o")
+        assert (type(layer) is nn.Linear) == kept, name
+    model = load(tiny_checkpoint, "int8", skip=())
+    assert type(model.lm_head) is bnb.nn.Linear8bitLt
+    assert type(model.encoder.blocks[0].ff.wo) is nn.Linear  # wo is never quantized
+
+
+def test_tied_head_stays_the_embedding(tiny_relu_tied_checkpoint):
+    model = load(tiny_relu_tied_checkpoint, "nf4", skip=())
+    assert type(model.lm_head) is nn.Linear and model.lm_head.weight is model.shared.weight
+    assert type(model.encoder.blocks[0].ff.wi) is bnb.nn.Linear4bit
+    assert torch.isfinite(logits(model)).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models_quantize_and_compute_in_their_dtype(tiny_checkpoint, dtype):
+    model = quantize(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=dtype), "nf4")
+    assert model.encoder.blocks[0].self_attn.qkv.compute_dtype == dtype
+    # float16 keeps wo in float32 from loading on (model/weights.py); quantize leaves it so.
+    assert model.encoder.blocks[0].ff.wo.weight.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+    out = logits(model)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_unknown_method_is_a_value_error_listing_the_methods(tiny_checkpoint):
+    model = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    with pytest.raises(ValueError, match="'int4'.*none, int8, nf4, fp4"):
+        quantize(model, "int4")
+    assert METHODS == ("none", "int8", "nf4", "fp4")
+
+
+def test_missing_bitsandbytes_is_an_import_error_saying_how_to_install(tiny_checkpoint, monkeypatch):
+    model = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # what an absent package looks like to import
+    with pytest.raises(ImportError, match=r"pip install 'bitsandbytes>=0\.46'"):
+        quantize(model, "nf4")
+    assert quantize(model, "none") is model  # "none" needs no bitsandbytes
+
+
+def test_bitsandbytes_without_kernels_for_the_device_is_a_clear_error_before_any_layer_changes(
+        tiny_checkpoint, monkeypatch):
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("Could not run 'bitsandbytes::quantize_4bit' with arguments from the 'CPU' backend")
+
+    model = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    monkeypatch.setattr(bnb.functional, "quantize_4bit", no_kernel)
+    with pytest.raises(RuntimeError, match=r"cannot run nf4 on cpu.*python -m bitsandbytes"):
+        quantize(model, "nf4")
+    assert all(type(layer) is nn.Linear for layer in projections(model).values())
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+def test_fused_4bit_weight_dequantizes_as_its_parts_without_double_quantization(tiny_checkpoint, method):
+    """Why fusing q|k|v costs 4-bit parity only through double quantization (see the next tests)."""
+    qkv = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint).encoder.blocks[0].self_attn.qkv.weight
+    fused = bnb.functional.dequantize_4bit(*bnb.functional.quantize_4bit(qkv.detach(), quant_type=method))
+    parts = [bnb.functional.dequantize_4bit(*bnb.functional.quantize_4bit(part, quant_type=method))
+             for part in qkv.detach().chunk(3)]
+    assert torch.equal(fused, torch.cat(parts))
+
+
+# --- parity with transformers' own bitsandbytes path -------------------------------------------------
+
+def transformers_quantized(checkpoint, method: str):
+    """transformers' MT5ForConditionalGeneration through BitsAndBytesConfig, float32 outside the
+    quantized layers, on CPU."""
+    pytest.importorskip("accelerate", reason="transformers loads bitsandbytes models only with accelerate "
+                                             "installed, and the test extras do not install it")
+    import transformers
+
+    if method == "int8":
+        config = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method,
+                                                 bnb_4bit_use_double_quant=True,
+                                                 bnb_4bit_compute_dtype=torch.float32)
+    return transformers.MT5ForConditionalGeneration.from_pretrained(
+        checkpoint, quantization_config=config, dtype=torch.float32, device_map="cpu").eval()
+
+
+def fused_pairs(model, reference):
+    """(our fused layer, transformers' layers it concatenates) for every quantized projection."""
+    for i, block in enumerate(model.encoder.blocks):
+        layers = reference.encoder.block[i].layer
+        yield block.self_attn.qkv, [getattr(layers[0].SelfAttention, p) for p in "qkv"]
+        yield block.ff.wi, [layers[1].DenseReluDense.wi_0, layers[1].DenseReluDense.wi_1]
+    for i, block in enumerate(model.decoder.blocks):
+        layers = reference.decoder.block[i].layer
+        yield block.self_attn.qkv, [getattr(layers[0].SelfAttention, p) for p in "qkv"]
+        yield block.cross_attn.kv, [layers[1].EncDecAttention.k, layers[1].EncDecAttention.v]
+        yield block.ff.wi, [layers[2].DenseReluDense.wi_0, layers[2].DenseReluDense.wi_1]
+
+
+def test_int8_matches_transformers_bitsandbytes_in_weights_logits_and_beam_search(tiny_checkpoint):
+    """LLM.int8 scales each output row on its own, so fusing q|k|v along the output rows quantizes
+    exactly as separate layers do: same int8 weights, same row scales, same logits and tokens."""
+    reference = transformers_quantized(tiny_checkpoint, "int8")
+    model = load(tiny_checkpoint, "int8")
+    assert type(reference.encoder.block[0].layer[1].DenseReluDense.wo) is nn.Linear  # transformers keeps wo too
+    for fused, parts in fused_pairs(model, reference):
+        assert torch.equal(fused.weight.data, torch.cat([p.weight.data for p in parts]))
+        assert torch.equal(fused.weight.SCB, torch.cat([p.weight.SCB for p in parts]))
+    ids, mask = batch_with_padding()
+    dec = decoder_inputs()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
+    torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=0)
+    settings = dict(num_beams=2, max_new_tokens=8)
+    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **settings),
+                       reference.generate(input_ids=ids, attention_mask=mask, **settings))
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
+def test_4bit_matches_transformers_bitsandbytes_codes_exactly_and_logits_closely(tiny_checkpoint, method):
+    """Not exact, because of double quantization. The 4-bit codes are identical: blocks of 64 run along
+    the flattened weight, and each of q, k, v (wi_0, wi_1) has a multiple of 64 weights (d_model 40 x
+    32 rows here; any mT5 with d_model a multiple of 64), so the fused weight's blocks are exactly the
+    separate layers' blocks. But each block's absmax is quantized again to 8 bits around the mean absmax
+    of the whole tensor: fused, that mean and the 8-bit scale are shared by q, k and v; separate, each
+    has its own. The dequantized weights so differ by the 8-bit rounding of the absmax (measured: up to
+    0.5% of the largest weight) and the logits by up to 0.5% of their range (cosine > 0.99995)."""
+    reference = transformers_quantized(tiny_checkpoint, method)
+    model = load(tiny_checkpoint, method)
+    for fused, parts in fused_pairs(model, reference):
+        assert torch.equal(fused.weight.data.view(-1), torch.cat([p.weight.data.view(-1) for p in parts]))
+        ours_w = bnb.functional.dequantize_4bit(fused.weight.data, fused.weight.quant_state)
+        theirs_w = torch.cat([bnb.functional.dequantize_4bit(p.weight.data, p.weight.quant_state) for p in parts])
+        torch.testing.assert_close(ours_w, theirs_w, atol=0.01 * theirs_w.abs().max().item(), rtol=0)
+    ids, mask = batch_with_padding()
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs()).logits
+    got = logits(model)
+    span = (expected.max() - expected.min()).item()
+    torch.testing.assert_close(got, expected, atol=0.02 * span, rtol=0)
+    assert F.cosine_similarity(got.flatten(0, 1), expected.flatten(0, 1), dim=-1).min() > 0.999
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("method", QUANTIZED)
+def test_cuda_weights_are_quantized_on_the_gpu(tiny_checkpoint, method):
+    model = quantize(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype="bfloat16",
+                                                                      device="cuda"), method)
+    layer = model.encoder.blocks[0].self_attn.qkv
+    assert layer.weight.device.type == "cuda" and layer.weight.dtype in (torch.int8, torch.uint8)
+    ids, mask = (t.cuda() for t in batch_with_padding())
+    out = model.generate(input_ids=ids, attention_mask=mask, num_beams=2, max_new_tokens=8)
+    assert out.device.type == "cuda"

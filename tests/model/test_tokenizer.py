@@ -1,0 +1,291 @@
+"""MT5Tokenizer against transformers' T5 tokenizer, both loaded from the same mT5-shaped spiece.model."""
+
+import dataclasses
+import json
+import pickle
+import random
+import shutil
+import unicodedata
+
+import pytest
+import sentencepiece as spm
+import torch
+import transformers
+from tokenizers import normalizers
+from sentencepiece import sentencepiece_model_pb2
+
+from model.errors import ModelLoadError
+from model.tokenizer import MT5Tokenizer, _Normalizer
+from tests.fixtures.spiece import MT5_SPIECE_PIECES, build_spiece_model
+
+TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
+
+def _transformers_tokenizer(directory):
+    """transformers' T5 tokenizer for a directory holding only spiece.model (AutoTokenizer needs a config)."""
+    # the fast tokenizer is what AutoTokenizer gives in 4.x; 5.x has only that one, under the plain name
+    cls = transformers.T5TokenizerFast if TRANSFORMERS_MAJOR < 5 else transformers.T5Tokenizer
+    return cls.from_pretrained(str(directory), legacy=True)  # legacy=True: mT5's behaviour, said out loud
+
+
+@pytest.fixture(scope="session")
+def spiece_dir(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("spiece")
+    build_spiece_model(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tok(spiece_dir):
+    return MT5Tokenizer.from_pretrained(spiece_dir)
+
+
+@pytest.fixture(scope="session")
+def hf_tok(spiece_dir):
+    return _transformers_tokenizer(spiece_dir)
+
+
+TRICKY = {
+    "empty": "",
+    "one space": " ",
+    "whitespace only": " \t\n \u3000 ",
+    "runs of spaces": "the   summary    of",
+    "leading and trailing whitespace": "   the lake  \t ",
+    "tabs": "river\tlake\t\twater",
+    "blank line": "a\n\nb",
+    "crlf": "first line\r\nsecond line\r\n",
+    "no-break and ideographic spaces": "a\u00a0b\u3000c\u2009d",
+    "full-width letters": "ＡＢＣ ｄａｔａ",
+    "ligature": "ﬁnance ﬂow",
+    "circled digit": "① ② ⑳",
+    "compatibility characters": "㍿ ™ ½ ｶﾞ ﾊﾟ ǅ Ω Å",
+    "accents composed": "été garçon Straße niño",
+    "accents decomposed": unicodedata.normalize("NFD", "été garçon Straße niño"),
+    "vietnamese decomposed": unicodedata.normalize("NFD", "Tiếng Việt ệ ỗ"),
+    "korean decomposed": unicodedata.normalize("NFD", "한국어 문장"),
+    "grapheme with a mapped base": "ẛ̣ \u00a0\u0308 ½\u093f \ufb4a\u0486",
+    "english": "The summary of a long report about the river and the lake.",
+    "french": "Le résumé du rapport sur la rivière, déjà très long.",
+    "german": "Die größe Straße über dem Fluss: schön grün.",
+    "spanish": "¿El niño vio el río mañana? ¡Sí!",
+    "russian": "Это отчёт о реке и озере, город сказал.",
+    "hindi": "यह नदी और झील के बारे में रिपोर्ट है। क़ि क्षि",
+    "arabic": "هذا تقرير عن النهر والبحيرة. مَدْرَسَة",
+    "chinese": "这是一个关于河流和湖泊的报告。",
+    "japanese": "これは川と湖についての報告です。データ",
+    "mixed scripts": "lake 湖 озеро झील بحيرة lac",
+    "emoji": "summary 😀👍🏽 👨‍👩‍👧 🇫🇷 ❤️",
+    "unknown characters": "Ω ж ꙮ 𓀀 ᚠ",
+    "control characters": "a\x00b\x07c\x1fd\x7fe",
+    "literal metaspace": "a▁b ▁ ▁▁c",
+    "extra id between words": "The <extra_id_0> of the <extra_id_1> report",
+    "extra id mid-word": "sum<extra_id_0>mary<extra_id_99>",
+    "highest and lowest extra id": "<extra_id_99> <extra_id_0>",
+    "eos mid-word and spaced": "lake</s>river </s> water",
+    "pad and unk literally": "<pad> x <unk>y<pad>",
+    "special tokens only": "</s><extra_id_5></s>",
+    "not a special token": "<extra_id_100> <extra_id_> <s> < /s>",
+    "full-width special tokens": "＜/s＞ ＜extra_id_0＞ ＜pad＞ ＜unk＞",
+}
+
+
+@pytest.mark.parametrize("text", TRICKY.values(), ids=TRICKY.keys())
+def test_ids_match_transformers_on_tricky_strings(tok, hf_tok, text):
+    assert tok.encode(text) == hf_tok(text)["input_ids"]
+    assert tok(text)["input_ids"] == hf_tok(text)["input_ids"]
+
+
+def test_ids_match_transformers_on_fuzzed_text(tok, hf_tok):
+    rng = random.Random(0)
+    pool = [*"abc xyz ABC éçßñ", *"это река", *"यह नदी क्षि", *"هذا نهر َ", *"这是报告これは", "\u0301", "\u0308", "\u0323",
+            "\u200d", "\ufe0f", "\u1100", "\u1161", "😀", "🏽", "\t", "\n", "\r\n", "\x85", "\xa0", "\u3000", "▁", "Ａ", "½",
+            "ﬁ", "ｶ", "ﾞ", "ẛ", "\u0600", "<extra_id_0>", "</s>", "<pad>", "<unk>", "＜/s＞", "<extra_id_"]
+    # U+0085 is whitespace to transformers 5.x only; see test_nel_is_an_unknown_character_as_in_transformers_4
+    pool = [p for p in pool if p != "\x85" or TRANSFORMERS_MAJOR < 5]
+    texts = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 12))) for _ in range(3000)]
+    expected = hf_tok(texts)["input_ids"]
+    actual = tok(texts)["input_ids"]
+    mismatches = [(text, a, e) for text, a, e in zip(texts, actual, expected) if a != e]
+    assert not mismatches, mismatches[:5]
+
+
+def test_grapheme_normalization_matches_tokenizers_precompiled(spiece_dir):
+    """The part of encoding that sentencepiece gets wrong, compared with `tokenizers` directly."""
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString((spiece_dir / "spiece.model").read_bytes())
+    charsmap = proto.normalizer_spec.precompiled_charsmap
+    ours, theirs = _Normalizer(charsmap), normalizers.Precompiled(charsmap)
+    rng = random.Random(1)
+    blocks = [(0x20, 0x24F), (0x300, 0x36F), (0x370, 0x6FF), (0x900, 0x9FF), (0xE00, 0xE7F), (0x1100, 0x11FF),
+              (0x1E00, 0x1EFF), (0x2000, 0x24FF), (0x3000, 0x30FF), (0xFB00, 0xFFEF), (0x1F300, 0x1F64F),
+              (0x1F3FB, 0x1F3FF), (0xE0020, 0xE007F), (0x0, 0x1F), (0x7F, 0x9F), (0x110BD, 0x110BD)]
+    mismatches = []
+    for _ in range(20000):
+        chars = [chr(rng.randint(*rng.choice(blocks))) for _ in range(rng.randint(1, 8))]
+        # Python 3.11's unicodedata predates marks that tokenizers knows; their graphemes may differ
+        text = "".join(c for c in chars if unicodedata.category(c) not in ("Cn", "Cs"))
+        if ours(text) != theirs.normalize_str(text):
+            mismatches.append(text)
+    assert not mismatches, [[hex(ord(c)) for c in text] for text in mismatches[:5]]
+
+
+def test_word_by_word_segmentation_gives_the_ids_of_whole_stretches(tok):
+    """transformers segments word by word; we segment whole stretches where no piece holds an inner "▁"."""
+    assert tok._vocab.whole_stretches
+    word_by_word = MT5Tokenizer.__new__(MT5Tokenizer)
+    word_by_word.__dict__.update(tok.__dict__, _vocab=dataclasses.replace(tok._vocab, whole_stretches=False))
+    texts = list(TRICKY.values())
+    assert word_by_word(texts)["input_ids"] == tok(texts)["input_ids"]
+
+
+@pytest.mark.skipif(TRANSFORMERS_MAJOR >= 5, reason="transformers 5.x splits words on U+0085; 4.x does not")
+def test_nel_is_an_unknown_character_as_in_transformers_4(tok, hf_tok):
+    for text in ("a\x85b", "a \x85 b", "\x85a", "a\x85", "a\x85\x85"):
+        assert tok.encode(text) == hf_tok(text)["input_ids"], repr(text)
+    assert tok.unk_token_id in tok.encode("a\x85b")
+
+
+def test_batch_padding_and_truncation_match_transformers(tok, hf_tok):
+    texts = ["The summary of a long report about the river.", "lake", "", "这是一个关于河流和湖泊的报告", "a <extra_id_0> b"]
+    for kwargs in (
+        dict(max_length=8, truncation=True, padding=True, return_tensors="pt"),
+        dict(padding=True, return_tensors="pt"),
+        dict(padding="longest", return_tensors="pt"),
+        dict(max_length=12, truncation=True, padding="max_length", return_tensors="pt"),
+        dict(max_length=4, padding="max_length"),  # longer rows stay longer
+        dict(max_length=5, truncation=True),
+        dict(max_length=1, truncation=True),
+        dict(max_length=3, truncation=True, add_special_tokens=False),
+        dict(padding=True, add_special_tokens=False),
+    ):
+        ours, theirs = tok(texts, **kwargs), hf_tok(texts, **kwargs)
+        for key in ("input_ids", "attention_mask"):
+            if kwargs.get("return_tensors") == "pt":
+                assert ours[key].dtype == theirs[key].dtype == torch.long, (kwargs, key)
+                assert torch.equal(ours[key], theirs[key]), (kwargs, key)
+            else:
+                assert ours[key] == theirs[key], (kwargs, key)
+
+
+def test_one_text_gives_flat_lists_and_a_batch_of_one_as_tensors(tok, hf_tok):
+    assert dict(tok("the lake")) == dict(hf_tok("the lake"))
+    ours, theirs = tok("the lake", return_tensors="pt"), hf_tok("the lake", return_tensors="pt")
+    assert ours["input_ids"].shape == (1, 3)
+    assert torch.equal(ours["input_ids"], theirs["input_ids"])
+
+
+def test_ragged_batch_as_tensors_asks_for_padding(tok):
+    with pytest.raises(ValueError, match="padding=True"):
+        tok(["a", "a b c"], return_tensors="pt")
+
+
+def test_batch_unpacks_into_keyword_arguments(tok):
+    def generate(input_ids, attention_mask):
+        return input_ids.shape, attention_mask.shape
+
+    batch = tok(["the lake", "a river"], padding=True, return_tensors="pt")
+    assert generate(**batch) == (batch.input_ids.shape, batch.attention_mask.shape)
+    assert batch.to("cpu").input_ids.device.type == "cpu"
+
+
+def test_decode_and_batch_decode_match_transformers(tok, hf_tok):
+    texts = list(TRICKY.values())
+    sequences = hf_tok(texts)["input_ids"]
+    sequences += [[5, 142], [250099, 142, 0, 0], [2, 142, 2, 1], [142, 250105, 5, 2167, 1], [0, 0, 1], []]
+    for skip in (False, True):
+        assert tok.batch_decode(sequences, skip_special_tokens=skip) == hf_tok.batch_decode(
+            sequences, skip_special_tokens=skip
+        )
+        for ids in sequences:
+            assert tok.decode(ids, skip_special_tokens=skip) == hf_tok.decode(ids, skip_special_tokens=skip), ids
+    padded = tok(texts, padding=True, return_tensors="pt")["input_ids"]
+    for skip in (False, True):
+        assert tok.batch_decode(padded, skip_special_tokens=skip) == hf_tok.batch_decode(padded, skip_special_tokens=skip)
+        assert tok.decode(padded[1], skip_special_tokens=skip) == hf_tok.decode(padded[1], skip_special_tokens=skip)
+
+
+def test_decode_refuses_label_padding(tok):
+    with pytest.raises(ValueError, match="-100"):
+        tok.decode([142, -100])
+
+
+def test_tokens_and_ids_convert_like_transformers(tok, hf_tok):
+    ids = [0, 1, 2, 5, 142, 2167, 250000, 250099, 250100]
+    assert tok.convert_ids_to_tokens(ids) == hf_tok.convert_ids_to_tokens(ids)
+    assert tok.convert_ids_to_tokens(ids, skip_special_tokens=True) == hf_tok.convert_ids_to_tokens(
+        ids, skip_special_tokens=True
+    )
+    assert tok.convert_ids_to_tokens(250099) == "<extra_id_0>"
+    tokens = ["<pad>", "</s>", "<unk>", "▁", "▁the", "<extra_id_0>", "<extra_id_99>", "not a piece"]
+    assert tok.convert_tokens_to_ids(tokens) == hf_tok.convert_tokens_to_ids(tokens)
+    assert tok.convert_tokens_to_ids("<extra_id_99>") == 250000
+
+
+def test_mt5_layout_250000_pieces_then_100_extra_ids(spiece_dir, tok, hf_tok):
+    sp = spm.SentencePieceProcessor(model_file=str(spiece_dir / "spiece.model"))
+    assert sp.get_piece_size() == MT5_SPIECE_PIECES == 250_000
+    assert [sp.id_to_piece(i) for i in range(3)] == ["<pad>", "</s>", "<unk>"]
+    assert (sp.pad_id(), sp.eos_id(), sp.unk_id(), sp.bos_id()) == (0, 1, 2, -1)
+    assert (tok.pad_token_id, tok.eos_token_id, tok.unk_token_id) == (0, 1, 2)
+    assert tok.vocab_size == len(tok) == len(hf_tok) == 250_100
+    assert tok.convert_tokens_to_ids(["<extra_id_0>", "<extra_id_99>"]) == [250_099, 250_000]
+    assert tok.encode("<extra_id_0><extra_id_99>") == [250_099, 250_000, 1]
+
+
+def test_spiece_fixture_is_deterministic(spiece_dir, tmp_path):
+    again = build_spiece_model(tmp_path)
+    assert again.read_bytes() == (spiece_dir / "spiece.model").read_bytes()
+
+
+def test_missing_spiece_model_is_a_model_load_error_naming_the_file(tmp_path):
+    with pytest.raises(ModelLoadError) as error:
+        MT5Tokenizer.from_pretrained(tmp_path)
+    assert str(tmp_path / "spiece.model") in str(error.value)
+
+
+def test_corrupt_spiece_model_is_a_model_load_error_naming_the_file(tmp_path):
+    (tmp_path / "spiece.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ModelLoadError, match="spiece.model"):
+        MT5Tokenizer.from_pretrained(tmp_path)
+
+
+def test_save_pretrained_loads_in_transformers_with_identical_ids(tok, tmp_path):
+    tok.save_pretrained(tmp_path / "saved")
+    theirs = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "saved"))
+    ours = MT5Tokenizer.from_pretrained(tmp_path / "saved")
+    texts = list(TRICKY.values())
+    assert len(theirs) == len(ours) == 250_100
+    assert theirs(texts)["input_ids"] == ours(texts)["input_ids"] == tok(texts)["input_ids"]
+
+
+def test_loads_what_transformers_saves(hf_tok, tok, tmp_path):
+    hf_tok.save_pretrained(str(tmp_path))
+    if not (tmp_path / "spiece.model").exists():
+        pytest.skip("transformers 5.x saves tokenizer.json only, and we read spiece.model")
+    reloaded = MT5Tokenizer.from_pretrained(tmp_path)
+    texts = list(TRICKY.values())
+    assert reloaded(texts)["input_ids"] == tok(texts)["input_ids"]
+
+
+def test_tokenizer_config_extra_ids_and_model_max_length_are_honoured(spiece_dir, tmp_path):
+    shutil.copy(spiece_dir / "spiece.model", tmp_path)
+    config = {"tokenizer_class": "T5Tokenizer", "extra_ids": 10, "model_max_length": 6, "legacy": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    ours, theirs = MT5Tokenizer.from_pretrained(tmp_path), transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert ours.vocab_size == len(theirs) == 250_010
+    texts = ["<extra_id_0> <extra_id_9> <extra_id_10>", "the summary of a long report about the lake"]
+    assert ours(texts, truncation=True)["input_ids"] == theirs(texts, truncation=True)["input_ids"]
+    assert ours(texts, padding="max_length")["input_ids"] == theirs(texts, padding="max_length")["input_ids"]
+
+
+def test_special_tokens_other_than_t5s_are_refused_naming_the_file(spiece_dir, tmp_path):
+    shutil.copy(spiece_dir / "spiece.model", tmp_path)
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"additional_special_tokens": ["<sep>"]}))
+    with pytest.raises(ModelLoadError, match="special_tokens_map.json"):
+        MT5Tokenizer.from_pretrained(tmp_path)
+
+
+def test_tokenizer_survives_pickling(tok):
+    """Ray ships the tokenizer to its workers by pickling it."""
+    texts = list(TRICKY.values())
+    assert pickle.loads(pickle.dumps(tok))(texts)["input_ids"] == tok(texts)["input_ids"]
