@@ -1,0 +1,207 @@
+"""The summarize job end to end on a local Ray: exactly once, in order, equal to generate, bad input answered."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from model import MT5ForConditionalGeneration, MT5Tokenizer, ModelLoadError
+from pipeline.driver import run
+from pipeline.errors import InputError, OutputError
+from pipeline.settings import SummarizeSettings
+from pipeline.stages import EMPTY_TEXT, Stats, Summarizer
+from tests.fixtures.corpus import documents, write_shards
+
+REPO = Path(__file__).resolve().parents[2]
+SETTINGS = dict(num_beams=2, max_new_tokens=8, rows_per_unit=10, batch_size=4, max_input_tokens=256,
+                max_batch_tokens=1024)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """60 documents in 3 files under Hive folders, row groups of 8, with empty, blank, null and long texts."""
+    docs = documents(60, seed=1)
+    docs[3]["text"] = None
+    docs[5]["text"] = "   \n "
+    docs[7]["text"] = ""
+    docs[10]["text"] = " ".join([docs[10]["text"]] * 30)  # far past max_input_tokens
+    root = tmp_path_factory.mktemp("corpus")
+    write_shards(root, docs, files=3, row_group_size=8)
+    return root, docs
+
+
+def read_output(out) -> pa.Table:
+    return pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
+
+
+def test_every_row_once_in_order_and_equal_to_generate(ray_local, corpus, tiny_checkpoint, tmp_path):
+    root, docs = corpus
+    settings = SummarizeSettings(model=str(tiny_checkpoint), **SETTINGS)
+    report = run(settings, str(root), str(tmp_path / "out"), replicas=2, progress_every=5)
+    assert report.success and not report.failed
+    assert report.stats.rows == 60 and report.stats.empty == 3 and report.stats.truncated == 1
+
+    table = read_output(tmp_path / "out")
+    assert sorted(table.column("id").to_pylist()) == sorted(d["id"] for d in docs)  # each exactly once
+    assert set(table.column_names) == {"id", "lang", "summary", "error", "lang_group"}
+    assert (tmp_path / "out" / "_SUCCESS").exists()
+
+    # Order within each input file is kept, split units included.
+    for source in sorted(root.rglob("*.parquet")):
+        relative = source.relative_to(root)
+        outputs = sorted((tmp_path / "out" / relative.parent).glob(relative.stem + "*.parquet"))
+        got = [i for path in outputs for i in pq.read_table(path).column("id").to_pylist()]
+        assert got == pq.read_table(source).column("id").to_pylist()
+
+    # Summaries are what the model's own generate gives for those rows.
+    model = MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    tokenizer = MT5Tokenizer.from_pretrained(tiny_checkpoint)
+    by_id = {row["id"]: row for row in table.to_pylist()}
+    fine = [d for d in docs if d["text"] and d["text"].strip()]
+    for start in range(0, len(fine), 8):
+        chunk = fine[start:start + 8]
+        batch = tokenizer([d["text"] for d in chunk], max_length=256, truncation=True, padding=True,
+                          return_tensors="pt")
+        out = model.generate(**batch, **settings.generation())
+        for doc, summary in zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True)):
+            assert by_id[doc["id"]]["summary"] == summary, doc["id"]
+            assert by_id[doc["id"]]["error"] is None
+    for doc in docs:
+        if not (doc["text"] and doc["text"].strip()):
+            assert by_id[doc["id"]]["summary"] is None and by_id[doc["id"]]["error"] == EMPTY_TEXT
+
+
+def test_rerun_skips_committed_units_and_other_settings_are_refused(ray_local, corpus, tiny_checkpoint, tmp_path):
+    root, _ = corpus
+    out = tmp_path / "out"
+    settings = SummarizeSettings(model=str(tiny_checkpoint), **SETTINGS)
+    first = run(settings, str(root), str(out), replicas=1)
+    before = {p: p.read_bytes() for p in out.rglob("*.parquet")}
+    again = run(settings, str(root), str(out), replicas=1)
+    assert again.success and again.skipped == again.units == first.units and again.stats.rows == 0
+    assert {p: p.read_bytes() for p in out.rglob("*.parquet")} == before
+
+    other = SummarizeSettings(model=str(tiny_checkpoint), **{**SETTINGS, "num_beams": 1})
+    with pytest.raises(OutputError, match="num_beams.*--overwrite"):
+        run(other, str(root), str(out), replicas=1)
+    replaced = run(other, str(root), str(out), replicas=1, overwrite=True)
+    assert replaced.success and replaced.skipped == 0
+    assert read_output(out).num_rows == 60
+
+
+def test_missing_or_mistyped_text_column_fails_before_any_replica(ray_local, corpus, tiny_checkpoint, tmp_path):
+    root, _ = corpus
+    bad = tmp_path / "bad"
+    shutil.copytree(root, bad)
+    pq.write_table(pa.table({"id": ["x"], "body": ["some text"]}), bad / "lang_group=a" / "zz-no-text.parquet")
+    settings = SummarizeSettings(model=str(tiny_checkpoint), **SETTINGS)
+    with pytest.raises(InputError, match=r"lang_group=a/zz-no-text\.parquet.*'text'"):
+        run(settings, str(bad), str(tmp_path / "out"), replicas=1)
+    (bad / "lang_group=a" / "zz-no-text.parquet").unlink()
+    pq.write_table(pa.table({"id": ["x"], "text": [3]}), bad / "lang_group=b" / "zz-int.parquet")
+    with pytest.raises(InputError, match=r"zz-int\.parquet.*'text'.*int64"):
+        run(settings, str(bad), str(tmp_path / "out"), replicas=1)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*.parquet"))
+
+
+def test_broken_model_fails_before_the_cluster_works(ray_local, corpus, tiny_checkpoint, tmp_path):
+    root, _ = corpus
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    (broken / "spiece.model").unlink()
+    with pytest.raises(ModelLoadError, match="spiece.model"):
+        run(SummarizeSettings(model=str(broken), **SETTINGS), str(root), str(tmp_path / "out"), replicas=1)
+    with pytest.raises(ModelLoadError, match="nowhere"):
+        run(SummarizeSettings(model=str(tmp_path / "nowhere"), **SETTINGS), str(root), str(tmp_path / "out"),
+            replicas=1)
+    assert not (tmp_path / "out").exists()
+
+
+def test_corrupt_shard_fails_alone_and_the_job_exits_1(corpus, tiny_checkpoint, tmp_path):
+    """Through the CLI, as users run it: the corrupt shard is named on stderr, every other row is written."""
+    root, docs = corpus
+    data = tmp_path / "data"
+    shutil.copytree(root, data)
+    (data / "lang_group=b" / "part-999.parquet").write_bytes(b"PAR1 this is not parquet at all PAR1")
+    cmd = [sys.executable, str(REPO / "jobs/summarize.py"), "--model", str(tiny_checkpoint), "--input", str(data),
+           "--output", str(tmp_path / "out"), "--replicas", "1", "--num-beams", "1", "--max-new-tokens", "4",
+           "--rows-per-unit", "30"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    assert done.returncode == 1, done.stderr
+    assert "FAILED lang_group=b/part-999.parquet" in done.stderr
+    assert read_output(tmp_path / "out").num_rows == len(docs)
+    assert not (tmp_path / "out" / "_SUCCESS").exists()
+    report = json.loads((tmp_path / "out" / "_lakesum" / "report.json").read_text())
+    assert "lang_group=b/part-999.parquet" in json.dumps(report)
+
+
+def test_usage_errors_exit_2(tiny_checkpoint, tmp_path):
+    cmd = [sys.executable, str(REPO / "jobs/summarize.py"), "--model", str(tiny_checkpoint), "--input",
+           str(tmp_path), "--output", str(tmp_path / "out"), "--num-beams", "0"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    assert done.returncode == 2 and "--num-beams must be >= 1" in done.stderr
+
+
+def _env() -> dict:
+    import os
+    env = dict(os.environ)
+    env.pop("RAY_ADDRESS", None)
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+# --- overlap ----------------------------------------------------------------------------------------
+
+class SleepingModel:
+    """Stands in for the accelerator: a fixed time per batch, then EOS right away."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def generate(self, input_ids, attention_mask, **_):
+        time.sleep(self.seconds)
+        return torch.tensor([[0, 1]] * input_ids.shape[0])
+
+
+def test_reading_tokenizing_and_writing_hide_behind_the_model(tiny_checkpoint):
+    """With a model that takes 0.2 s a batch and a reader that takes 0.1 s a record batch, wall time is the
+    model's time plus one read, not their sum."""
+    tokenizer = MT5Tokenizer.from_pretrained(tiny_checkpoint)
+    settings = SummarizeSettings(model=str(tiny_checkpoint), batch_size=8, max_batch_tokens=4096)
+    summarizer = Summarizer(SleepingModel(0.2), tokenizer, settings)
+    docs = documents(8 * 12, seed=2)
+
+    def slow_reader():
+        for start in range(0, len(docs), 8):
+            time.sleep(0.1)
+            yield pa.RecordBatch.from_pylist(docs[start:start + 8])
+
+    stats = Stats()
+    start = time.perf_counter()
+    written = 0
+    for batch in summarizer.stream(slow_reader(), stats):
+        time.sleep(0.05)  # a slow writer too
+        written += batch.num_rows
+    wall = time.perf_counter() - start
+    model_time = 12 * 0.2
+    assert written == len(docs)
+    assert stats.model_seconds == pytest.approx(model_time, rel=0.2)
+    assert wall < model_time + 0.1 + 0.05 + 0.6, f"wall {wall:.2f}s vs model {model_time:.2f}s: stages not overlapped"
+    summarizer.close()
