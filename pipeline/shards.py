@@ -316,8 +316,8 @@ def _footer_blocks(footer: bytes) -> list[tuple[int, int]]:
     table = _FlatTable(footer, _u32(footer, 0))
     start, count = table.vector(3)  # Footer.recordBatches: [Block]
     # struct Block { offset: long; metaDataLength: int; (4 bytes padding) bodyLength: long; } = 24 bytes
-    return [(struct.unpack_from("<q", footer, start + 24 * i)[0], struct.unpack_from("<i", footer, start + 24 * i + 8)[0])
-            for i in range(count)]
+    return [(struct.unpack_from("<q", footer, start + 24 * i)[0],
+             struct.unpack_from("<i", footer, start + 24 * i + 8)[0]) for i in range(count)]
 
 
 def _message_rows(header: bytes) -> int:

@@ -24,18 +24,21 @@ SETTINGS = {"model": "csebuetnlp/mT5_multilingual_XLSum", "model_hash": "0f3c", 
 LOCAL = fsspec.filesystem("file", auto_mkdir=True)  # for writing test lakes
 
 
+OUT_SCHEMA = pa.schema([("id", pa.int64()), ("lang", pa.string()), ("summary", pa.string()), ("error", pa.string())])
+
+
 class Killed(BaseException):
-    """Stands for SIGKILL at a chosen point: nothing after it runs, no cleanup code catches it."""
+    """Stands for SIGKILL at a chosen point: nothing after it runs (raised where no cleanup code is around)."""
 
 
-def _plan(fs, root: str, rows_per_unit: int = 4, storage_options=None) -> tuple[object, list[WorkUnit]]:
-    """Write a Hive-partitioned lake (30 rows: ids 0..29) and plan its units."""
+def _plan(fs, root: str, rows_per_unit: int = 4, protocol: str = "", storage_options=None
+          ) -> tuple[fsspec.AbstractFileSystem, list[WorkUnit]]:
+    """Write a Hive-partitioned lake (30 rows: ids 0..29) at root on fs, then list and plan it by URL."""
     write_parquet(fs, f"{root}/date=2026-11-01/part-0.parquet", documents(0, 10), row_group_size=4)
     write_parquet(fs, f"{root}/date=2026-11-01/part-1.parquet", documents(10, 2))
     write_arrow(fs, f"{root}/date=2026-11-02/part-0.arrow", documents(12, 18), batch_rows=3)
     write_parquet(fs, f"{root}/date=2026-11-02/empty.parquet", documents(0, 0))
-    url = root if fs is LOCAL else f"{fs.protocol[0] if isinstance(fs.protocol, tuple) else fs.protocol}://{root}"
-    input_fs, shards = list_shards(url, storage_options)
+    input_fs, shards = list_shards(f"{protocol}{root}", storage_options)
     infos, errors = inspect_shards(input_fs, shards)
     assert not errors
     return input_fs, plan_units(infos, rows_per_unit)
@@ -45,11 +48,9 @@ def _summarized(fs, unit: WorkUnit):
     """What the stages would emit for the unit: the input without its text, plus summary and error."""
     for batch in read_unit(fs, unit):
         yield pa.RecordBatch.from_arrays(
-            [batch.column("id"), batch.column("lang"), pc.binary_join_element_wise("summary of ", batch.column("text"), ""),
+            [batch.column("id"), batch.column("lang"),
+             pc.binary_join_element_wise("summary of ", batch.column("text"), ""),
              pa.nulls(batch.num_rows, pa.string())], schema=OUT_SCHEMA)
-
-
-OUT_SCHEMA = pa.schema([("id", pa.int64()), ("lang", pa.string()), ("summary", pa.string()), ("error", pa.string())])
 
 
 def _commit(location: OutputLocation, fs, units, attempt: str = "a1") -> None:
@@ -462,7 +463,7 @@ def test_memory_output_end_to_end(tmp_path, memory_root):
 
 def test_s3_input_and_output_end_to_end_with_resume_and_overwrite(s3):
     s3fs_, bucket, options = s3
-    fs, units = _plan(s3fs_, f"{bucket}/lake", storage_options=options)
+    fs, units = _plan(s3fs_, f"{bucket}/lake", protocol="s3://", storage_options=options)
     url = f"s3://{bucket}/out"
 
     location = OutputLocation(url, options)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pytest
 
@@ -185,6 +186,44 @@ def test_arrow_batch_counts_match_pyarrow_with_dictionaries_and_empty_batches(tm
     reader = pa.ipc.open_file(str(path))
     assert info.group_rows == tuple(reader.get_batch(i).num_rows for i in range(reader.num_record_batches))
     assert info.group_rows == (3, 0, 4)
+
+
+class _CountingFileSystem(LocalFileSystem):
+    """A local filesystem that counts the bytes read through it."""
+
+    def __init__(self):
+        super().__init__(skip_instance_cache=True)
+        self.bytes_read = 0
+
+    def _open(self, path, mode="rb", **kwargs):
+        f = super()._open(path, mode, **kwargs)
+        read, readinto = f.read, f.f.readinto
+
+        def counted_read(*args):
+            data = read(*args)
+            self.bytes_read += len(data)
+            return data
+
+        def counted_readinto(buffer):
+            count = readinto(buffer)
+            self.bytes_read += count or 0
+            return count
+
+        f.read, f.readinto = counted_read, counted_readinto
+        return f
+
+
+def test_arrow_row_counts_come_from_the_footer_and_batch_headers_not_the_data(tmp_path):
+    """Over an object store, reading whole batches to count rows would read the corpus in the driver."""
+    table = pa.table({"id": pa.array(range(100_000), pa.int64()), "text": pa.array(["x" * 100] * 100_000)})
+    write_arrow(LOCAL, f"{tmp_path}/big.arrow", table, batch_rows=10_000)
+    _, [shard] = list_shards(f"{tmp_path}/big.arrow")
+    fs = _CountingFileSystem()
+
+    info = inspect_shard(fs, shard)
+    assert info.group_rows == (10_000,) * 10
+    assert shard.size > 10_000_000
+    assert fs.bytes_read < 20_000
 
 
 def test_arrow_file_without_batches_is_a_zero_row_shard(tmp_path):
