@@ -190,9 +190,9 @@ class _Vocabulary:
     raw_tokens: dict[str, int]  # matched on the raw text, before normalization
     raw_pattern: re.Pattern  # those tokens, longest first, as one capturing group
     special_ids: frozenset[int]  # what skip_special_tokens drops
-    # transformers segments word by word. When no piece holds a "▁" past its first character, as in mT5's
-    # spiece.model, no piece can straddle two words, and segmenting a whole stretch at once gives the same
-    # pieces several times faster.
+    # transformers segments word by word. When no piece holds a "▁" past its first character (sentencepiece's
+    # default training, split_by_whitespace, makes none), no piece can straddle two words, and segmenting a
+    # whole stretch at once gives the same pieces several times faster. Checked per model in `load`.
     whole_stretches: bool
 
     @classmethod

@@ -61,3 +61,40 @@ class Replica:
         self.location.write_unit(unit, output_schema(schema, self.text_column), out, attempt=attempt)
         return {"unit": unit.id, "seconds": time.perf_counter() - start, **dataclasses.asdict(stats)}
 
+
+    # --- fine-tuning, on the same replica and its loaded model ----------------------------------------
+
+    def train_address(self) -> tuple[str, int]:
+        """Where rank 0 listens for the process group: this node's address and a free port."""
+        import ray
+
+        with socket.socket() as s:
+            s.bind(("", 0))
+            return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+    def train(self, settings, rank: int, world: int, address: str, port: int, resume: bool) -> dict:
+        """Join the process group, fine-tune this replica's model in place, and (rank 0) save it."""
+        import torch.distributed as dist
+
+        from .train import Trainer, load_examples, prepare_for_training, save_final
+
+        backend = "nccl" if self.device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world)
+        try:
+            torch.manual_seed(settings.seed * 1000 + rank)  # dropout differs per replica, reproducibly
+            model = self.summarizer.model
+            lora = prepare_for_training(model, settings)
+            examples = load_examples(settings.train, settings.text_column, settings.summary_column)
+            trainer = Trainer(model, self.summarizer.tokenizer, settings, examples, rank, world, self.device, lora)
+            result = trainer.run(resume)
+            save_final(model, self.summarizer.tokenizer, settings, lora, write=rank == 0)
+        finally:
+            dist.destroy_process_group()
+        model.eval()
+        return result
+
+    def summarize_texts(self, texts: list[str]) -> list[str | None]:
+        """Summaries with the model as it is now (after training too: nothing is reloaded)."""
+        table = pa.table({self.text_column: pa.array(texts, pa.string())})
+        out, _ = self.summarizer.summarize_table(table)
+        return out.column("summary").to_pylist()

@@ -1,0 +1,103 @@
+"""The fine-tuning driver: check everything, start replicas, train them as one process group, evaluate.
+
+The replicas are the summarization pipeline's own actors: after training they hold the new weights
+and summarize the evaluation set with them, with nothing reloaded from disk.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+from model import MT5ForConditionalGeneration, MT5Tokenizer
+
+from .settings import SummarizeSettings
+from .train import TRAIN_LOG, FinetuneSettings, load_examples
+
+
+def inference_settings(settings: FinetuneSettings, on_gpu: bool) -> SummarizeSettings:
+    """How the replicas load the base model: float32 master weights for full and LoRA training (bf16
+    autocast on GPU), a 4-bit NF4 base for QLoRA; evaluation decodes with beam search up to the target length."""
+    qlora = settings.method == "qlora"
+    return SummarizeSettings(
+        model=settings.model, text_column=settings.text_column, id_column=None,
+        dtype="bfloat16" if (qlora and on_gpu) else "float32", quantization="nf4" if qlora else "none",
+        max_input_tokens=settings.max_input_tokens, max_new_tokens=settings.max_target_tokens, num_beams=4,
+        max_batch_tokens=max(16384, settings.max_input_tokens))
+
+
+def finetune(settings: FinetuneSettings, *, replicas: int, resume: bool = False, cpus_per_replica: int = 1,
+             out=sys.stderr) -> dict:
+    """Train, save the final model, evaluate. The caller owns ray.init()."""
+    import ray
+
+    from .driver import _start_replicas
+
+    # Everything that can be wrong is found before any replica trains.
+    MT5ForConditionalGeneration.check_pretrained(settings.model)
+    MT5Tokenizer.from_pretrained(settings.model)
+    train_rows = len(load_examples(settings.train, settings.text_column, settings.summary_column))
+    evaluation = (load_examples(settings.eval, settings.text_column, settings.summary_column)
+                  if settings.eval else None)
+    on_gpu = bool(ray.cluster_resources().get("GPU", 0))
+    output = Path(settings.output_model)
+    output.mkdir(parents=True, exist_ok=True)
+
+    start = time.monotonic()
+    actors = _start_replicas(ray, inference_settings(settings, on_gpu), settings.train, str(output), None,
+                             replicas, cpus_per_replica)
+    address, port = ray.get(actors[0].train_address.remote())
+    pending = [actor.train.remote(settings, rank, len(actors), address, port, resume)
+               for rank, actor in enumerate(actors)]
+    _follow_log(ray, pending, output / TRAIN_LOG, out)
+    results = ray.get(pending)
+    report = {"train_rows": train_rows, "replicas": len(actors), "seconds": round(time.monotonic() - start, 2),
+              **results[0], "settings": dataclasses.asdict(settings)}
+    if evaluation:
+        report["eval"] = evaluate(ray, actors, evaluation, output)
+    print(json.dumps({k: v for k, v in report.items() if k != "settings"}), file=out, flush=True)
+    for actor in actors:
+        ray.kill(actor)
+    return report
+
+
+def evaluate(ray, actors, examples: list[tuple[str, str]], output: Path) -> dict:
+    """Summarize the evaluation set on the trained replicas and score it; writes <output>/eval.json."""
+    from .evaluate import rouge
+
+    texts = [text for text, _ in examples]
+    share = -(-len(texts) // len(actors))
+    parts = ray.get([actor.summarize_texts.remote(texts[i * share:(i + 1) * share]) for i, actor in enumerate(actors)])
+    predictions = [p or "" for part in parts for p in part]
+    references = [summary for _, summary in examples]
+    scores = rouge(predictions, references)
+    scores["exact_match"] = 100.0 * sum(p.strip() == r.strip() for p, r in zip(predictions, references)) / len(texts)
+    scores["rows"] = len(texts)
+    (output / "eval.json").write_text(json.dumps(scores, indent=2) + "\n")
+    return scores
+
+
+def _follow_log(ray, pending, log: Path, out) -> None:
+    """A progress line from rank 0's train_log.jsonl while the replicas train."""
+    tty = hasattr(out, "isatty") and out.isatty()
+    shown = None
+    while True:
+        done, _ = ray.wait(pending, num_returns=len(pending), timeout=2.0)
+        if log.exists():
+            lines = log.read_text(encoding="utf-8").splitlines()
+            if lines and lines[-1] != shown:
+                shown = lines[-1]
+                try:
+                    record = json.loads(shown)
+                except json.JSONDecodeError:
+                    record = None  # a line being written
+                if record:
+                    line = (f"[finetune] step {record['step']}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                            f"{record['tokens_per_second']:.0f} tokens/s")
+                    print(line, end="\r" if tty else "\n", file=out, flush=True)
+        if len(done) == len(pending):
+            if tty:
+                print(file=out)
+            return

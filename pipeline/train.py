@@ -1,0 +1,334 @@
+"""Data-parallel fine-tuning inside the replicas: settings, examples, the training loop, checkpoints.
+
+Every replica holds the same parameters and a different slice of each global batch. The loss of a
+micro-batch is its summed token loss divided by the number of target tokens in the whole global batch,
+and gradients are summed across replicas, so N replicas compute exactly the gradient one process would
+on the N-times-larger batch (up to float rounding), whatever the padding and lengths.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from .errors import InputError
+from .optim import linear_schedule, make_optimizer
+from .shards import inspect_shards, list_shards, read_unit, plan_units
+
+METHODS = ("full", "lora", "qlora")
+CHECKPOINTS = "_checkpoints"
+TRAIN_LOG = "train_log.jsonl"
+
+
+@dataclass(frozen=True)
+class FinetuneSettings:
+    model: str
+    train: str
+    output_model: str
+    eval: str | None = None
+    method: str = "full"
+    epochs: float = 1.0
+    max_steps: int | None = None
+    lr: float = 5e-4
+    optimizer: str = "adafactor"
+    weight_decay: float = 0.0
+    batch_size: int = 8  # per replica and micro-batch
+    grad_accum: int = 1
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    label_smoothing: float = 0.1
+    max_input_tokens: int = 512
+    max_target_tokens: int = 84
+    text_column: str = "text"
+    summary_column: str = "summary"
+    dtype: str = "auto"  # auto: bf16 autocast on GPU with float32 master weights; float32 on CPU
+    gradient_checkpointing: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    seed: int = 0
+    save_every: int = 100
+    log_every: int = 1
+
+    def __post_init__(self):
+        if self.dtype in ("float16", "fp16"):
+            raise ValueError("fp16 training is refused: mT5 diverges in float16 (its activations overflow). "
+                             "Use --dtype bfloat16 (or auto, which picks bfloat16 on GPU).")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"--dtype {self.dtype!r}: use auto, float32 or bfloat16")
+        if self.method not in METHODS:
+            raise ValueError(f"--method {self.method!r}: use one of {', '.join(METHODS)}")
+        for name in ("batch_size", "grad_accum", "max_input_tokens", "max_target_tokens", "save_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ValueError("give --epochs > 0 or --max-steps")
+        if self.lr <= 0:
+            raise ValueError("--lr must be > 0")
+
+    def order_defining(self) -> dict:
+        """What must match for --resume to continue the same run (the data order and the updates)."""
+        return {k: v for k, v in asdict(self).items() if k not in ("save_every", "log_every", "eval")}
+
+
+# --- examples ---------------------------------------------------------------------------------------
+
+def load_examples(source: str, text_column: str, summary_column: str, storage_options=None) -> list[tuple[str, str]]:
+    """(text, summary) pairs from Parquet / Arrow shards. Anything wrong is an InputError naming the place."""
+    fs, shards = list_shards(source, storage_options)
+    infos, unreadable = inspect_shards(fs, shards)
+    if unreadable:
+        raise InputError(f"{unreadable[0]}: training data must be readable in full")
+    examples = []
+    for info in infos:
+        for column in (text_column, summary_column):
+            if column not in info.schema.names:
+                raise InputError(f"{info.shard.relative}: column {column!r} is missing "
+                                 f"(columns: {', '.join(info.schema.names)}); pass --{_flag(column, text_column)}")
+        for unit in plan_units([info], max(info.num_rows, 1)):
+            row = 0
+            for batch in read_unit(fs, unit, columns=[text_column, summary_column]):
+                for text, summary in zip(batch.column(text_column).to_pylist(), batch.column(summary_column).to_pylist()):
+                    if not text or not text.strip():
+                        raise InputError(f"{info.shard.relative} row {row}: empty {text_column!r}")
+                    if not summary or not summary.strip():
+                        raise InputError(f"{info.shard.relative} row {row}: empty target {summary_column!r}; "
+                                         f"every training row needs a summary")
+                    examples.append((text, summary))
+                    row += 1
+    if not examples:
+        raise InputError(f"{source}: no training rows")
+    return examples
+
+
+def _flag(column: str, text_column: str) -> str:
+    return "text-column" if column == text_column else "summary-column"
+
+
+# --- the loop ---------------------------------------------------------------------------------------
+
+class Trainer:
+    """Runs in every replica. rank 0 writes the log, the checkpoints and the final model."""
+
+    def __init__(self, model, tokenizer, settings: FinetuneSettings, examples: list[tuple[str, str]],
+                 rank: int, world: int, device: str, lora_config=None):
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.examples, self.rank, self.world, self.device = examples, rank, world, device
+        self.lora_config = lora_config
+        self.out = Path(settings.output_model)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.global_batch = settings.batch_size * settings.grad_accum * world
+        self.steps_per_epoch = max(1, math.ceil(len(examples) / self.global_batch))
+        self.total_steps = settings.max_steps or math.ceil(settings.epochs * self.steps_per_epoch)
+        self.optimizer = make_optimizer(settings.optimizer, self.params, settings.lr, settings.weight_decay)
+        self.schedule = linear_schedule(self.optimizer, settings.warmup_steps, self.total_steps)
+        self.step = 0
+        self.autocast = device.startswith("cuda") and settings.dtype in ("auto", "bfloat16")
+
+    # data order: a permutation per epoch, the same on every replica
+    def _rows(self, step: int) -> list[list[int]]:
+        """This replica's micro-batches (example indices) for a global step."""
+        epoch, index = divmod(step, self.steps_per_epoch)
+        order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.settings.seed + epoch))
+        chosen = order[index * self.global_batch:(index + 1) * self.global_batch].tolist()
+        b = self.settings.batch_size
+        return [chunk for a in range(self.settings.grad_accum)
+                if (chunk := chosen[(a * self.world + self.rank) * b:(a * self.world + self.rank + 1) * b])]
+
+    def _batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
+        texts = [self.examples[i][0] for i in rows]
+        summaries = [self.examples[i][1] for i in rows]
+        enc = self.tokenizer(texts, max_length=self.settings.max_input_tokens, truncation=True, padding=True,
+                             return_tensors="pt")
+        tgt = self.tokenizer(summaries, max_length=self.settings.max_target_tokens, truncation=True, padding=True,
+                             return_tensors="pt")
+        labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
+        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device),
+                "labels": labels.to(self.device)}
+
+    def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            dist.all_reduce(tensor)
+        return tensor
+
+    def train_step(self) -> dict:
+        start = time.perf_counter()
+        batches = [self._batch(rows) for rows in self._rows(self.step)]
+        local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
+        global_tokens = int(self._all_reduce(torch.tensor(float(local_tokens))).item())
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=False)
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in batches:
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                    labels=batch["labels"]).logits
+            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), batch["labels"].view(-1),
+                                   ignore_index=-100, label_smoothing=self.settings.label_smoothing,
+                                   reduction="sum") / global_tokens
+            loss.backward()
+            loss_sum += loss.detach()
+        if self.world > 1:
+            # One flat all-reduce: the summed gradient is the big-batch gradient (the loss is pre-normalised).
+            grads = [p.grad for p in self.params]
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
+        self.optimizer.step()
+        self.schedule.step()
+        self.step += 1
+        loss_total = float(self._all_reduce(loss_sum))
+        seconds = time.perf_counter() - start
+        input_tokens = self._all_reduce(torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in batches))))
+        return {"step": self.step, "loss": loss_total, "lr": self.schedule.get_last_lr()[0],
+                "grad_norm": float(grad_norm), "tokens_per_second": (float(input_tokens) + global_tokens) / seconds}
+
+    def run(self, resume: bool) -> dict:
+        if self.rank == 0:
+            self.out.mkdir(parents=True, exist_ok=True)
+            if not resume:  # a fresh run: earlier checkpoints and log are not ours to continue
+                shutil.rmtree(self.out / CHECKPOINTS, ignore_errors=True)
+                (self.out / TRAIN_LOG).unlink(missing_ok=True)
+        self._barrier()
+        if resume:
+            self.load_latest_checkpoint()
+        losses = []
+        log = open(self.out / TRAIN_LOG, "a", encoding="utf-8") if self.rank == 0 else None
+        try:
+            while self.step < self.total_steps:
+                record = self.train_step()
+                losses.append(record["loss"])
+                if log and (self.step % self.settings.log_every == 0 or self.step == self.total_steps):
+                    log.write(json.dumps(record) + "\n")
+                    log.flush()
+                if self.step % self.settings.save_every == 0 and self.step < self.total_steps:
+                    self.save_checkpoint()
+        finally:
+            if log:
+                log.close()
+        return {"steps": self.step, "first_loss": losses[0] if losses else None,
+                "last_loss": losses[-1] if losses else None}
+
+    # --- checkpoints: safetensors and JSON only, never pickles ---------------------------------------
+
+    def _checkpoint_tensors(self) -> tuple[dict[str, torch.Tensor], dict]:
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        tensors = {f"param/{names[id(p)]}": p.detach().contiguous().cpu() for p in self.params}
+        state = self.optimizer.state_dict()
+        meta = {"param_groups": state["param_groups"], "scalars": {}}
+        for index, entry in state["state"].items():
+            for key, value in entry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"optimizer/{index}/{key}"] = value.detach().contiguous().cpu()
+                else:
+                    meta["scalars"][f"{index}/{key}"] = value
+        return tensors, meta
+
+    def save_checkpoint(self) -> None:
+        """<output-model>/_checkpoints/step-N: trainable weights, optimizer and schedule (rank 0), and each
+        replica's RNG state. Written under .tmp and renamed when complete, so a kill never leaves half a one."""
+        folder = self.out / CHECKPOINTS / f"step-{self.step:08d}"
+        tmp = folder.with_name(folder.name + ".tmp")
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            tensors, meta = self._checkpoint_tensors()
+            save_file(tensors, tmp / "state.safetensors")
+            meta.update(step=self.step, schedule=self.schedule.state_dict(), world=self.world,
+                        settings=self.settings.order_defining())
+            (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
+        self._barrier()
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        save_file(rng, tmp / f"rng-{self.rank}.safetensors")
+        self._barrier()
+        if self.rank == 0:
+            os.replace(tmp, folder)
+            for old in sorted(p for p in (self.out / CHECKPOINTS).glob("step-*") if p.suffix != ".tmp")[:-2]:
+                shutil.rmtree(old, ignore_errors=True)
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def load_latest_checkpoint(self) -> None:
+        folders = sorted(p for p in (self.out / CHECKPOINTS).glob("step-*") if not p.name.endswith(".tmp"))
+        if not folders:
+            return
+        folder = folders[-1]
+        meta = json.loads((folder / "state.json").read_text())
+        if meta["settings"] != json.loads(json.dumps(self.settings.order_defining(), default=str)):
+            raise ValueError(f"{folder}: --resume with other settings than the checkpoint's; "
+                             f"rerun with the same flags or start a new --output-model")
+        if meta["world"] != self.world:
+            raise ValueError(f"{folder}: written by {meta['world']} replicas; resume with --replicas {meta['world']}")
+        tensors = load_file(folder / "state.safetensors")
+        named = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key.startswith("param/"):
+                    named[key[len("param/"):]].copy_(value)
+        state = {"param_groups": meta["param_groups"], "state": {}}
+        for key, value in tensors.items():
+            if key.startswith("optimizer/"):
+                _, index, name = key.split("/", 2)
+                state["state"].setdefault(int(index), {})[name] = value.to(self.device)
+        for key, value in meta["scalars"].items():
+            index, name = key.split("/", 1)
+            state["state"].setdefault(int(index), {})[name] = value
+        self.optimizer.load_state_dict(state)
+        self.schedule.load_state_dict(meta["schedule"])
+        rng = load_file(folder / f"rng-{self.rank}.safetensors")
+        torch.set_rng_state(rng["cpu"])
+        if "cuda" in rng and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+        self.step = meta["step"]
+
+
+# --- before and after ----------------------------------------------------------------------------
+
+def prepare_for_training(model, settings: FinetuneSettings):
+    """Full: every weight trains. LoRA / QLoRA: adapters on q, k, v, o, wi_0, wi_1, wo; the rest is frozen
+    (for QLoRA the base was loaded 4-bit). Returns the LoRA config, or None for full fine-tuning."""
+    for module in (model.encoder, model.decoder):
+        module.gradient_checkpointing = settings.gradient_checkpointing
+    if settings.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return None
+    from model.lora import LoraConfig, add_lora
+
+    config = LoraConfig(rank=settings.lora_rank, alpha=settings.lora_alpha, dropout=settings.lora_dropout)
+    add_lora(model, config)
+    return config
+
+
+def save_final(model, tokenizer, settings: FinetuneSettings, lora_config, *, write: bool) -> None:
+    """The Hugging Face layout that transformers and jobs/summarize.py load. Adapters are merged into the
+    base (and saved apart under adapter/ too). Every replica merges, so all keep serving the same model."""
+    out = Path(settings.output_model)
+    if lora_config is not None:
+        from model.lora import merge_lora, save_adapters
+
+        if write:
+            save_adapters(model, out / "adapter", lora_config)
+        merge_lora(model)
+    if write:
+        model.save_pretrained(out)
+        tokenizer.save_pretrained(out)
