@@ -47,6 +47,7 @@ from huggingface_hub.utils import (
 from safetensors.torch import save_file
 
 from .errors import ModelLoadError
+from .redact import redact_url, scrub, url_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +108,7 @@ def resolve_checkpoint(
     if "://" in source:
         if revision is not None:
             raise ModelLoadError(
-                f"revision={revision!r} was given for {_redact(source)}, but revisions apply to hub ids only; "
+                f"revision={revision!r} was given for {redact_url(source)}, but revisions apply to hub ids only; "
                 "point the URI at the revision's directory instead"
             )
         return _copy_from_uri(source, cache_dir, storage_options or {})
@@ -175,8 +176,8 @@ def _download_from_hub(repo_id: str, *, revision: str | None, cache_dir: str | o
 
 
 def _copy_from_uri(uri: str, cache_dir: str | os.PathLike | None, storage_options: dict) -> Path:
-    shown = _redact(uri)
-    secrets = _uri_secrets(uri)
+    shown = redact_url(uri)
+    secrets = url_secrets(uri)
     if cache_dir is None:
         cache_dir = Path(os.environ.get("LAKESUM_CACHE") or "~/.cache/lakesum") / "checkpoints"
     local = Path(cache_dir).expanduser() / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()
@@ -184,12 +185,12 @@ def _copy_from_uri(uri: str, cache_dir: str | os.PathLike | None, storage_option
         fs, root = fsspec.core.url_to_fs(uri, **storage_options)
     except (ImportError, ValueError) as e:
         # an unknown protocol, or one whose package is missing: fsspec's message names the package to install
-        raise ModelLoadError(f"cannot open {shown}: {_scrub(str(e), secrets)}") from None
+        raise ModelLoadError(f"cannot open {shown}: {scrub(str(e), secrets)}") from None
     try:
         wanted = _list_checkpoint_files(fs, root.rstrip("/"), shown)
         _sync_directory(fs, wanted, local, shown)
     except OSError as e:
-        detail = _scrub(f"{type(e).__name__}: {e}", secrets)
+        detail = scrub(f"{type(e).__name__}: {e}", secrets)
         error = ModelLoadError(
             f"cannot copy the checkpoint from {shown} ({detail}); check the URI, the credentials "
             "(storage_options or the environment) and the network"
@@ -321,29 +322,6 @@ def _atomic_path(target: Path) -> Iterator[Path]:
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-
-
-def _uri_secrets(uri: str) -> list[str]:
-    """The parts of a URI that may hold credentials: user:password@ and the query string (presigned URLs)."""
-    secrets = []
-    for part in uri.split("::"):  # fsspec chains URLs, e.g. simplecache::s3://bucket/path
-        split = urlsplit(part)
-        if "@" in split.netloc:
-            secrets.append(split.netloc.rsplit("@", 1)[0])
-        if split.query:
-            secrets.append(split.query)
-    return secrets
-
-
-def _scrub(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
-def _redact(uri: str) -> str:
-    """The URI as it may appear in logs and errors."""
-    return _scrub(uri, _uri_secrets(uri))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,9 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import OutputError
-from .shards import Shard, WorkUnit, open_filesystem, redact_url
+from model.redact import redact_url
+
+from .shards import Shard, WorkUnit, open_filesystem
 
 MANIFEST_VERSION = 1
 META = "_lakesum"

@@ -15,7 +15,6 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 
 from model import MT5ForConditionalGeneration, MT5Tokenizer
-from model import checkpoint
 
 from .commit import OutputLocation
 from .settings import SummarizeSettings
@@ -158,22 +157,47 @@ def _dispatch(ray, actors, todo: deque, schemas, location: OutputLocation, repor
     attempts: dict[str, int] = {}
     in_flight: dict = {}  # ObjectRef -> (unit, actor index)
     load = [0] * len(actors)
+    # A replica whose process or node died gets no units until it answers a ping: while Ray restarts it
+    # (or waits for room to), calls to it fail at once, and each would cost a unit one of its attempts.
+    down: set[int] = set()
+    gone: dict[int, str] = {}  # replicas that cannot come back (their restart failed) -> why
+    pings: dict = {}  # ObjectRef of a where() call -> actor index
     while todo or in_flight:
         for index, actor in enumerate(actors):
-            while load[index] < UNITS_PER_REPLICA and todo:
+            while index not in down and load[index] < UNITS_PER_REPLICA and todo:
                 unit: WorkUnit = todo.popleft()
                 attempts[unit.id] = attempts.get(unit.id, 0) + 1
                 ref = actor.process.remote(unit, schemas[unit.shard.path], uuid.uuid4().hex[:12])
                 in_flight[ref] = (unit, index)
                 load[index] += 1
-        ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=progress.every)
+        if not in_flight and not pings:  # every replica is gone for good
+            reason = f"no replica left: {next(iter(gone.values()))}"
+            for unit in todo:
+                report.failed[_name(unit)] = reason
+                location.record_failure(unit, reason)
+            todo.clear()
+            break
+        ready, _ = ray.wait([*in_flight, *pings], num_returns=1, timeout=progress.every)
         for ref in ready:
+            if ref in pings:
+                index = pings.pop(ref)
+                try:
+                    ray.get(ref)
+                    down.discard(index)  # restarted, model loaded: back in rotation
+                except ActorUnavailableError:
+                    pings[_ping(actors[index])] = index  # still restarting
+                except RayActorError as err:
+                    gone[index] = _reason(err)
+                continue
             unit, index = in_flight.pop(ref)
             load[index] -= 1
             try:
                 result = ray.get(ref)
             except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
                 # The replica's process or node died: Ray restarts the actor; the unit goes out again.
+                if index not in down:
+                    down.add(index)
+                    pings[_ping(actors[index])] = index
                 if attempts[unit.id] < MAX_ATTEMPTS:
                     report.retries += 1
                     todo.appendleft(unit)
@@ -190,6 +214,11 @@ def _dispatch(ray, actors, todo: deque, schemas, location: OutputLocation, repor
             report.committed += 1
             report.stats.add(Stats(**{k: result[k] for k in Stats.__dataclass_fields__}))
         progress.maybe_print(report)
+
+
+def _ping(actor):
+    """A call that answers once the replica is up again (retried across its restarts), or fails if it never will."""
+    return actor.where.options(max_task_retries=-1).remote()
 
 
 def _name(unit: WorkUnit) -> str:

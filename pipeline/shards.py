@@ -18,12 +18,14 @@ import struct
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+
 
 import fsspec
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
+
+from model.redact import redact_url, scrub, url_secrets
 
 from .errors import InputError
 
@@ -77,28 +79,6 @@ class ShardReadError(Exception):
 # URLs and filesystems
 
 
-def redact_url(url: str) -> str:
-    """The URL as it may appear in messages: user:password@ and query strings (presigned URLs) masked."""
-    return _scrub(url, _url_secrets(url))
-
-
-def _url_secrets(url: str) -> list[str]:
-    secrets = []
-    for part in url.split("::"):  # fsspec chains URLs: simplecache::s3://bucket/path
-        split = urlsplit(part)
-        if "@" in split.netloc:
-            secrets.append(split.netloc.rsplit("@", 1)[0])
-        if split.query:
-            secrets.append(split.query)
-    return secrets
-
-
-def _scrub(text: str, secrets: list[str]) -> str:
-    for secret in secrets:
-        text = text.replace(secret, "***")
-    return text
-
-
 def open_filesystem(url: str | Sequence[str], storage_options: dict | None = None, *,
                     error: type[Exception] = InputError) -> tuple[fsspec.AbstractFileSystem, str]:
     """The filesystem of `url` (local path, memory://, s3://, ...) and the path on it, without protocol.
@@ -112,7 +92,7 @@ def open_filesystem(url: str | Sequence[str], storage_options: dict | None = Non
         fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     except (ImportError, ValueError) as e:
         # an unknown protocol, or one whose package is missing: fsspec's message names the package
-        raise error(f"cannot open {redact_url(url)}: {_scrub(str(e), _url_secrets(url))}") from None
+        raise error(f"cannot open {redact_url(url)}: {scrub(str(e), url_secrets(url))}") from None
     return fs, _strip_slash(path)
 
 
@@ -149,7 +129,7 @@ def list_shards(inputs: str | Sequence[str], storage_options: dict | None = None
             base, files = _expand(fs, path, redact_url(url))
         except OSError as e:
             raise InputError(f"cannot list {redact_url(url)}: {type(e).__name__}: "
-                             f"{_scrub(str(e), _url_secrets(url))}") from None
+                             f"{scrub(str(e), url_secrets(url))}") from None
         if not files:
             raise InputError(f"{redact_url(url)}: no .parquet, .arrow, .feather or .ipc files found "
                              "(names starting with _ or . are skipped)")

@@ -15,7 +15,6 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import pyarrow as pa
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F

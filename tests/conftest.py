@@ -1,5 +1,7 @@
-"""Shared fixtures: a sentencepiece model and random mT5 checkpoints, built once per test session."""
+"""Shared fixtures: a sentencepiece model, random mT5 checkpoints and an S3 API on loopback, built once."""
 from __future__ import annotations
+
+import socket
 
 import pytest
 
@@ -29,3 +31,17 @@ def small_checkpoint(tmp_path_factory, spiece_model):
     """mt5-small's shape: d_model 512, d_ff 1024, 8+8 layers, 6 heads, vocab 250,112 (1.2 GB in float32)."""
     return build_checkpoint(tmp_path_factory.mktemp("mt5-small"), MT5_SMALL, spiece_model)
 
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API (moto's server) on 127.0.0.1 for the s3:// tests."""
+    moto_server = pytest.importorskip("moto.server", reason="moto[server] is needed for the s3:// tests")
+    pytest.importorskip("s3fs", reason="s3fs is needed for the s3:// tests")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

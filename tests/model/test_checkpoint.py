@@ -5,7 +5,6 @@ import json
 import logging
 import os
 import pickle
-import socket
 import struct
 import uuid
 from pathlib import Path
@@ -206,19 +205,6 @@ def test_credentials_in_a_uri_never_reach_errors_or_logs(uri, tmp_path, caplog):
 
 # ---------------------------------------------------------------------------------------------------------------
 # resolve_checkpoint: s3:// against a real S3 API (moto) on loopback
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is needed for the s3:// tests")
-    pytest.importorskip("s3fs", reason="s3fs is needed for the s3:// tests")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
 
 
 @pytest.fixture

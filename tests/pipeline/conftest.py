@@ -1,8 +1,7 @@
-"""Shared fixtures for the pipeline tests: an S3 API (moto's server) on loopback, and shard writers."""
+"""Shared fixtures for the pipeline tests: a local Ray, an S3 bucket on loopback, and shard writers."""
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pyarrow as pa
@@ -14,17 +13,14 @@ import pytest
 SECRET = "hunter2-do-not-log"
 
 
-@pytest.fixture(scope="session")
-def s3_endpoint():
-    moto_server = pytest.importorskip("moto.server", reason="moto[server] is needed for the s3:// tests")
-    pytest.importorskip("s3fs", reason="s3fs is needed for the s3:// tests")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    yield f"http://127.0.0.1:{port}"
-    server.stop()
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray for the module's tests, two CPUs as on this project's machines."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    yield ray
+    ray.shutdown()
 
 
 @pytest.fixture

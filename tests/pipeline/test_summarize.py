@@ -27,14 +27,6 @@ SETTINGS = dict(num_beams=2, max_new_tokens=8, rows_per_unit=10, batch_size=4, m
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    import ray
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
-    yield ray
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """60 documents in 3 files under Hive folders, row groups of 8, with empty, blank, null and long texts."""
     docs = documents(60, seed=1)

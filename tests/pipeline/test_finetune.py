@@ -1,0 +1,213 @@
+"""Fine-tuning on the replicas: data-parallel equals one big batch, a tiny model learns, resume, compatibility."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from model import MT5ForConditionalGeneration, MT5Tokenizer, ModelLoadError
+from pipeline.errors import InputError
+from pipeline.finetune import finetune
+from pipeline.train import TRAIN_LOG, FinetuneSettings, Trainer, load_examples, prepare_for_training
+from tests.fixtures.checkpoints import build_trainable_checkpoint
+from tests.fixtures.corpus import first_words_task
+
+REPO = Path(__file__).resolve().parents[2]
+# The learnable task: the summary is the document's first two words (tests/fixtures/corpus.py).
+TASK = dict(max_input_tokens=32, max_target_tokens=8, label_smoothing=0.0, batch_size=32, warmup_steps=20)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory, spiece_model):
+    return build_trainable_checkpoint(tmp_path_factory.mktemp("trainable"), spiece_model)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("task")
+    pq.write_table(pa.Table.from_pylist(first_words_task(6000, seed=1)), root / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(first_words_task(80, seed=9)), root / "eval.parquet")
+    return root
+
+
+def _params(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "model.safetensors")
+
+
+def test_two_replicas_equal_one_process_with_accumulated_batches(ray_local, base, data, tmp_path):
+    settings = FinetuneSettings(model=str(base), train=str(data / "train.parquet"), output_model=str(tmp_path / "ddp"),
+                                max_steps=4, lr=1e-3, optimizer="adamw", **{**TASK, "batch_size": 4, "warmup_steps": 0})
+    finetune(settings, replicas=2)
+
+    # One process, same global batch of 8: micro-batches of 4, accumulated twice.
+    single = FinetuneSettings(**{**settings.__dict__, "grad_accum": 2, "output_model": str(tmp_path / "single")})
+    model = MT5ForConditionalGeneration.from_pretrained(base)
+    prepare_for_training(model, single)
+    examples = load_examples(single.train, "text", "summary")
+    Path(single.output_model).mkdir()
+    Trainer(model, MT5Tokenizer.from_pretrained(base), single, examples, 0, 1, "cpu").run(resume=False)
+    model.save_pretrained(single.output_model)
+
+    ddp, one = _params(tmp_path / "ddp"), _params(tmp_path / "single")
+    initial = _params(base)
+    assert ddp.keys() == one.keys()
+    moved = max(float((one[k] - initial[k]).abs().max()) for k in one)
+    assert moved > 1e-3  # the steps did change the weights
+    for key in one:
+        torch.testing.assert_close(ddp[key], one[key], atol=2e-6, rtol=1e-5, msg=key)
+
+
+def _learn(base: Path, data: Path, out: Path, method: str, steps: int, lr: float) -> dict:
+    settings = FinetuneSettings(model=str(base), train=str(data / "train.parquet"), eval=str(data / "eval.parquet"),
+                                output_model=str(out), method=method, max_steps=steps, lr=lr, optimizer="adamw",
+                                lora_rank=16, lora_alpha=32, lora_dropout=0.0, log_every=10, **TASK)
+    report = finetune(settings, replicas=1)
+    log = [json.loads(line) for line in (out / TRAIN_LOG).read_text().splitlines()]
+    assert {"step", "loss", "lr", "tokens_per_second"} <= set(log[0])
+    first, last = log[0]["loss"], sum(r["loss"] for r in log[-5:]) / 5
+    assert last < first / 2, f"loss {first:.2f} -> {last:.2f}"
+    scores = json.loads((out / "eval.json").read_text())
+    assert scores == report["eval"]
+    # The final model is a plain checkpoint: our summarize job and transformers both load it.
+    for name in ("config.json", "model.safetensors", "generation_config.json", "spiece.model", "tokenizer_config.json"):
+        assert (out / name).exists(), name
+    return scores
+
+
+@pytest.mark.slow
+def test_tiny_model_learns_first_words_task_with_full_fine_tuning(ray_local, base, data, tmp_path):
+    scores = _learn(base, data, tmp_path / "full", "full", steps=800, lr=3e-3)
+    assert scores["exact_match"] > 5.0 and scores["rouge1"] > 25.0, scores  # a random model scores 0
+
+
+@pytest.fixture(scope="module")
+def pretrained(ray_local, base, tmp_path_factory):
+    """LoRA adapts a trained model, not a random one: this one was fully fine-tuned to give the *last* word."""
+    data = tmp_path_factory.mktemp("last-word")
+    pq.write_table(pa.Table.from_pylist(first_words_task(6000, seed=1, words=1, last=True)), data / "train.parquet")
+    out = tmp_path_factory.mktemp("pretrained")
+    finetune(FinetuneSettings(model=str(base), train=str(data / "train.parquet"), output_model=str(out),
+                              max_steps=400, lr=3e-3, optimizer="adamw", **TASK), replicas=1)
+    return out
+
+
+@pytest.fixture(scope="module")
+def first_word(tmp_path_factory):
+    root = tmp_path_factory.mktemp("first-word")
+    pq.write_table(pa.Table.from_pylist(first_words_task(6000, seed=1, words=1)), root / "train.parquet")
+    pq.write_table(pa.Table.from_pylist(first_words_task(80, seed=9, words=1)), root / "eval.parquet")
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapters_teach_a_trained_model_the_first_word_task(ray_local, pretrained, first_word, tmp_path, method):
+    before = _scores(pretrained, first_word / "eval.parquet")
+    scores = _learn(pretrained, first_word, tmp_path / method, method, steps=400, lr=5e-3)
+    assert (tmp_path / method / "adapter" / "adapter_model.safetensors").exists()
+    assert scores["rouge1"] > before["rouge1"] + 10.0, (before, scores)
+    assert scores["exact_match"] > before["exact_match"], (before, scores)
+
+
+def _scores(model_dir: Path, eval_path: Path) -> dict:
+    """ROUGE of a checkpoint on an evaluation file, decoded as the fine-tuning job's evaluation does."""
+    from pipeline.evaluate import rouge
+
+    rows = pq.read_table(eval_path).to_pylist()
+    model, tokenizer = MT5ForConditionalGeneration.from_pretrained(model_dir), MT5Tokenizer.from_pretrained(model_dir)
+    batch = tokenizer([r["text"] for r in rows], max_length=TASK["max_input_tokens"], truncation=True, padding=True,
+                      return_tensors="pt")
+    out = model.generate(**batch, num_beams=4, max_new_tokens=TASK["max_target_tokens"])
+    predictions = tokenizer.batch_decode(out, skip_special_tokens=True)
+    scores = rouge(predictions, [r["summary"] for r in rows])
+    scores["exact_match"] = 100.0 * sum(p.strip() == r["summary"] for p, r in zip(predictions, rows)) / len(rows)
+    return scores
+
+
+@pytest.mark.slow
+def test_saved_checkpoint_loads_in_transformers_with_identical_logits(ray_local, base, data, tmp_path):
+    import transformers
+
+    out = tmp_path / "lora"
+    finetune(FinetuneSettings(model=str(base), train=str(data / "train.parquet"), output_model=str(out),
+                              method="lora", max_steps=20, lr=1e-2, optimizer="adamw", **TASK), replicas=1)
+    ours = MT5ForConditionalGeneration.from_pretrained(out)
+    reference = transformers.MT5ForConditionalGeneration.from_pretrained(out).eval()
+    batch = MT5Tokenizer.from_pretrained(out)(["Erste jahr über die Stadt.", "House of north water."],
+                                              padding=True, return_tensors="pt")
+    dec = torch.tensor([[0, 5, 6], [0, 7, 8]])
+    with torch.no_grad():
+        expected = reference(**batch, decoder_input_ids=dec).logits
+        got = ours(**batch, decoder_input_ids=dec).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    assert not torch.equal(_params(out)["lm_head.weight"], _params(base)["lm_head.weight"]) or \
+        any(not torch.equal(_params(out)[k], _params(base)[k]) for k in _params(base))
+
+
+@pytest.mark.slow
+def test_killed_job_resumes_to_the_parameters_of_an_uninterrupted_run(base, data, tmp_path):
+    def command(out: Path, *extra: str) -> list[str]:
+        return [sys.executable, str(REPO / "jobs/finetune.py"), "--model", str(base), "--train",
+                str(data / "train.parquet"), "--output-model", str(out), "--max-steps", "60", "--save-every", "20",
+                "--lr", "1e-3", "--optimizer", "adamw", "--batch-size", "16", "--max-input-tokens", "32",
+                "--max-target-tokens", "8", "--seed", "3", *extra]
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    subprocess.run(command(tmp_path / "straight"), check=True, env=env, timeout=600, capture_output=True)
+
+    killed = tmp_path / "killed"
+    job = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not list((killed / "_checkpoints").glob("step-00000020")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert (killed / "_checkpoints" / "step-00000020").exists(), "no checkpoint before the deadline"
+    os.killpg(job.pid, signal.SIGKILL)  # the driver, its local Ray and the replicas
+    job.wait(timeout=60)
+    assert not (killed / "model.safetensors").exists()
+    subprocess.run(command(killed, "--resume"), check=True, env=env, timeout=600, capture_output=True)
+
+    straight, resumed = _params(tmp_path / "straight"), _params(killed)
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=1e-6, msg=key)
+    steps = [json.loads(line)["step"] for line in (killed / TRAIN_LOG).read_text().splitlines()]
+    assert steps[-1] == 60 and 21 in steps
+
+
+def test_bad_input_is_refused_before_any_replica_trains(ray_local, base, data, tmp_path):
+    def settings(**changes):
+        return FinetuneSettings(**{**dict(model=str(base), train=str(data / "train.parquet"),
+                                          output_model=str(tmp_path / "out"), max_steps=2), **changes})
+
+    pq.write_table(pa.table({"text": ["a b c"], "headline": ["a"]}), tmp_path / "no_summary.parquet")
+    with pytest.raises(InputError, match=r"no_summary\.parquet.*'summary' is missing.*--summary-column"):
+        finetune(settings(train=str(tmp_path / "no_summary.parquet")), replicas=1)
+    pq.write_table(pa.table({"text": ["a b c", "d e f"], "summary": ["a", "  "]}), tmp_path / "empty.parquet")
+    with pytest.raises(InputError, match=r"empty\.parquet row 1: empty target 'summary'"):
+        finetune(settings(train=str(tmp_path / "empty.parquet")), replicas=1)
+    (tmp_path / "nothing").mkdir()
+    with pytest.raises(InputError, match="nothing"):
+        finetune(settings(train=str(tmp_path / "nothing")), replicas=1)
+    with pytest.raises(ModelLoadError):
+        finetune(settings(model=str(tmp_path / "no-model")), replicas=1)
+    with pytest.raises(ValueError, match="fp16 training is refused.*bfloat16"):
+        settings(dtype="float16")
+    assert not (tmp_path / "out" / TRAIN_LOG).exists()
+
+
+def test_fp16_flag_exits_2_with_the_reason(base, data, tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "jobs/finetune.py"), "--model", str(base), "--train",
+                           str(data / "train.parquet"), "--output-model", str(tmp_path / "o"), "--dtype", "float16"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "diverges in float16" in done.stderr
