@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="", help="text put before every document (e.g. 'summarize: ')")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="none", help="bitsandbytes weight quantization")
+    p.add_argument("--partition-filter", default=None,
+                   help="only shards whose Hive folders match, e.g. 'date>=2026-11-01,lang=en' (scheduled runs)")
     p.add_argument("--overwrite", action="store_true", help="replace an output written with other settings")
     p.add_argument("--storage-options", type=json.loads, default=None,
                    help="JSON passed to fsspec (credentials are better left to the environment)")
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(settings, inputs, args.output, replicas=args.replicas, overwrite=args.overwrite,
                      storage_options=args.storage_options, cpus_per_replica=args.cpus_per_replica,
-                     progress_every=args.progress_every)
+                     progress_every=args.progress_every, partition_filter=args.partition_filter)
     except (InputError, OutputError, ModelLoadError) as err:
         print(f"summarize.py: error: {err}", file=sys.stderr)
         return 2

@@ -63,13 +63,15 @@ class OutputLocation:
 
     # --- the run -------------------------------------------------------------------------------------
 
-    def prepare(self, settings: dict, *, units: Sequence[WorkUnit] = (), overwrite: bool = False) -> None:
+    def prepare(self, settings: dict, *, units: Sequence[WorkUnit] = (), overwrite: bool = False,
+                partial: bool = False) -> None:
         """Make the location ready for this run's settings and unit plan, or refuse.
 
         - No manifest: a fresh output. Files already at the names this run would write are refused
           (they are not ours) unless `overwrite`.
         - Same settings: resume. The plan may have grown (new input files) but every unit of the earlier
           plan must still be in it unchanged, or its output would be left stale next to the new one.
+          With `partial` (a --partition-filter run), units of files outside this selection are kept.
         - Other settings: refused with the differing keys, unless `overwrite`, which first deletes
           exactly the files the old manifest names, `_SUCCESS` and `_lakesum/`, and nothing else.
 
@@ -92,7 +94,7 @@ class OutputLocation:
             self._delete_previous(old)
         else:
             self._check_same_settings(old["settings"], settings)
-            plan = self._resumable_plan(old["units"], plan)
+            plan = self._resumable_plan(old["units"], plan, partial)
             self._remove_tree(self._path(META, "staging"))
             self._remove_tree(self._path(META, "failed"))
             if plan == old["units"]:
@@ -193,10 +195,16 @@ class OutputLocation:
             raise OutputError(f"{self.url} was written with other settings ({'; '.join(differences)}); pass "
                               "--overwrite to replace its output, or choose another --output")
 
-    def _resumable_plan(self, old: list[dict], new: list[dict]) -> list[dict]:
-        """The new plan, if it keeps every earlier unit unchanged (new input files may have been added)."""
+    def _resumable_plan(self, old: list[dict], new: list[dict], partial: bool) -> list[dict]:
+        """The new plan, if it keeps every earlier unit unchanged (new input files may have been added).
+
+        With `partial` (a partition filter chose part of the input), earlier units of files outside the
+        selection stay in the plan as they are; files inside it must still be unchanged.
+        """
         new_by_id = {u["id"]: u for u in new}
-        changed = [u for u in old if new_by_id.get(u["id"]) != u]
+        selected = {u["relative"] for u in new}
+        kept = [u for u in old if partial and u["relative"] not in selected]
+        changed = [u for u in old if new_by_id.get(u["id"]) != u and u not in kept]
         if changed:
             u = changed[0]
             raise OutputError(
@@ -204,7 +212,8 @@ class OutputLocation:
                 f"earlier run are gone or changed (e.g. {u['relative']}, row groups {u['start']}-{u['stop']}, "
                 f"{u['num_rows']} rows), and their output would be left stale; pass --overwrite to replace "
                 "the output, or choose another --output")
-        return new
+        old_ids = {u["id"] for u in old}
+        return [u for u in old if u in kept or u["id"] in new_by_id] + [u for u in new if u["id"] not in old_ids]
 
     def _delete_previous(self, old: dict) -> None:
         """Delete what the old manifest names, markers first, the manifest last (it lists the outputs)."""

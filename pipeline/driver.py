@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 from model import MT5ForConditionalGeneration, MT5Tokenizer
 
 from .commit import OutputLocation
+from .errors import InputError
+from .partitions import parse_filter, select
 from .settings import SummarizeSettings
 from .shards import WorkUnit, check_columns, inspect_shards, list_shards, plan_units
 from .stages import Stats
@@ -87,9 +89,14 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def plan(settings: SummarizeSettings, input_url, output_url: str, storage_options: dict | None):
+def plan(settings: SummarizeSettings, input_url, output_url: str, storage_options: dict | None,
+         partition_filter: str | None = None):
     """Everything checked before the cluster does any work: shards, columns, model, output settings."""
     fs, shards = list_shards(input_url, storage_options)
+    if partition_filter:
+        shards = select(shards, parse_filter(partition_filter))
+        if not shards:
+            raise InputError(f"no shard under {_input_names(input_url)} matches --partition-filter {partition_filter!r}")
     infos, unreadable = inspect_shards(fs, shards)
     for info in infos:
         check_columns(info, settings.text_column, settings.id_column)
@@ -106,14 +113,14 @@ def _input_names(input_url) -> list[str]:
 
 def run(settings: SummarizeSettings, input_url, output_url: str, *, replicas: int, overwrite: bool = False,
         storage_options: dict | None = None, cpus_per_replica: int = 1, progress_every: float = 10.0,
-        out=sys.stderr) -> RunReport:
+        partition_filter: str | None = None, out=sys.stderr) -> RunReport:
     """Summarize every shard under input_url into output_url. The caller owns ray.init()."""
     import ray
 
     start = time.monotonic()
-    units, schemas, unreadable, manifest = plan(settings, input_url, output_url, storage_options)
+    units, schemas, unreadable, manifest = plan(settings, input_url, output_url, storage_options, partition_filter)
     location = OutputLocation(output_url, storage_options)
-    location.prepare(manifest, units=units, overwrite=overwrite)
+    location.prepare(manifest, units=units, overwrite=overwrite, partial=bool(partition_filter))
     report = RunReport(units=len(units))
     for error in unreadable:
         report.failed[error.shard.relative] = error.reason
