@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-options", type=json.loads, default=None,
                    help="JSON passed to fsspec (credentials are better left to the environment)")
     p.add_argument("--progress-every", type=float, default=10.0, help="seconds between progress lines")
+    p.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="json: one JSON object per line on stderr, for log pipelines")
     return p
 
 
@@ -77,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run(settings, inputs, args.output, replicas=args.replicas, overwrite=args.overwrite,
                      storage_options=args.storage_options, cpus_per_replica=args.cpus_per_replica,
-                     progress_every=args.progress_every, partition_filter=args.partition_filter)
+                     progress_every=args.progress_every, partition_filter=args.partition_filter,
+                     json_logs=args.log_format == "json")
     except (InputError, OutputError, ModelLoadError) as err:
         print(f"summarize.py: error: {err}", file=sys.stderr)
         return 2

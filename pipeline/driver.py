@@ -62,9 +62,23 @@ def model_fingerprint(source: str) -> dict:
     return {"model": source, "model_hash": digest.hexdigest()[:32]}
 
 
+class EventLog:
+    """The driver's messages: readable lines, or one JSON object a line (--log-format json) for log pipelines."""
+
+    def __init__(self, out=sys.stderr, json_lines: bool = False):
+        self.out, self.json_lines = out, json_lines
+
+    def __call__(self, event: str, text: str, **fields) -> None:
+        if self.json_lines:
+            line = json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "event": event, **fields})
+        else:
+            line = f"[lakesum] {text}"
+        print(line, file=self.out, flush=True)
+
+
 class Progress:
-    def __init__(self, total_units: int, total_rows: int, every: float, out=sys.stderr):
-        self.total_units, self.total_rows, self.every, self.out = total_units, total_rows, every, out
+    def __init__(self, total_units: int, total_rows: int, every: float, log: EventLog):
+        self.total_units, self.total_rows, self.every, self.log = total_units, total_rows, every, log
         self.start = self.last = time.monotonic()
 
     def maybe_print(self, report: RunReport, force: bool = False) -> None:
@@ -76,9 +90,12 @@ class Progress:
         rows = report.stats.rows
         rate = rows / elapsed
         eta = (self.total_rows - rows) / rate if rate > 0 else float("inf")
-        print(f"[lakesum] units {report.committed}/{self.total_units}  docs {rows:,}/{self.total_rows:,}  "
-              f"{rate:.1f} docs/s  {report.stats.output_tokens / elapsed:.0f} tokens/s  "
-              f"ETA {_duration(eta)}", file=self.out, flush=True)
+        tokens_per_second = report.stats.output_tokens / elapsed
+        self.log("progress", f"units {report.committed}/{self.total_units}  docs {rows:,}/{self.total_rows:,}  "
+                 f"{rate:.1f} docs/s  {tokens_per_second:.0f} tokens/s  ETA {_duration(eta)}",
+                 units=report.committed, total_units=self.total_units, documents=rows, total_documents=self.total_rows,
+                 docs_per_second=round(rate, 2), tokens_per_second=round(tokens_per_second, 1),
+                 eta_seconds=None if eta == float("inf") else round(eta))
 
 
 def _duration(seconds: float) -> str:
@@ -113,10 +130,11 @@ def _input_names(input_url) -> list[str]:
 
 def run(settings: SummarizeSettings, input_url, output_url: str, *, replicas: int, overwrite: bool = False,
         storage_options: dict | None = None, cpus_per_replica: int = 1, progress_every: float = 10.0,
-        partition_filter: str | None = None, out=sys.stderr) -> RunReport:
+        partition_filter: str | None = None, out=sys.stderr, json_logs: bool = False) -> RunReport:
     """Summarize every shard under input_url into output_url. The caller owns ray.init()."""
     import ray
 
+    log = EventLog(out, json_logs)
     start = time.monotonic()
     units, schemas, unreadable, manifest = plan(settings, input_url, output_url, storage_options, partition_filter)
     location = OutputLocation(output_url, storage_options)
@@ -129,18 +147,19 @@ def run(settings: SummarizeSettings, input_url, output_url: str, *, replicas: in
     todo = deque(u for u in units if u.id not in committed)
     report.skipped = len(units) - len(todo)
     report.committed = report.skipped
-    progress = Progress(len(units), sum(u.num_rows for u in units), progress_every, out)
+    progress = Progress(len(units), sum(u.num_rows for u in units), progress_every, log)
     if report.skipped:
-        print(f"[lakesum] resuming: {report.skipped} of {len(units)} units already committed", file=out)
+        log("resume", f"resuming: {report.skipped} of {len(units)} units already committed",
+            committed=report.skipped, units=len(units))
 
     if todo:
         actors = _start_replicas(ray, settings, input_url, output_url, storage_options,
                                  min(replicas, len(todo)), cpus_per_replica)
         _dispatch(ray, actors, todo, schemas, location, report, progress)
     for relative, reason in report.failed.items():
-        print(f"[lakesum] FAILED {relative}: {reason}", file=out)
+        log("failed", f"FAILED {relative}: {reason}", shard=relative, reason=reason)
     report.seconds = time.monotonic() - start
-    report.success = location.finish(report.to_dict()) and not unreadable
+    report.success = location.finish({**report.to_dict(), "settings": manifest}) and not unreadable
     progress.maybe_print(report, force=True)
     _print_summary(report, out)
     return report
@@ -161,6 +180,15 @@ def _dispatch(ray, actors, todo: deque, schemas, location: OutputLocation, repor
 
     from .replica import UNITS_PER_REPLICA
 
+    from .metrics import PipelineMetrics
+
+    metrics = PipelineMetrics()
+
+    def fail(unit: WorkUnit, reason: str) -> None:
+        report.failed[_name(unit)] = reason
+        location.record_failure(unit, reason)
+        metrics.unit_failures.inc()
+
     attempts: dict[str, int] = {}
     in_flight: dict = {}  # ObjectRef -> (unit, actor index)
     load = [0] * len(actors)
@@ -180,8 +208,7 @@ def _dispatch(ray, actors, todo: deque, schemas, location: OutputLocation, repor
         if not in_flight and not pings:  # every replica is gone for good
             reason = f"no replica left: {next(iter(gone.values()))}"
             for unit in todo:
-                report.failed[_name(unit)] = reason
-                location.record_failure(unit, reason)
+                fail(unit, reason)
             todo.clear()
             break
         ready, _ = ray.wait([*in_flight, *pings], num_returns=1, timeout=progress.every)
@@ -207,16 +234,13 @@ def _dispatch(ray, actors, todo: deque, schemas, location: OutputLocation, repor
                     pings[_ping(actors[index])] = index
                 if attempts[unit.id] < MAX_ATTEMPTS:
                     report.retries += 1
+                    metrics.unit_retries.inc()
                     todo.appendleft(unit)
                 else:
-                    reason = f"its replica died {MAX_ATTEMPTS} times ({type(err).__name__})"
-                    report.failed[_name(unit)] = reason
-                    location.record_failure(unit, reason)
+                    fail(unit, f"its replica died {MAX_ATTEMPTS} times ({type(err).__name__})")
                 continue
             except RayTaskError as err:
-                reason = _reason(err)
-                report.failed[_name(unit)] = reason
-                location.record_failure(unit, reason)
+                fail(unit, _reason(err))
                 continue
             report.committed += 1
             report.stats.add(Stats(**{k: result[k] for k in Stats.__dataclass_fields__}))

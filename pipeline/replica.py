@@ -16,6 +16,7 @@ import torch
 from model import MT5ForConditionalGeneration, MT5Tokenizer
 
 from .commit import OutputLocation
+from .metrics import PipelineMetrics
 from .settings import SummarizeSettings
 from .shards import WorkUnit, open_filesystem, read_unit
 from .stages import Stats, Summarizer, output_schema
@@ -48,6 +49,7 @@ class Replica:
         self.fs, _ = open_filesystem(input_url, storage_options)
         self.location = OutputLocation(output_url, storage_options)
         self.text_column = settings.text_column
+        self.metrics = PipelineMetrics()
 
     def where(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": self.device}
@@ -59,7 +61,9 @@ class Replica:
         out = self.summarizer.stream(read_unit(self.fs, unit), stats)
         # write_unit publishes only if the unit comes out with as many rows as its footer promised
         self.location.write_unit(unit, output_schema(schema, self.text_column), out, attempt=attempt)
-        return {"unit": unit.id, "seconds": time.perf_counter() - start, **dataclasses.asdict(stats)}
+        result = {"unit": unit.id, "seconds": time.perf_counter() - start, **dataclasses.asdict(stats)}
+        self.metrics.unit_done(result)
+        return result
 
 
     # --- fine-tuning, on the same replica and its loaded model ----------------------------------------

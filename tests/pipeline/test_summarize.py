@@ -197,3 +197,17 @@ def test_reading_tokenizing_and_writing_hide_behind_the_model(tiny_checkpoint):
     assert stats.model_seconds == pytest.approx(model_time, rel=0.2)
     assert wall < model_time + 0.1 + 0.05 + 0.6, f"wall {wall:.2f}s vs model {model_time:.2f}s: stages not overlapped"
     summarizer.close()
+
+
+def test_json_logs_are_one_object_per_line_and_the_report_is_written(ray_local, corpus, tiny_checkpoint, tmp_path):
+    import io
+
+    root, _ = corpus
+    stream = io.StringIO()
+    settings = SummarizeSettings(model=str(tiny_checkpoint), **SETTINGS)
+    run(settings, str(root), str(tmp_path / "out"), replicas=1, out=stream, json_logs=True, progress_every=1)
+    events = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert {"progress", "done"} <= {e.get("event", "done" if "lakesum" in e else None) for e in events}
+    assert all("time" in e for e in events if "event" in e)
+    report = json.loads((tmp_path / "out" / "_lakesum" / "report.json").read_text())
+    assert report["stats"]["rows"] == 60 and report["settings"]["num_beams"] == SETTINGS["num_beams"]
