@@ -18,7 +18,7 @@ def ray_local():
     """A local Ray for the module's tests, two CPUs as on this project's machines."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
     yield ray
     ray.shutdown()
 

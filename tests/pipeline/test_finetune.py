@@ -91,13 +91,12 @@ def test_tiny_model_learns_first_words_task_with_full_fine_tuning(ray_local, bas
 
 
 @pytest.fixture(scope="module")
-def pretrained(ray_local, base, tmp_path_factory):
-    """LoRA adapts a trained model, not a random one: this one was fully fine-tuned to give the *last* word."""
-    data = tmp_path_factory.mktemp("last-word")
-    pq.write_table(pa.Table.from_pylist(first_words_task(6000, seed=1, words=1, last=True)), data / "train.parquet")
+def pretrained(ray_local, base, first_word, tmp_path_factory):
+    """LoRA adapts a trained model, not a random one (whose frozen random embeddings and head leave adapters
+    little to work with): this one was fully fine-tuned on the task for a few steps, and is still poor at it."""
     out = tmp_path_factory.mktemp("pretrained")
-    finetune(FinetuneSettings(model=str(base), train=str(data / "train.parquet"), output_model=str(out),
-                              max_steps=400, lr=3e-3, optimizer="adamw", **TASK), replicas=1)
+    finetune(FinetuneSettings(model=str(base), train=str(first_word / "train.parquet"), output_model=str(out),
+                              max_steps=40, lr=3e-3, optimizer="adamw", **TASK), replicas=1)
     return out
 
 
@@ -111,12 +110,11 @@ def first_word(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_adapters_teach_a_trained_model_the_first_word_task(ray_local, pretrained, first_word, tmp_path, method):
+def test_adapters_improve_a_briefly_trained_model_on_the_first_word_task(ray_local, pretrained, first_word, tmp_path, method):
     before = _scores(pretrained, first_word / "eval.parquet")
     scores = _learn(pretrained, first_word, tmp_path / method, method, steps=400, lr=5e-3)
     assert (tmp_path / method / "adapter" / "adapter_model.safetensors").exists()
-    assert scores["rouge1"] > before["rouge1"] + 10.0, (before, scores)
-    assert scores["exact_match"] > before["exact_match"], (before, scores)
+    assert scores["exact_match"] > before["exact_match"] + 10.0, (before, scores)
 
 
 def _scores(model_dir: Path, eval_path: Path) -> dict:

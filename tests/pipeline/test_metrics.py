@@ -21,7 +21,7 @@ def ray_with_metrics():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning", _metrics_export_port=port,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning", _metrics_export_port=port,
              _system_config={"metrics_report_interval_ms": 1000})
     yield port
     ray.shutdown()
