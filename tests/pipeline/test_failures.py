@@ -5,12 +5,10 @@ machine) live in test_cluster.py.
 """
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
 import threading
-import time
 from pathlib import Path
 
 import psutil
@@ -34,7 +32,9 @@ def data_files(out: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 def test_driver_sigkill_then_rerun_gives_every_row_once_identical_to_uninterrupted(tiny_checkpoint, tmp_path):
-    docs = documents(200, seed=21)
+    """jobs/summarize.py against a `ray start --head`, SIGKILLed once some units committed; the same command
+    again resumes, and the output is byte for byte that of a run never interrupted."""
+    docs = documents(120, seed=21)
     corpus = tmp_path / "corpus"
     write_shards(corpus, docs, files=4, row_group_size=10)
     killed, clean = tmp_path / "killed", tmp_path / "clean"
@@ -54,7 +54,7 @@ def test_driver_sigkill_then_rerun_gives_every_row_once_identical_to_uninterrupt
         assert driver.returncode == -signal.SIGKILL
         # Its replicas are owned by the dead driver: Ray kills them. Wait, so none commits behind the rerun.
         wait_for(lambda: not head.replicas(), 60, "the dead driver's replicas to go")
-        units = 20
+        units = 12
         assert committed_count(killed) < units, "the driver was killed after the job had done its work"
         assert not (killed / "_SUCCESS").exists()
 

@@ -160,8 +160,7 @@ def test_killed_job_resumes_to_the_parameters_of_an_uninterrupted_run(base, data
                 "--lr", "1e-3", "--optimizer", "adamw", "--batch-size", "16", "--max-input-tokens", "32",
                 "--max-target-tokens", "8", "--seed", "3", *extra]
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("RAY_ADDRESS", None)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"}
     subprocess.run(command(tmp_path / "straight"), check=True, env=env, timeout=600, capture_output=True)
 
     killed = tmp_path / "killed"
@@ -207,5 +206,5 @@ def test_bad_input_is_refused_before_any_replica_trains(ray_local, base, data, t
 def test_fp16_flag_exits_2_with_the_reason(base, data, tmp_path):
     done = subprocess.run([sys.executable, str(REPO / "jobs/finetune.py"), "--model", str(base), "--train",
                            str(data / "train.parquet"), "--output-model", str(tmp_path / "o"), "--dtype", "float16"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": "local"})
     assert done.returncode == 2 and "diverges in float16" in done.stderr

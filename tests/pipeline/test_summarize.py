@@ -154,7 +154,7 @@ def test_usage_errors_exit_2(tiny_checkpoint, tmp_path):
 def _env() -> dict:
     import os
     env = dict(os.environ)
-    env.pop("RAY_ADDRESS", None)
+    env["RAY_ADDRESS"] = "local"  # a Ray of its own, not one that `ray start` left on this machine
     env["PYTHONPATH"] = str(REPO)
     return env
 
