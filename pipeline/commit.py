@@ -212,8 +212,7 @@ class OutputLocation:
                 f"earlier run are gone or changed (e.g. {u['relative']}, row groups {u['start']}-{u['stop']}, "
                 f"{u['num_rows']} rows), and their output would be left stale; pass --overwrite to replace "
                 "the output, or choose another --output")
-        old_ids = {u["id"] for u in old}
-        return [u for u in old if u in kept or u["id"] in new_by_id] + [u for u in new if u["id"] not in old_ids]
+        return kept + new  # kept: earlier partitions outside this run's selection
 
     def _delete_previous(self, old: dict) -> None:
         """Delete what the old manifest names, markers first, the manifest last (it lists the outputs)."""
