@@ -27,15 +27,20 @@ class Decoding:
     max_new_tokens: int = 64
     no_repeat_ngram_size: int = 2
     length_penalty: float = 0.6
+    early_stopping: bool = False
 
     def hf_settings(self) -> dict:
-        """generate() keywords for ours and transformers: no forced minimum length, no early stopping."""
+        """generate() keywords for ours and transformers: no forced minimum length."""
         return dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False,
                     no_repeat_ngram_size=self.no_repeat_ngram_size, length_penalty=self.length_penalty,
-                    early_stopping=False)
+                    early_stopping=self.early_stopping)
 
 
-DECODINGS = {"greedy": Decoding("greedy", 1), "beam4": Decoding("beam4", 4)}
+# beam4 is transformers' default rule (early_stopping=False: a source is done when no running beam can
+# beat its worst finished one). CTranslate2 has one rule, a source is done once num_beams hypotheses have
+# finished (patience 1), which is transformers' early_stopping=True: beam4-early compares like with like.
+DECODINGS = {"greedy": Decoding("greedy", 1), "beam4": Decoding("beam4", 4),
+             "beam4-early": Decoding("beam4-early", 4, early_stopping=True)}
 
 
 @dataclass
@@ -116,7 +121,7 @@ def quantize_dynamic_int8(model) -> None:
 def transformers_engine(ctx: Context, dtype: str = "float32") -> TorchEngine:
     from transformers import MT5ForConditionalGeneration
 
-    model = MT5ForConditionalGeneration.from_pretrained(ctx.checkpoint, torch_dtype=getattr(torch, dtype)).eval()
+    model = MT5ForConditionalGeneration.from_pretrained(ctx.checkpoint, dtype=getattr(torch, dtype)).eval()
     return TorchEngine(ctx, model.to(ctx.device))
 
 
@@ -173,8 +178,10 @@ class PipelineEngine:
     def settings(self, decoding: Decoding):
         from pipeline.settings import SummarizeSettings
 
-        return SummarizeSettings(model=str(self.ctx.checkpoint), max_new_tokens=decoding.max_new_tokens,
-                                 num_beams=decoding.num_beams, no_repeat_ngram_size=decoding.no_repeat_ngram_size,
+        # float32 everywhere, so that end-to-end compares with ours-fp32 (the job's auto is bfloat16 on GPU)
+        return SummarizeSettings(model=str(self.ctx.checkpoint), dtype="float32",
+                                 max_new_tokens=decoding.max_new_tokens, num_beams=decoding.num_beams,
+                                 no_repeat_ngram_size=decoding.no_repeat_ngram_size,
                                  length_penalty=decoding.length_penalty, batch_size=self.ctx.batch_size)
 
     def run(self, docs: list[dict], decoding: Decoding) -> list[str]:
@@ -208,8 +215,8 @@ class RayPipelineEngine(PipelineEngine):
         self.workdir = Path(tempfile.mkdtemp(prefix="lakesum-bench-"))
         self.runs = 0
         self.startup: list[float] = []
-        if not ray.is_initialized():
-            ray.init(num_cpus=ctx.threads, num_gpus=1 if ctx.device.startswith("cuda") else 0,
+        if not ray.is_initialized():  # a Ray of its own, even where another one runs on this machine
+            ray.init(address="local", num_cpus=ctx.threads, num_gpus=1 if ctx.device.startswith("cuda") else 0,
                      include_dashboard=False, logging_level="error", log_to_driver=False)
 
     def run(self, docs: list[dict], decoding: Decoding) -> list[str]:
@@ -245,8 +252,9 @@ class RayPipelineEngine(PipelineEngine):
         pq.write_table(pa.table({"id": ["x"], "text": ["x"]}), source / "docs.parquet")
         start = time.perf_counter()
         with open(os.devnull, "w") as quiet:
-            run(self.settings(Decoding("startup", 1, max_new_tokens=1)), str(source), str(self.workdir / f"output-{self.runs}"),
-                replicas=1, cpus_per_replica=self.ctx.threads, progress_every=3600.0, out=quiet)
+            run(self.settings(Decoding("startup", 1, max_new_tokens=1)), str(source),
+                str(self.workdir / f"output-{self.runs}"), replicas=1, cpus_per_replica=self.ctx.threads,
+                progress_every=3600.0, out=quiet)
         return time.perf_counter() - start
 
     def peak_device_bytes(self) -> int | None:
@@ -266,7 +274,8 @@ ENGINES = {
     "ct2-int8": (("cpu",), lambda ctx, shared: CTranslate2Engine(ctx, "int8")),
     "ct2-bf16": (("cuda",), lambda ctx, shared: CTranslate2Engine(ctx, "bfloat16")),
     "ct2-int8-bf16": (("cuda",), lambda ctx, shared: CTranslate2Engine(ctx, "int8_bfloat16")),
-    "pipeline": (("cpu", "cuda"), lambda ctx, shared: PipelineEngine(ctx, shared.get("ours-fp32"))),
+    "pipeline": (("cpu", "cuda"), lambda ctx, shared: PipelineEngine(
+        ctx, shared["ours-fp32"].model if "ours-fp32" in shared else None)),
     "pipeline-ray": (("cpu", "cuda"), lambda ctx, shared: RayPipelineEngine(ctx)),
 }
 
@@ -294,7 +303,8 @@ def expand(names: list[str], device: str) -> list[str]:
                 raise SystemExit(f"engine {name!r} does not run on {device}")
             members = [name]
         else:
-            raise SystemExit(f"unknown engine {name!r}; use a group ({', '.join(GROUPS)}) or one of {', '.join(ENGINES)}")
+            raise SystemExit(f"unknown engine {name!r}; use a group ({', '.join(GROUPS)}) "
+                             f"or one of {', '.join(ENGINES)}")
         out += [m for m in members if m not in out]
     if "ours-fp32" not in out:  # the reference of token agreement
         out.insert(0, "ours-fp32")

@@ -1,0 +1,117 @@
+"""Where one generate() call of our engine spends its time: torch.profiler's operator table and cProfile's
+Python functions, for one batch of the benchmark's documents.
+
+    python benchmarks/profile_generate.py --shape small --decoding beam4 --batch 16
+
+The operator table shows which kernels cost (lm_head's matmul, log_softmax over 250k ids, the n-gram
+ban, cache reordering); the Python table shows where they are called from. Time in the encoder and in
+each decode step is printed apart with record_function markers (monkeypatched here, not in model/).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import cProfile
+import io
+import os
+import pstats
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from benchmarks import checkpoints  # noqa: E402
+from benchmarks.engines import DECODINGS, Decoding, padded  # noqa: E402
+
+
+def label_phases() -> None:
+    """Wrap the encoder, decoder step, logits and beam bookkeeping in named profiler ranges."""
+    from model import generate as g
+
+    encode = g.DecodeState.__init__
+    step = g.DecodeState.step
+    reorder = g.DecodeState.reorder
+    process = g.LogitsProcessor.__call__
+
+    def init(self, *a, **k):
+        with torch.profiler.record_function("phase: encoder + cross k/v"):
+            encode(self, *a, **k)
+
+    def timed_step(self, tokens, pos):
+        with torch.profiler.record_function("phase: decoder stack"):
+            hidden = self.model.decoder(self.model.shared(tokens[:, None]), self.cross_kv, self.encoder_mask,
+                                        caches=self.caches, pos=pos)
+        with torch.profiler.record_function("phase: lm_head"):
+            return self.model.lm_logits(hidden[:, -1]).float()
+
+    def timed_reorder(self, index):
+        with torch.profiler.record_function("phase: cache reorder"):
+            reorder(self, index)
+
+    def timed_process(self, sequences, scores):
+        with torch.profiler.record_function("phase: logits processors"):
+            return process(self, sequences, scores)
+
+    g.DecodeState.__init__, g.DecodeState.step = init, timed_step
+    g.DecodeState.reorder, g.LogitsProcessor.__call__ = timed_reorder, timed_process
+    del step
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", choices=sorted(checkpoints.SHAPES), default="small")
+    p.add_argument("--decoding", choices=sorted(DECODINGS), default="beam4")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--rows", type=int, default=25, help="rows of each table")
+    p.add_argument("--int8", action="store_true", help="profile the int8-dynamic candidate (engines.quantize_dynamic_int8)")
+    p.add_argument("--patch", default="", help="experiments to apply first, comma-separated: ngram, compact")
+    args = p.parse_args()
+
+    from model import MT5ForConditionalGeneration, MT5Tokenizer
+
+    torch.set_num_threads(args.threads)
+    path = checkpoints.checkpoint(args.shape)
+    tokenizer = MT5Tokenizer.from_pretrained(path)
+    docs = checkpoints.documents(64, tokenizer)  # the benchmark's documents; take a median-length batch
+    docs = sorted(docs, key=lambda d: len(d["ids"]))[24: 24 + args.batch]
+    input_ids, mask = padded([d["ids"] for d in docs])
+    model = MT5ForConditionalGeneration.from_pretrained(path)
+    if args.int8:
+        from benchmarks.engines import quantize_dynamic_int8
+
+        quantize_dynamic_int8(model)
+    from benchmarks import experiments
+
+    patches = contextlib.ExitStack()  # held until the end: a dropped patch context undoes itself
+    for name in filter(None, args.patch.split(",")):
+        patches.enter_context({"ngram": experiments.ngram_patch, "compact": experiments.compact_patch}[name]())
+    d = DECODINGS[args.decoding]
+    settings = Decoding(d.name, d.num_beams, args.max_new_tokens, early_stopping=d.early_stopping).hf_settings()
+    with torch.inference_mode():
+        model.generate(input_ids=input_ids[:2, :32], attention_mask=mask[:2, :32], **dict(settings, max_new_tokens=4))
+        label_phases()
+        start = time.perf_counter()
+        out = model.generate(input_ids=input_ids, attention_mask=mask, **settings)
+        print(f"plain generate: {time.perf_counter() - start:.2f}s, output {list(out.shape)}, input {list(input_ids.shape)}")
+
+        profiler = cProfile.Profile()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            profiler.enable()
+            model.generate(input_ids=input_ids, attention_mask=mask, **settings)
+            profiler.disable()
+    table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=args.rows, max_name_column_width=60)
+    print(table)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))
+    stream = io.StringIO()
+    pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(args.rows)
+    print(stream.getvalue())
+
+
+if __name__ == "__main__":
+    main()
