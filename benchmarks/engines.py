@@ -7,8 +7,10 @@ job would, and return summary text.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -213,6 +215,7 @@ class RayPipelineEngine(PipelineEngine):
 
         self.ctx = ctx
         self.workdir = Path(tempfile.mkdtemp(prefix="lakesum-bench-"))
+        atexit.register(shutil.rmtree, self.workdir, ignore_errors=True)
         self.runs = 0
         self.startup: list[float] = []
         if not ray.is_initialized():  # a Ray of its own, even where another one runs on this machine

@@ -69,7 +69,8 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--rows", type=int, default=25, help="rows of each table")
-    p.add_argument("--int8", action="store_true", help="profile the int8-dynamic candidate (engines.quantize_dynamic_int8)")
+    p.add_argument("--int8", action="store_true",
+                   help="profile the int8-dynamic candidate (engines.quantize_dynamic_int8)")
     p.add_argument("--patch", default="", help="experiments to apply first, comma-separated: ngram, compact")
     args = p.parse_args()
 
@@ -98,7 +99,8 @@ def main() -> None:
         label_phases()
         start = time.perf_counter()
         out = model.generate(input_ids=input_ids, attention_mask=mask, **settings)
-        print(f"plain generate: {time.perf_counter() - start:.2f}s, output {list(out.shape)}, input {list(input_ids.shape)}")
+        print(f"plain generate: {time.perf_counter() - start:.2f}s, output {list(out.shape)}, "
+              f"input {list(input_ids.shape)}")
 
         profiler = cProfile.Profile()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -228,7 +228,8 @@ def main(argv=None) -> None:
         start = time.perf_counter()
         loaded[name] = build(name, ctx, loaded)
         load_seconds[name] = time.perf_counter() - start
-        print(f"[bench] loaded {name} in {load_seconds[name]:.1f}s (RSS {rss_mib():.0f} MiB)", file=sys.stderr, flush=True)
+        print(f"[bench] loaded {name} in {load_seconds[name]:.1f}s (RSS {rss_mib():.0f} MiB)", file=sys.stderr,
+              flush=True)
 
     warm_ctx_batches = ctx.batches
     warm_docs = sorted(docs, key=lambda d: len(d["ids"]))[:WARMUP_DOCS]
@@ -265,7 +266,8 @@ def main(argv=None) -> None:
                         startup, tokenizer)
     report = {
         "benchmark": "lakesum generate vs transformers vs CTranslate2",
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
+        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)]
+                                        + (argv if argv is not None else sys.argv[1:])),
         "date": started.isoformat(timespec="seconds"),
         # other jobs on a shared machine: the 1-minute load average when the run started and ended
         "machine": {**machine(args), "load_average": [round(load_at_start[0], 2), round(os.getloadavg()[0], 2)]},
@@ -274,7 +276,8 @@ def main(argv=None) -> None:
                                                            "max": lengths[-1], "total": sum(lengths)},
                   "batch_size": args.batch_size, "repeats": args.repeats,
                   "decodings": {d.name: d.hf_settings() for d in decodings},
-                  "baselines": dict(zip(("transformers", "ctranslate2"), BASELINES["cuda" if args.device.startswith("cuda") else "cpu"])),
+                  "baselines": dict(zip(("transformers", "ctranslate2"),
+                                        BASELINES["cuda" if args.device.startswith("cuda") else "cpu"])),
                   "pipeline_ray_startup_seconds": [round(s, 2) for s in startup]},
         "results": results,
     }
@@ -293,8 +296,8 @@ def summarize(args, engines, decodings, docs, outputs, seconds, load_seconds, me
     for d in decodings:
         ref_ids = outputs[("ours-fp32", d.name)]
         ref_texts = tokenizer.batch_decode(ref_ids, skip_special_tokens=True)
-        tokens = {e: sum(generated_count(o, r, t, tokenizer) for o, r, t in zip(outputs[(e, d.name)], ref_ids, ref_texts))
-                  for e in engines}
+        tokens = {e: sum(generated_count(o, r, t, tokenizer)
+                         for o, r, t in zip(outputs[(e, d.name)], ref_ids, ref_texts)) for e in engines}
         # tokens/s per repeat, so that ratios compare engines that ran side by side
         rates = {e: [tokens[e] / s for s in seconds[(e, d.name)]] for e in engines}
         for e in engines:
@@ -332,7 +335,8 @@ def print_table(report: dict) -> None:
     ref_hf, ref_ct2 = report["setup"]["baselines"].values()
     width = max(len(r["engine"]) for r in report["results"])
     head = (f"{'decoding':8s} {'engine':{width}s} {'docs/s':>7s} {'tok/s':>7s} {'tokens':>6s} "
-            f"{'x ' + ref_hf:>20s} {'x ' + ref_ct2:>11s} {'x ours':>6s} {'same seq':>8s} {'same tok':>8s} {'peak MiB':>8s}")
+            f"{'x ' + ref_hf:>20s} {'x ' + ref_ct2:>11s} {'x ours':>6s} {'same seq':>8s} {'same tok':>8s} "
+            f"{'peak MiB':>8s}")
     print(f"\n{report['command']}\n{report['machine']['cpu']}, {report['machine']['threads']} threads, "
           f"torch {report['machine']['torch']}, {report['date']}")
     print(head)
@@ -340,9 +344,11 @@ def print_table(report: dict) -> None:
     for row in report["results"]:
         agree = row["agreement_with_ours_fp32"]
         tok = "" if agree["tokens"] is None else f"{agree['tokens']:.3f}"
-        print(f"{row['decoding']:8s} {row['engine']:{width}s} {row['docs_per_second']:7.2f} {row['tokens_per_second']:7.1f} "
+        print(f"{row['decoding']:8s} {row['engine']:{width}s} {row['docs_per_second']:7.2f} "
+              f"{row['tokens_per_second']:7.1f} "
               f"{row['generated_tokens']:6d} {row.get('vs_transformers', float('nan')):20.2f} "
-              f"{row.get('vs_ct2', float('nan')):11.2f} {row.get('vs_ours_fp32', float('nan')):6.2f} {agree['sequences']:8.3f} {tok:>8s} "
+              f"{row.get('vs_ct2', float('nan')):11.2f} {row.get('vs_ours_fp32', float('nan')):6.2f} "
+              f"{agree['sequences']:8.3f} {tok:>8s} "
               f"{row.get('peak_rss_mib', ''):>8}")
     notes = [f"{r['decoding']} ours-fp32 token-identical to {ref_hf}: {r['identical_to_transformers']}"
              for r in report["results"] if "identical_to_transformers" in r]
