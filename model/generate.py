@@ -3,7 +3,9 @@
 The encoder runs once. Each decoder layer's cross-attention keys and values are projected once per
 source and shared by its beams. Self-attention caches are preallocated for the whole output. The loop
 checks for completion only every SYNC_EVERY steps, so it does not stall a GPU with a host sync per
-token; the extra steps cannot change the result (finished rows only receive padding).
+token; the extra steps cannot change the result (finished rows only receive padding). At those
+syncs, finished rows (greedy, sampling) and sources whose results can no longer change (beam search)
+leave the batch, caches included, so the remaining steps compute only what is still decoding.
 """
 from __future__ import annotations
 
@@ -139,16 +141,19 @@ class LogitsProcessor:
 
 
 def ban_repeated_ngrams(sequences: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
-    """Forbid any token that would complete an n-gram already present in the sequence."""
+    """Forbid, in place, any token that would complete an n-gram already present in the sequence.
+
+    The bans are written straight into `scores` at the few ids concerned (O(rows x length) work): a
+    [rows, vocab] mask of the 250k vocabulary would cost three passes over it per step."""
     rows, cur_len = sequences.shape
     if cur_len < n:
         return scores
     windows = sequences.unfold(1, n, 1)  # [rows, cur_len - n + 1, n]
     prefix = sequences[:, cur_len - n + 1:]  # the last n-1 tokens
     match = (windows[:, :, :-1] == prefix[:, None, :]).all(-1)  # [rows, windows]
-    banned = torch.zeros_like(scores, dtype=torch.int32)
-    banned.scatter_add_(1, windows[:, :, -1], match.to(torch.int32))
-    return scores.masked_fill(banned > 0, NEG_INF)
+    # min(score, +inf) leaves a score as it is and min(score, -inf) bans it, whatever the duplicates' order.
+    ban = torch.where(match, NEG_INF, float("inf")).to(scores.dtype)
+    return scores.scatter_reduce_(1, windows[:, :, -1], ban, reduce="amin")
 
 
 class DecodeState:
@@ -166,12 +171,21 @@ class DecodeState:
 
     def step(self, tokens: torch.Tensor, pos: int) -> torch.Tensor:
         """Logits [rows, vocab] (float32) for the next token after `tokens` [rows] at position `pos`."""
-        hidden = self.model.decoder(self.model.shared(tokens[:, None]), self.cross_kv, self.encoder_mask, caches=self.caches, pos=pos)
+        hidden = self.model.decoder(self.model.shared(tokens[:, None]), self.cross_kv, self.encoder_mask,
+                                    caches=self.caches, pos=pos)
         return self.model.lm_logits(hidden[:, -1]).float()
 
     def reorder(self, index: torch.Tensor) -> None:
         for cache in self.caches:
             cache.reorder(index)
+
+    def keep(self, rows: torch.Tensor, sources: torch.Tensor) -> None:
+        """Drop finished work: only `rows` of the caches and `sources` of the encoder side go on."""
+        for cache in self.caches:
+            cache.keep(rows)
+        self.cross_kv = [(k.index_select(0, sources), v.index_select(0, sources)) for k, v in self.cross_kv]
+        if self.encoder_mask is not None:
+            self.encoder_mask = self.encoder_mask.index_select(0, sources)
 
 
 @torch.no_grad()
@@ -197,28 +211,37 @@ def generate(model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
 
 
 def greedy_or_sample(model, input_ids, attention_mask, config: GenerationConfig, generator) -> torch.Tensor:
-    rows = input_ids.shape[0]
+    rows, device = input_ids.shape[0], input_ids.device
     max_len = config.total_length()
     state = DecodeState(model, input_ids, attention_mask, rows, max_len)
     process = LogitsProcessor(config)
-    sequences = torch.full((rows, max_len), config.pad_token_id, dtype=torch.long, device=input_ids.device)
+    sequences = torch.full((rows, max_len), config.pad_token_id, dtype=torch.long, device=device)
     sequences[:, 0] = config.decoder_start_token_id
-    unfinished = torch.ones(rows, dtype=torch.bool, device=input_ids.device)
+    live = sequences.clone()  # the rows still decoding ...
+    alive = torch.arange(rows, device=device)  # ... and where they belong in `sequences`
+    unfinished = torch.ones(rows, dtype=torch.bool, device=device)
     cur_len = 1
     while cur_len < max_len:
-        scores = process(sequences[:, :cur_len], state.step(sequences[:, cur_len - 1], cur_len - 1))
+        scores = process(live[:, :cur_len], state.step(live[:, cur_len - 1], cur_len - 1))
         if config.do_sample:
             next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         else:
             next_tokens = scores.argmax(-1)
         next_tokens = torch.where(unfinished, next_tokens, config.pad_token_id)
-        sequences[:, cur_len] = next_tokens
+        live[:, cur_len] = next_tokens
         unfinished &= next_tokens != config.eos_token_id
         cur_len += 1
-        if cur_len % SYNC_EVERY == 0 and not unfinished.any():
-            break
+        if cur_len % SYNC_EVERY == 0:
+            if not unfinished.any():
+                break
+            if not unfinished.all():  # finished rows leave the batch: summary lengths vary widely
+                sequences[alive] = live
+                keep = unfinished.nonzero().squeeze(1)
+                live, alive, unfinished = live[keep], alive[keep], unfinished[keep]
+                state.keep(keep, keep)
+    sequences[alive] = live
     # transformers stops at the step where the last row finished: trim the padding-only tail.
-    finished_at = torch.where(sequences == config.eos_token_id, torch.arange(max_len, device=sequences.device),
+    finished_at = torch.where(sequences == config.eos_token_id, torch.arange(max_len, device=device),
                               max_len).amin(1)
     length = int(torch.clamp(finished_at + 1, max=cur_len).max())
     return sequences[:, :length]
@@ -226,7 +249,10 @@ def greedy_or_sample(model, input_ids, attention_mask, config: GenerationConfig,
 
 def beam_search(model, input_ids, attention_mask, config: GenerationConfig, generator) -> torch.Tensor:
     """transformers' vectorised beam search: keep 2*num_beams candidates per step, move those ending in
-    EOS to the finished set (scored with the length penalty), continue with the best num_beams others."""
+    EOS to the finished set (scored with the length penalty), continue with the best num_beams others.
+
+    A source whose finished set can no longer change (transformers' per-source "done") leaves the batch
+    at the next sync; its beams' results are kept aside."""
     batch, beams, vocab = input_ids.shape[0], config.num_beams, model.config.vocab_size
     max_len = config.total_length()
     device = input_ids.device
@@ -246,6 +272,8 @@ def beam_search(model, input_ids, attention_mask, config: GenerationConfig, gene
     done = torch.zeros((), dtype=torch.bool, device=device)
     top_beams = torch.arange(keep, device=device) < beams
     row_offset = torch.arange(batch, device=device)[:, None] * beams
+    results, result_lengths = finished.clone(), finished_lengths.clone()  # each source's, once it leaves
+    alive = torch.arange(batch, device=device)  # the sources still searching
 
     cur_len = 1
     while cur_len < max_len:
@@ -294,13 +322,26 @@ def beam_search(model, input_ids, attention_mask, config: GenerationConfig, gene
         best_running = running_scores[:, :1] / (best_length ** config.length_penalty)
         worst_finished = torch.where(finished_flags, finished_scores.amin(1, keepdim=True), -1.0e9)
         improvable = improvable & (best_running > worst_finished).any(-1, keepdim=True)
-        done = done | ~improvable.any() | ends.all()
         if config.early_stopping is True:
-            done = done | finished_flags.all()
-        if cur_len % SYNC_EVERY == 0 and bool(done):
-            break
+            improvable = improvable & ~finished_flags.all(-1, keepdim=True)
+        done = done | ~improvable.any() | ends.all()
+        if cur_len % SYNC_EVERY == 0:
+            if bool(done):
+                break
+            searching = improvable[:, 0]
+            if not bool(searching.all()):  # sources whose finished set can no longer change leave the batch
+                results[alive], result_lengths[alive] = finished, finished_lengths
+                sources = searching.nonzero().squeeze(1)
+                rows = (sources[:, None] * beams + torch.arange(beams, device=device)).view(-1)
+                (running, running_scores, finished, finished_scores, finished_flags, finished_lengths,
+                 improvable, alive) = (t[sources] for t in (running, running_scores, finished, finished_scores,
+                                                           finished_flags, finished_lengths, improvable, alive))
+                batch = sources.shape[0]
+                row_offset = torch.arange(batch, device=device)[:, None] * beams
+                state.keep(rows, sources)
+    results[alive], result_lengths[alive] = finished, finished_lengths
 
     n = config.num_return_sequences
-    out = finished[:, :n].reshape(batch * n, max_len)
-    length = int(finished_lengths[:, :n].max()) + 1
+    out = results[:, :n].reshape(-1, max_len)
+    length = int(result_lengths[:, :n].max()) + 1
     return out[:, :length]

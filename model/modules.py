@@ -101,6 +101,11 @@ class KVCache(nn.Module):
         self.k.copy_(self.k.index_select(0, index))
         self.v.copy_(self.v.index_select(0, index))
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Only `rows` go on decoding (the others finished): a smaller cache, so later steps skip them."""
+        self.k = self.k.index_select(0, rows)
+        self.v = self.v.index_select(0, rows)
+
 
 class SelfAttention(nn.Module):
     def __init__(self, config: MT5Config):

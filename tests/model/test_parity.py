@@ -185,3 +185,22 @@ def test_question_answering_matches_transformers(tiny_checkpoint, tmp_path):
     torch.testing.assert_close(got.start_logits, expected.start_logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.end_logits, expected.end_logits, atol=1e-5, rtol=0)
     torch.testing.assert_close(got.loss, expected.loss, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["greedy", "xlsum_beam", "beam_early_stopping_two_returned"])
+def test_rows_leave_the_batch_once_finished_and_tokens_stay_identical(pair, name, monkeypatch):
+    """Finished rows (greedy) and settled sources (beam search) are dropped from the batch mid-decode;
+    the parity above only proves that safe if it happens in these runs, so count it here."""
+    from model.generate import DecodeState
+
+    reference, model = pair
+    kept = []
+    original = DecodeState.keep
+    monkeypatch.setattr(DecodeState, "keep", lambda self, rows, sources: (kept.append(len(rows)),
+                                                                          original(self, rows, sources)))
+    settings = dict(GENERATE_SETTINGS[name], max_new_tokens=40)
+    ids, mask = batch_with_padding(seed=5, batch=8)
+    expected = reference.generate(input_ids=ids, attention_mask=mask, **settings)
+    got = model.generate(input_ids=ids, attention_mask=mask, **settings)
+    assert got.tolist() == expected.tolist()
+    assert kept, "no row left the batch: the fixture no longer exercises compaction"
