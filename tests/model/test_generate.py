@@ -62,3 +62,14 @@ def test_no_repeat_ngram_bans_exactly_the_completing_tokens():
     banned = ban_repeated_ngrams(sequences, scores, 2).isinf()
     assert banned[0].nonzero().flatten().tolist() == [6]  # "5 6" seen, last token is 5
     assert not banned[1].any()
+
+
+def test_cpu_lm_head_is_stored_column_major_with_bit_identical_logits_and_saved_file(tiny, tmp_path):
+    """The layout that makes the decode step's head a plain GEMM changes nothing a user can see."""
+    weight = tiny.lm_head.weight
+    assert weight.shape == (tiny.config.vocab_size, tiny.config.d_model) and weight.stride() == (1, weight.shape[0])
+    hidden = torch.randn(5, tiny.config.d_model)
+    assert torch.equal(tiny.lm_logits(hidden), torch.nn.functional.linear(hidden, weight.contiguous()))
+    tiny.save_pretrained(tmp_path)
+    again = ours.MT5ForConditionalGeneration.from_pretrained(tmp_path)
+    assert torch.equal(again.lm_head.weight, weight)
