@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 from model import MT5ForConditionalGeneration, MT5Tokenizer
 
+from . import vocabulary
 from .commit import OutputLocation
 from .errors import InputError
 from .partitions import parse_filter, select
@@ -118,6 +119,9 @@ def plan(settings: SummarizeSettings, input_url, output_url: str, storage_option
     for info in infos:
         check_columns(info, settings.text_column, settings.id_column)
     identity = model_fingerprint(settings.model)
+    if settings.output_vocabulary:  # read now: a missing file fails here, before any replica starts
+        sample = vocabulary.read_sample(settings.output_vocabulary, storage_options)
+        identity["output_vocabulary_hash"] = vocabulary.fingerprint(sample)
     units = plan_units(infos, settings.rows_per_unit)
     schemas = {info.shard.path: info.schema for info in infos}
     manifest = {**settings.output_affecting(), **identity, "input": _input_names(input_url)}

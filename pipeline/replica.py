@@ -14,7 +14,10 @@ import pyarrow as pa
 import torch
 
 from model import MT5ForConditionalGeneration, MT5Tokenizer
+from model.quantize import quantize
+from model.vocabulary import restrict_vocabulary
 
+from . import vocabulary
 from .commit import OutputLocation
 from .metrics import PipelineMetrics
 from .settings import SummarizeSettings
@@ -25,14 +28,19 @@ from .stages import Stats, Summarizer, output_schema
 UNITS_PER_REPLICA = 2
 
 
-def load_model(settings: SummarizeSettings, device: str):
-    """The tokenizer and the (optionally quantized) model, as the settings ask."""
+def load_model(settings: SummarizeSettings, device: str, storage_options: dict | None = None):
+    """The model, as the settings ask (output vocabulary restricted, then quantized), and its tokenizer."""
     dtype = settings.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    model = MT5ForConditionalGeneration.from_pretrained(settings.model, dtype=dtype, device=device,
-                                                       quantization=settings.quantization)
-    return model, MT5Tokenizer.from_pretrained(settings.model)
+    model = MT5ForConditionalGeneration.from_pretrained(settings.model, dtype=dtype, device=device)
+    tokenizer = MT5Tokenizer.from_pretrained(settings.model)
+    if settings.output_vocabulary:
+        sample = vocabulary.read_sample(settings.output_vocabulary, storage_options)
+        restrict_vocabulary(model, vocabulary.kept_ids(tokenizer, sample))
+    # after the restriction: int8-dynamic then quantizes the smaller head
+    quantize(model, settings.quantization)
+    return model, tokenizer
 
 
 class Replica:
@@ -44,7 +52,7 @@ class Replica:
         self.device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads)
-        model, tokenizer = load_model(settings, self.device)
+        model, tokenizer = load_model(settings, self.device, storage_options)
         self.summarizer = Summarizer(model, tokenizer, settings)
         self.fs, _ = open_filesystem(input_url, storage_options)
         self.location = OutputLocation(output_url, storage_options)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-QUANTIZATIONS = ("none", "int8", "nf4", "fp4")
+from model.quantize import METHODS as QUANTIZATIONS
+
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
 
@@ -16,6 +17,8 @@ class SummarizeSettings:
     prefix: str = ""
     dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
     quantization: str = "none"
+    # A UTF-8 text file (local or fsspec URI) in the languages summarized: summaries use only its pieces.
+    output_vocabulary: str | None = None
     max_input_tokens: int = 512
     max_new_tokens: int = 84
     num_beams: int = 4
@@ -32,6 +35,9 @@ class SummarizeSettings:
             raise ValueError(f"--quantization {self.quantization!r}: use one of {', '.join(QUANTIZATIONS)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
+        if self.quantization == "int8-dynamic" and self.dtype not in ("auto", "float32"):
+            raise ValueError(f"--quantization int8-dynamic computes in float32 on CPU: use --dtype float32 or auto, "
+                             f"not {self.dtype}")
         for name in ("max_input_tokens", "max_new_tokens", "num_beams", "batch_size", "max_batch_tokens",
                      "rows_per_unit"):
             if getattr(self, name) < 1:
@@ -52,7 +58,8 @@ class SummarizeSettings:
     def output_affecting(self) -> dict:
         """The settings that change what is written: a rerun with other values must not mix outputs.
 
-        Batch sizes are left out on purpose: they change speed, not which rows land where.
+        Batch sizes are left out on purpose: they change speed, not which rows land where. The output
+        vocabulary is here by path; the driver adds a fingerprint of its content (pipeline/vocabulary.py).
         """
         fields = dataclasses.asdict(self)
         for name in ("batch_size", "max_batch_tokens"):
