@@ -43,8 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix", default="", help="text put before every document (e.g. 'summarize: ')")
     p.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
-                   help="int8, nf4, fp4: bitsandbytes (GPU or CPU); int8-dynamic: torch's int8 matmuls, CPU only "
-                        "and the fastest there")
+                   help="int8, nf4, fp4: bitsandbytes (GPU or CPU); int8-dynamic: torch's int8 matmuls, CPU and "
+                        "float32 only")
     p.add_argument("--output-vocabulary", default=None, metavar="PATH",
                    help="a UTF-8 text file in the languages you summarize (local or fsspec URI): summaries use only "
                         "the pieces it tokenizes to; faster, at some cost in quality")
