@@ -3,7 +3,8 @@
 Random weights give near-flat logits, so agreement measured on them says nothing about summaries. This
 script fine-tunes a small mT5 with our own fine-tuning job (jobs/finetune.py, the `--finetune` demo's
 recipe, longer: "summary = the document's first two words" in seven languages, 3,000 steps, about 4
-minutes on one thread) once, caches it under benchmarks/.cache/, and on held-out documents compares every setting with float32:
+minutes on one thread) once, caches it under benchmarks/.cache/, and on held-out documents compares
+every setting with float32:
 
 - agreement with float32 under the same decoding: whole sequences identical, and tokens identical
   position by position (over the longer of the two sequences);
