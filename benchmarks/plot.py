@@ -21,7 +21,7 @@ COLOURS = {"ours": "#1f77b4", "pipeline": "#17becf", "transformers": "#ff7f0e", 
 
 
 def colour(engine: str) -> str:
-    if "+" in engine:  # experiments: our engine with a candidate fix patched in
+    if "vocab" in engine or "+" in engine:  # a restricted vocabulary, or a fix prototyped in an earlier run
         return "#9467bd"
     return next((c for prefix, c in COLOURS.items() if engine.startswith(prefix)), "#7f7f7f")
 

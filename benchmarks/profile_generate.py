@@ -10,7 +10,6 @@ each decode step is printed apart with record_function markers (monkeypatched he
 from __future__ import annotations
 
 import argparse
-import contextlib
 import cProfile
 import io
 import os
@@ -69,9 +68,7 @@ def main() -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--rows", type=int, default=25, help="rows of each table")
-    p.add_argument("--int8", action="store_true",
-                   help="profile the int8-dynamic candidate (engines.quantize_dynamic_int8)")
-    p.add_argument("--patch", default="", help="experiments to apply first, comma-separated: ngram, compact")
+    p.add_argument("--quantization", default="none", help="as jobs/summarize.py's --quantization, e.g. int8-dynamic")
     args = p.parse_args()
 
     from model import MT5ForConditionalGeneration, MT5Tokenizer
@@ -82,16 +79,7 @@ def main() -> None:
     docs = checkpoints.documents(64, tokenizer)  # the benchmark's documents; take a median-length batch
     docs = sorted(docs, key=lambda d: len(d["ids"]))[24: 24 + args.batch]
     input_ids, mask = padded([d["ids"] for d in docs])
-    model = MT5ForConditionalGeneration.from_pretrained(path)
-    if args.int8:
-        from benchmarks.engines import quantize_dynamic_int8
-
-        quantize_dynamic_int8(model)
-    from benchmarks import experiments
-
-    patches = contextlib.ExitStack()  # held until the end: a dropped patch context undoes itself
-    for name in filter(None, args.patch.split(",")):
-        patches.enter_context({"ngram": experiments.ngram_patch, "compact": experiments.compact_patch}[name]())
+    model = MT5ForConditionalGeneration.from_pretrained(path, quantization=args.quantization)
     d = DECODINGS[args.decoding]
     settings = Decoding(d.name, d.num_beams, args.max_new_tokens, early_stopping=d.early_stopping).hf_settings()
     with torch.inference_mode():

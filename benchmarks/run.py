@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from benchmarks import checkpoints, experiments  # noqa: E402
+from benchmarks import checkpoints  # noqa: E402
 from benchmarks.engines import BASELINES, DECODINGS, Context, Decoding, build, expand  # noqa: E402
 
 # Warm-up: every engine and decoding once on a few short documents, so that thread pools, allocators
@@ -40,7 +40,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(checkpoints.SHAPES), default="small")
     p.add_argument("--engines", default="ours,transformers,ct2",
-                   help="comma-separated engines or groups: ours, bnb, transformers, ct2, pipeline, experiments, or "
+                   help="comma-separated engines or groups: ours, vocab, bnb, transformers, ct2, pipeline, or "
                         "single names such as ours-fp32, ct2-int8, pipeline-ray (ours-fp32 is always included)")
     p.add_argument("--decoding", default="greedy,beam4", help=f"comma-separated: {', '.join(DECODINGS)}")
     p.add_argument("--docs", type=int, default=64)
@@ -203,7 +203,6 @@ def machine(args) -> dict:
 
 
 def main(argv=None) -> None:
-    experiments.register()
     args = parse_args(argv)
     if args.probe:
         probe(args)

@@ -12,7 +12,8 @@ from torch import nn
 
 from . import checkpoint, weights
 from .config import MT5Config
-from .quantize import METHODS as QUANTIZATIONS, quantize
+from .quantize import METHODS as QUANTIZATIONS, is_quantized, quantize
+from .vocabulary import RestrictedHead
 from .modules import CrossAttention, Decoder, Encoder, FeedForward, RelativePositionBias, RMSNorm, SelfAttention
 
 log = logging.getLogger(__name__)
@@ -102,9 +103,12 @@ class MT5PreTrainedModel(nn.Module):
 
     def save_pretrained(self, out_dir: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write config.json and safetensors in the Hugging Face layout, loadable by transformers."""
-        if any(type(m).__module__.startswith("bitsandbytes") for m in self.modules()):
+        if is_quantized(self):
             raise ValueError("save_pretrained writes full-precision checkpoints: save the model before quantizing it "
                              "(quantization is applied at load time with from_pretrained(..., quantization=...))")
+        if isinstance(getattr(self, "lm_head", None), RestrictedHead):
+            raise ValueError("save_pretrained writes full checkpoints: save the model before restricting its output "
+                             "vocabulary (restrict_vocabulary is applied after loading)")
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         config = self.config.to_dict()

@@ -375,8 +375,6 @@ def test_a_quantized_model_is_recognised_as_one(tiny_checkpoint, method):
     assert is_quantized(load(tiny_checkpoint, method))
 
 
-@pytest.mark.xfail(strict=True, reason="model/mt5.py save_pretrained recognises bitsandbytes modules only; it is "
-                                       "to call model.quantize.is_quantized (then drop this mark)")
 def test_saving_an_int8_dynamic_model_is_refused_like_bitsandbytes(tiny_checkpoint, tmp_path):
     model = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint, quantization="int8-dynamic")
     with pytest.raises(ValueError, match="save the model before quantizing it"):
