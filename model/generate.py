@@ -104,17 +104,25 @@ class LogitsProcessor:
     def __init__(self, config: GenerationConfig):
         self.config = config
 
-    def __call__(self, sequences: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        """sequences [rows, cur_len] (decoder start included); scores [rows, vocab] float32."""
+    def __call__(self, sequences: torch.Tensor, scores: torch.Tensor,
+                 lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """sequences [rows, cur_len] (decoder start included); scores [rows, vocab] float32.
+
+        With `lengths` [rows], each row has its own length (continuous batching): sequences is then the
+        whole [rows, max_len] buffer, whose positions past a row's length hold decoder_start (a token every
+        sequence has, so the repetition penalty is unchanged by them)."""
         c = self.config
         cur_len = sequences.shape[1]
         if c.repetition_penalty != 1.0:
             seen = torch.gather(scores, 1, sequences)
             seen = torch.where(seen < 0, seen * c.repetition_penalty, seen / c.repetition_penalty)
             scores = scores.scatter(1, sequences, seen)
-        if c.no_repeat_ngram_size > 0 and cur_len + 1 >= c.no_repeat_ngram_size:
-            scores = ban_repeated_ngrams(sequences, scores, c.no_repeat_ngram_size)
-        if cur_len < c.min_length or (c.min_new_tokens is not None and cur_len - 1 < c.min_new_tokens):
+        if c.no_repeat_ngram_size > 0 and (lengths is not None or cur_len + 1 >= c.no_repeat_ngram_size):
+            scores = ban_repeated_ngrams(sequences, scores, c.no_repeat_ngram_size, lengths)
+        if lengths is not None and (c.min_length > 0 or c.min_new_tokens is not None):
+            too_short = (lengths < c.min_length) | (lengths - 1 < (c.min_new_tokens or 0))
+            scores[:, c.eos_token_id] = scores[:, c.eos_token_id].masked_fill(too_short, NEG_INF)
+        elif cur_len < c.min_length or (c.min_new_tokens is not None and cur_len - 1 < c.min_new_tokens):
             scores = scores.clone()
             scores[:, c.eos_token_id] = NEG_INF
         if c.do_sample:
@@ -140,17 +148,25 @@ class LogitsProcessor:
         return scores
 
 
-def ban_repeated_ngrams(sequences: torch.Tensor, scores: torch.Tensor, n: int) -> torch.Tensor:
+def ban_repeated_ngrams(sequences: torch.Tensor, scores: torch.Tensor, n: int,
+                        lengths: torch.Tensor | None = None) -> torch.Tensor:
     """Forbid, in place, any token that would complete an n-gram already present in the sequence.
 
-    The bans are written straight into `scores` at the few ids concerned (O(rows x length) work): a
-    [rows, vocab] mask of the 250k vocabulary would cost three passes over it per step."""
+    sequences [rows, cur_len], or [rows, max_len] with each row's length in `lengths` [rows]. The bans are
+    written straight into `scores` at the few ids concerned (O(rows x length) work): a [rows, vocab] mask
+    of the 250k vocabulary would cost three passes over it per step."""
     rows, cur_len = sequences.shape
     if cur_len < n:
         return scores
     windows = sequences.unfold(1, n, 1)  # [rows, cur_len - n + 1, n]
-    prefix = sequences[:, cur_len - n + 1:]  # the last n-1 tokens
-    match = (windows[:, :, :-1] == prefix[:, None, :]).all(-1)  # [rows, windows]
+    if lengths is None:
+        prefix = sequences[:, cur_len - n + 1:]  # the last n-1 tokens
+        match = (windows[:, :, :-1] == prefix[:, None, :]).all(-1)  # [rows, windows]
+    else:
+        last = lengths[:, None] - n + 1 + torch.arange(n - 1, device=sequences.device)
+        prefix = torch.gather(sequences, 1, last.clamp(min=0))
+        inside = torch.arange(windows.shape[1], device=sequences.device)[None, :] + n <= lengths[:, None]
+        match = (windows[:, :, :-1] == prefix[:, None, :]).all(-1) & inside
     # min(score, +inf) leaves a score as it is and min(score, -inf) bans it, whatever the duplicates' order.
     ban = torch.where(match, NEG_INF, float("inf")).to(scores.dtype)
     return scores.scatter_reduce_(1, windows[:, :, -1], ban, reduce="amin")

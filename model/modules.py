@@ -71,6 +71,13 @@ class RelativePositionBias(nn.Module):
         buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
         return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)  # [1, heads, q_len, k_len]
 
+    def per_row(self, positions: torch.Tensor, key_length: int) -> torch.Tensor:
+        """One query per row, each at its own position (continuous batching): [rows, heads, 1, k_len]."""
+        memory = torch.arange(key_length, device=positions.device)
+        relative = memory[None, :] - positions[:, None]  # [rows, k_len]
+        buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
+        return self.embedding(buckets).permute(0, 2, 1).unsqueeze(2)
+
 
 def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """A 0/1 key mask [batch, k_len] -> an additive bias [batch, 1, 1, k_len] (0 keep, dtype-min drop)."""
@@ -90,7 +97,14 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(batch, heads, max_len, d_kv, dtype=dtype, device=device))
         self.register_buffer("v", torch.zeros(batch, heads, max_len, d_kv, dtype=dtype, device=device))
 
-    def update(self, pos: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [rows, heads, len, d_kv] at pos..pos+len and return the keys and values so far; with
+        `pos` a tensor [rows] (one token per row, each at its own position), the whole cache."""
+        if isinstance(pos, torch.Tensor):
+            rows = torch.arange(k.shape[0], device=k.device)
+            self.k[rows, :, pos] = k[:, :, 0]
+            self.v[rows, :, pos] = v[:, :, 0]
+            return self.k, self.v
         end = pos + k.shape[2]
         self.k[:, :, pos:end] = k
         self.v[:, :, pos:end] = v
@@ -105,6 +119,11 @@ class KVCache(nn.Module):
         """Only `rows` go on decoding (the others finished): a smaller cache, so later steps skip them."""
         self.k = self.k.index_select(0, rows)
         self.v = self.v.index_select(0, rows)
+
+    def append(self, rows: int) -> None:
+        """Room for `rows` more rows (continuous batching: new documents join the batch)."""
+        self.k = torch.cat([self.k, self.k.new_zeros(rows, *self.k.shape[1:])])
+        self.v = torch.cat([self.v, self.v.new_zeros(rows, *self.v.shape[1:])])
 
 
 class SelfAttention(nn.Module):
@@ -258,16 +277,25 @@ class Decoder(nn.Module):
 
     def forward(self, embeds: torch.Tensor, cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
                 encoder_mask: torch.Tensor | None, decoder_mask: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None, pos: int = 0) -> torch.Tensor:
+                caches: list[KVCache] | None = None, pos: int | torch.Tensor = 0) -> torch.Tensor:
         """Run `embeds` [rows, len, d_model] at positions pos..pos+len. With caches, earlier positions come
-        from them. encoder_mask is [sources, src_len]; rows may be a multiple of sources (beams)."""
+        from them. encoder_mask is [sources, src_len]; rows may be a multiple of sources (beams).
+
+        `pos` may be a tensor [rows] instead: one token per row, each at its own position, over the whole
+        preallocated caches (continuous batching, where rows joined the batch at different steps)."""
         x = self.dropout(embeds)
         length = embeds.shape[1]
-        key_length = pos + length
-        positions = torch.arange(pos, key_length, device=x.device)
-        self_bias = self.relative_bias(positions, key_length)  # [1, heads, len, key_len]
-        causal = positions[:, None] >= torch.arange(key_length, device=x.device)[None, :]
-        self_bias = self_bias.masked_fill(~causal, torch.finfo(self_bias.dtype).min)
+        if isinstance(pos, torch.Tensor):
+            key_length = caches[0].k.shape[2]
+            self_bias = self.relative_bias.per_row(pos, key_length)  # [rows, heads, 1, key_len]
+            future = torch.arange(key_length, device=x.device)[None, :] > pos[:, None]  # and stale cache entries
+            self_bias = self_bias.masked_fill(future[:, None, None, :], torch.finfo(self_bias.dtype).min)
+        else:
+            key_length = pos + length
+            positions = torch.arange(pos, key_length, device=x.device)
+            self_bias = self.relative_bias(positions, key_length)  # [1, heads, len, key_len]
+            causal = positions[:, None] >= torch.arange(key_length, device=x.device)[None, :]
+            self_bias = self_bias.masked_fill(~causal, torch.finfo(self_bias.dtype).min)
         if decoder_mask is not None:
             self_bias = self_bias + mask_to_bias(decoder_mask[:, :key_length], self_bias.dtype)
         dtype = cross_kv[0][0].dtype if cross_kv else x.dtype

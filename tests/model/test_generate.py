@@ -73,3 +73,12 @@ def test_cpu_lm_head_is_stored_column_major_with_bit_identical_logits_and_saved_
     tiny.save_pretrained(tmp_path)
     again = ours.MT5ForConditionalGeneration.from_pretrained(tmp_path)
     assert torch.equal(again.lm_head.weight, weight)
+
+
+def test_no_repeat_ngram_with_row_lengths_reads_only_each_rows_tokens():
+    # Row 0 is [0, 5, 7] (length 3): what lies past its length must not count, whatever it holds.
+    sequences = torch.tensor([[0, 5, 7, 7, 8], [0, 5, 6, 7, 5]])
+    scores = torch.zeros(2, 10)
+    banned = ban_repeated_ngrams(sequences, scores, 2, torch.tensor([3, 5])).isinf()
+    assert not banned[0].any()
+    assert banned[1].nonzero().flatten().tolist() == [6]
