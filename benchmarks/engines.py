@@ -95,6 +95,25 @@ class TorchEngine:
         return torch.cuda.max_memory_allocated() if self.ctx.device.startswith("cuda") else None
 
 
+class ContinuousEngine(TorchEngine):
+    """Our model with continuous batching for greedy decoding (model/continuous.py), as the pipeline runs
+    it: the documents stream in, in the batches' order, at most batch_size rows at once, and a finished
+    row's slot takes the next document. Beam search runs batch by batch, as TorchEngine does."""
+
+    def run(self, docs: list[dict], decoding: Decoding) -> list[list[int]]:
+        from model.continuous import generate_stream
+
+        if decoding.num_beams > 1:
+            return super().run(docs, decoding)
+        config = self.model.generation_config.updated(**decoding.hf_settings())
+        stream = ((i, docs[i]["ids"]) for batch in self.ctx.batches for i in batch)
+        out: list[list[int] | None] = [None] * len(docs)
+        with torch.inference_mode():
+            for i, ids in generate_stream(self.model, stream, config, max_rows=self.ctx.batch_size):
+                out[i] = generated_ids(ids)
+        return out
+
+
 def ours(ctx: Context, dtype: str = "float32", quantization: str = "none",
          vocabulary: int | None = None) -> TorchEngine:
     """Our model as a job loads it; `vocabulary`: keep only that many output ids (see RESTRICTED_VOCAB)."""
@@ -271,6 +290,12 @@ ENGINES = {
     "ours-fp32-vocab32k": (("cpu", "cuda"), lambda ctx, shared: ours(ctx, vocabulary=RESTRICTED_VOCAB)),
     "ours-int8-dynamic-vocab32k": (("cpu",), lambda ctx, shared: ours(ctx, quantization="int8-dynamic",
                                                                        vocabulary=RESTRICTED_VOCAB)),
+    "ours-fp32-continuous": (("cpu", "cuda"), lambda ctx, shared: ContinuousEngine(
+        ctx, shared["ours-fp32"].model if "ours-fp32" in shared else ours(ctx).model)),
+    "ours-int8-dynamic-continuous": (("cpu",), lambda ctx, shared: ContinuousEngine(
+        ctx, ours(ctx, quantization="int8-dynamic").model)),
+    "ours-int8-dynamic-vocab32k-continuous": (("cpu",), lambda ctx, shared: ContinuousEngine(
+        ctx, ours(ctx, quantization="int8-dynamic", vocabulary=RESTRICTED_VOCAB).model)),
     "ours-bnb-int8": (("cpu", "cuda"), lambda ctx, shared: ours(ctx, quantization="int8")),
     "ours-bnb-nf4": (("cpu", "cuda"), lambda ctx, shared: ours(ctx, quantization="nf4")),
     "transformers-fp32": (("cpu", "cuda"), lambda ctx, shared: transformers_engine(ctx)),
@@ -288,6 +313,7 @@ ENGINES = {
 GROUPS = {
     "ours": ["ours-fp32", "ours-bf16", "ours-int8-dynamic"],
     "vocab": ["ours-fp32-vocab32k", "ours-int8-dynamic-vocab32k"],
+    "continuous": ["ours-fp32-continuous", "ours-int8-dynamic-continuous", "ours-int8-dynamic-vocab32k-continuous"],
     "bnb": ["ours-bnb-int8", "ours-bnb-nf4"],
     "transformers": ["transformers-fp32", "transformers-bf16"],
     "ct2": ["ct2-fp32", "ct2-int8", "ct2-bf16", "ct2-int8-bf16"],

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 import torch
 
+from model.continuous import generate_stream
+
 from .settings import SummarizeSettings
 
 EMPTY_TEXT = "empty text: nothing to summarize"
@@ -79,6 +81,10 @@ class Summarizer:
         self.tokenizer = tokenizer
         self.settings = settings
         self.generation = settings.generation()
+        self.config = model.generation_config.updated(**self.generation)
+        # Greedy decoding and sampling refill finished rows' slots (model/continuous.py); beam search
+        # decodes batch by batch, its finished sources leaving the batch (model/generate.py).
+        self.continuous = self.config.num_beams == 1 and self.config.num_return_sequences == 1
         self.pad_id = tokenizer.pad_token_id
         # One thread owns the accelerator, so that concurrent units share it in turn.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -113,33 +119,50 @@ class Summarizer:
                           for b in plan_batches(lengths, self.settings.batch_size, self.settings.max_batch_tokens)]
         return window
 
-    def _generate(self, rows: list[list[int]]) -> tuple[torch.Tensor, float]:
-        """Runs on the model thread: pad, generate, and return the token ids on the host."""
+    def _generate(self, rows: list[tuple[int, list[int]]]) -> tuple[list[tuple[int, list[int]]], float]:
+        """Runs on the model thread: one batch of (row, token ids), padded; (row, output ids) and seconds."""
         start = time.perf_counter()
-        longest = max(len(r) for r in rows)
+        longest = max(len(ids) for _, ids in rows)
         input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for n, row in enumerate(rows):
-            input_ids[n, : len(row)] = torch.tensor(row)
-            mask[n, : len(row)] = 1
+        for n, (_, ids) in enumerate(rows):
+            input_ids[n, : len(ids)] = torch.tensor(ids)
+            mask[n, : len(ids)] = 1
         with torch.inference_mode():
             out = self.model.generate(input_ids=input_ids, attention_mask=mask, **self.generation)
-        return out.cpu(), time.perf_counter() - start
+        return list(zip((row for row, _ in rows), out.cpu().tolist())), time.perf_counter() - start
+
+    def _generate_stream(self, rows: list[tuple[int, list[int]]]) -> tuple[list[tuple[int, list[int]]], float]:
+        """Runs on the model thread: a whole window with continuous batching (greedy and sampling), the
+        rows in the order of the planned batches, at most batch_size rows and max_batch_tokens at once."""
+        start = time.perf_counter()
+        with torch.inference_mode():
+            out = list(generate_stream(self.model, rows, self.config, max_rows=self.settings.batch_size,
+                                       max_tokens=self.settings.max_batch_tokens))
+        return out, time.perf_counter() - start
 
     def _submit(self, window: _Window) -> _Window:
+        if self.continuous:
+            rows = [(i, window.ids[i]) for b in window.batches for i in b]
+            if rows:
+                window.futures.append(self._model_thread.submit(self._generate_stream, rows))
+            return window
         for b in window.batches:
-            window.futures.append(self._model_thread.submit(self._generate, [window.ids[i] for i in b]))
+            window.futures.append(self._model_thread.submit(self._generate, [(i, window.ids[i]) for i in b]))
         return window
 
     def _finish(self, window: _Window) -> tuple[pa.RecordBatch, Stats]:
         summaries: list[str | None] = [None] * window.batch.num_rows
-        for rows, future in zip(window.batches, window.futures):
+        eos = self.tokenizer.eos_token_id
+        for future in window.futures:
             out, seconds = future.result()
             window.stats.model_seconds += seconds
-            generated = out[:, 1:]
-            before_eos = (generated == self.tokenizer.eos_token_id).cumsum(1) == 0
-            window.stats.output_tokens += int((before_eos & (generated != self.pad_id)).sum())
-            for row, text in zip(rows, self.tokenizer.batch_decode(out, skip_special_tokens=True)):
+            for row, ids in out:
+                generated = ids[1:]
+                generated = generated[: generated.index(eos)] if eos in generated else generated
+                window.stats.output_tokens += sum(t != self.pad_id for t in generated)
+            for (row, _), text in zip(out, self.tokenizer.batch_decode([ids for _, ids in out],
+                                                                       skip_special_tokens=True)):
                 summaries[row] = text
         return self._output_batch(window.batch, summaries, window.errors), window.stats
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from model import MT5ForConditionalGeneration, MT5Tokenizer, ModelLoadError
+from model.generate import GenerationConfig
 from pipeline.driver import run
 from pipeline.errors import InputError, OutputError
 from pipeline.settings import SummarizeSettings
@@ -159,10 +160,35 @@ def _env() -> dict:
     return env
 
 
+def test_greedy_summaries_with_continuous_batching_equal_generate_per_document(corpus, tiny_checkpoint):
+    """--num-beams 1 refills finished rows' slots across a window's batches: each row still gets what
+    generate() gives it alone, and the empty rows keep their error."""
+    _, docs = corpus
+    model = MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    tokenizer = MT5Tokenizer.from_pretrained(tiny_checkpoint)
+    settings = SummarizeSettings(model=str(tiny_checkpoint), num_beams=1, max_new_tokens=12, batch_size=4,
+                                 max_input_tokens=256, max_batch_tokens=512)
+    summarizer = Summarizer(model, tokenizer, settings)
+    assert summarizer.continuous
+    table, stats = summarizer.summarize_table(pa.Table.from_pylist(docs))
+    summarizer.close()
+    assert table.column("id").to_pylist() == [d["id"] for d in docs]
+    assert stats.output_tokens > 0
+    for doc, row in zip(docs, table.to_pylist()):
+        if not (doc["text"] and doc["text"].strip()):
+            assert row["summary"] is None and row["error"] == EMPTY_TEXT
+            continue
+        ids = tokenizer([doc["text"]], max_length=256, truncation=True, return_tensors="pt")
+        expected = model.generate(**ids, **settings.generation())
+        assert row["summary"] == tokenizer.batch_decode(expected, skip_special_tokens=True)[0], doc["id"]
+
+
 # --- overlap ----------------------------------------------------------------------------------------
 
 class SleepingModel:
     """Stands in for the accelerator: a fixed time per batch, then EOS right away."""
+
+    generation_config = GenerationConfig()
 
     def __init__(self, seconds: float):
         self.seconds = seconds
