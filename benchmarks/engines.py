@@ -96,20 +96,19 @@ class TorchEngine:
 
 
 class ContinuousEngine(TorchEngine):
-    """Our model with continuous batching for greedy decoding (model/continuous.py), as the pipeline runs
-    it: the documents stream in, in the batches' order, at most batch_size rows at once, and a finished
-    row's slot takes the next document. Beam search runs batch by batch, as TorchEngine does."""
+    """Our model with continuous batching (model/continuous.py), as the pipeline runs it: the documents
+    stream in, in the batches' order, at most batch_size documents at once, and a finished document's
+    slot takes the next one."""
 
     def run(self, docs: list[dict], decoding: Decoding) -> list[list[int]]:
         from model.continuous import generate_stream
 
-        if decoding.num_beams > 1:
-            return super().run(docs, decoding)
         config = self.model.generation_config.updated(**decoding.hf_settings())
         stream = ((i, docs[i]["ids"]) for batch in self.ctx.batches for i in batch)
         out: list[list[int] | None] = [None] * len(docs)
+        rows = self.ctx.batch_size * decoding.num_beams
         with torch.inference_mode():
-            for i, ids in generate_stream(self.model, stream, config, max_rows=self.ctx.batch_size):
+            for i, ids in generate_stream(self.model, stream, config, max_rows=rows):
                 out[i] = generated_ids(ids)
         return out
 

@@ -25,7 +25,8 @@ class SummarizeSettings:
     # None: take the checkpoint's generation_config.json value (XL-Sum's is 2 and 0.6).
     no_repeat_ngram_size: int | None = None
     length_penalty: float | None = None
-    # Batches are formed by token budget: rows * longest input <= max_batch_tokens, and rows <= batch_size.
+    # Documents decoded at once (continuous batching refills finished ones): at most batch_size, and
+    # documents * longest input <= max_batch_tokens.
     batch_size: int = 32
     max_batch_tokens: int = 16384
     rows_per_unit: int = 20000

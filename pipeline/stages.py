@@ -2,8 +2,9 @@
 
 `Summarizer.stream` overlaps them: while the model works on one window of rows (on its own thread, the
 only one that touches the accelerator), the caller's thread reads and tokenizes the next windows and
-detokenizes and writes finished ones. Batches are formed by token budget with length bucketing: rows
-are sorted by length within a window, and the input order is restored on output.
+detokenizes and writes finished ones. Rows are sorted by length within a window (length bucketing) and
+decoded with continuous batching within a token budget (model/continuous.py); the input order is
+restored on output.
 """
 from __future__ import annotations
 
@@ -41,34 +42,13 @@ class Stats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
-def plan_batches(lengths: list[int], max_rows: int, max_tokens: int) -> list[list[int]]:
-    """Group row indices into batches of similar length: rows * longest <= max_tokens, rows <= max_rows.
-
-    Longest first, so that a batch too big for the accelerator fails on the first batch, not the last.
-    """
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    batches: list[list[int]] = []
-    current: list[int] = []
-    longest = 0
-    for i in order:
-        longest_if_added = max(longest, lengths[i])
-        if current and (len(current) + 1 > max_rows or (len(current) + 1) * longest_if_added > max_tokens):
-            batches.append(current)
-            current, longest_if_added = [], lengths[i]
-        current.append(i)
-        longest = longest_if_added
-    if current:
-        batches.append(current)
-    return batches
-
-
 @dataclass
 class _Window:
     """Rows of one record batch in flight: their token ids and the model's futures."""
     batch: pa.RecordBatch
     errors: list[str | None]
     ids: dict[int, list[int]] = field(default_factory=dict)  # row -> token ids, for the rows with text
-    batches: list[list[int]] = field(default_factory=list)
+    order: list[int] = field(default_factory=list)  # the rows with text, in the order they are decoded
     futures: list[Future] = field(default_factory=list)
     stats: Stats = field(default_factory=Stats)
 
@@ -82,9 +62,6 @@ class Summarizer:
         self.settings = settings
         self.generation = settings.generation()
         self.config = model.generation_config.updated(**self.generation)
-        # Greedy decoding and sampling refill finished rows' slots (model/continuous.py); beam search
-        # decodes batch by batch, its finished sources leaving the batch (model/generate.py).
-        self.continuous = self.config.num_beams == 1 and self.config.num_return_sequences == 1
         self.pad_id = tokenizer.pad_token_id
         # One thread owns the accelerator, so that concurrent units share it in turn.
         self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
@@ -114,41 +91,26 @@ class Summarizer:
                 row_ids = row_ids[: limit - 1] + [self.tokenizer.eos_token_id]  # keep EOS last, as truncation does
             window.ids[i] = row_ids
             window.stats.input_tokens += len(row_ids)
-        lengths = [len(window.ids[i]) for i in keep]
-        window.batches = [[keep[j] for j in b]
-                          for b in plan_batches(lengths, self.settings.batch_size, self.settings.max_batch_tokens)]
+        # Longest first: the first rows decoded together are the biggest, so a budget too big for the
+        # accelerator fails at once, not at the end of a unit; and neighbours in the stream pad little.
+        window.order = sorted(keep, key=lambda i: -len(window.ids[i]))
         return window
 
     def _generate(self, rows: list[tuple[int, list[int]]]) -> tuple[list[tuple[int, list[int]]], float]:
-        """Runs on the model thread: one batch of (row, token ids), padded; (row, output ids) and seconds."""
+        """Runs on the model thread: a window's (row, token ids) with continuous batching (a finished
+        document's slot takes the next one), at most batch_size documents and max_batch_tokens
+        (documents x longest input) at once."""
         start = time.perf_counter()
-        longest = max(len(ids) for _, ids in rows)
-        input_ids = torch.full((len(rows), longest), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), longest), dtype=torch.long)
-        for n, (_, ids) in enumerate(rows):
-            input_ids[n, : len(ids)] = torch.tensor(ids)
-            mask[n, : len(ids)] = 1
+        beams = self.config.num_beams
         with torch.inference_mode():
-            out = self.model.generate(input_ids=input_ids, attention_mask=mask, **self.generation)
-        return list(zip((row for row, _ in rows), out.cpu().tolist())), time.perf_counter() - start
-
-    def _generate_stream(self, rows: list[tuple[int, list[int]]]) -> tuple[list[tuple[int, list[int]]], float]:
-        """Runs on the model thread: a whole window with continuous batching (greedy and sampling), the
-        rows in the order of the planned batches, at most batch_size rows and max_batch_tokens at once."""
-        start = time.perf_counter()
-        with torch.inference_mode():
-            out = list(generate_stream(self.model, rows, self.config, max_rows=self.settings.batch_size,
-                                       max_tokens=self.settings.max_batch_tokens))
+            out = list(generate_stream(self.model, rows, self.config, max_rows=self.settings.batch_size * beams,
+                                       max_tokens=self.settings.max_batch_tokens * beams))
         return out, time.perf_counter() - start
 
     def _submit(self, window: _Window) -> _Window:
-        if self.continuous:
-            rows = [(i, window.ids[i]) for b in window.batches for i in b]
-            if rows:
-                window.futures.append(self._model_thread.submit(self._generate_stream, rows))
-            return window
-        for b in window.batches:
-            window.futures.append(self._model_thread.submit(self._generate, [(i, window.ids[i]) for i in b]))
+        rows = [(i, window.ids[i]) for i in window.order]
+        if rows:
+            window.futures.append(self._model_thread.submit(self._generate, rows))
         return window
 
     def _finish(self, window: _Window) -> tuple[pa.RecordBatch, Stats]:

@@ -29,6 +29,9 @@ SETTINGS = {
     "greedy_xlsum": dict(max_new_tokens=30, no_repeat_ngram_size=2),
     "greedy_min_new_tokens_repetition_penalty": dict(max_new_tokens=20, min_new_tokens=6, repetition_penalty=1.3,
                                                      no_repeat_ngram_size=3),
+    "beam_xlsum": dict(num_beams=4, no_repeat_ngram_size=2, length_penalty=0.6, max_new_tokens=30),
+    "beam_early_stopping": dict(num_beams=3, early_stopping=True, max_new_tokens=20),
+    "beam_never_stop": dict(num_beams=2, early_stopping="never", length_penalty=1.2, max_new_tokens=14),
 }
 
 
@@ -40,7 +43,8 @@ def test_each_document_gets_the_tokens_of_generate_and_transformers_alone(pair, 
     monkeypatch.setattr(Slots, "refill", lambda self, free, docs: (refills.append((len(free), len(docs))),
                                                                    original(self, free, docs)))
     docs = documents()
-    got = dict(generate_stream(model, docs, model.generation_config.updated(**settings), max_rows=4))
+    rows = 4 * settings.get("num_beams", 1)  # four documents at once
+    got = dict(generate_stream(model, docs, model.generation_config.updated(**settings), max_rows=rows))
     assert sorted(got) == [key for key, _ in docs]  # every document once
     for key, ids in docs:
         alone = model.generate(input_ids=torch.tensor([ids]), **settings)[0].tolist()
@@ -81,8 +85,9 @@ def test_sampling_with_a_seed_is_reproducible(pair):
     assert first == again and len(first) == 6
 
 
-def test_beam_search_and_empty_streams(pair):
+def test_several_sequences_per_document_and_empty_streams(pair):
     _, model = pair
-    with pytest.raises(ValueError, match="greedily or by sampling"):
-        list(generate_stream(model, documents(2), model.generation_config.updated(num_beams=4), max_rows=2))
+    with pytest.raises(ValueError, match="one sequence per document"):
+        list(generate_stream(model, documents(2), model.generation_config.updated(num_beams=4, num_return_sequences=2),
+                             max_rows=2))
     assert list(generate_stream(model, [], model.generation_config.updated(max_new_tokens=4), max_rows=2)) == []

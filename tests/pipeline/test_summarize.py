@@ -160,16 +160,16 @@ def _env() -> dict:
     return env
 
 
-def test_greedy_summaries_with_continuous_batching_equal_generate_per_document(corpus, tiny_checkpoint):
-    """--num-beams 1 refills finished rows' slots across a window's batches: each row still gets what
-    generate() gives it alone, and the empty rows keep their error."""
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_summaries_with_continuous_batching_equal_generate_per_document(corpus, tiny_checkpoint, num_beams):
+    """A finished document's slot takes the window's next one: each row still gets what generate()
+    gives it alone, and the empty rows keep their error."""
     _, docs = corpus
     model = MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
     tokenizer = MT5Tokenizer.from_pretrained(tiny_checkpoint)
-    settings = SummarizeSettings(model=str(tiny_checkpoint), num_beams=1, max_new_tokens=12, batch_size=4,
+    settings = SummarizeSettings(model=str(tiny_checkpoint), num_beams=num_beams, max_new_tokens=12, batch_size=4,
                                  max_input_tokens=256, max_batch_tokens=512)
     summarizer = Summarizer(model, tokenizer, settings)
-    assert summarizer.continuous
     table, stats = summarizer.summarize_table(pa.Table.from_pylist(docs))
     summarizer.close()
     assert table.column("id").to_pylist() == [d["id"] for d in docs]
@@ -186,24 +186,28 @@ def test_greedy_summaries_with_continuous_batching_equal_generate_per_document(c
 # --- overlap ----------------------------------------------------------------------------------------
 
 class SleepingModel:
-    """Stands in for the accelerator: a fixed time per batch, then EOS right away."""
+    """Stands in for the accelerator: 0.2 s per batch_size documents, then EOS right away."""
 
     generation_config = GenerationConfig()
 
     def __init__(self, seconds: float):
         self.seconds = seconds
 
-    def generate(self, input_ids, attention_mask, **_):
-        time.sleep(self.seconds)
-        return torch.tensor([[0, 1]] * input_ids.shape[0])
+    def stream(self, model, rows, config, max_rows, max_tokens):
+        rows = list(rows)
+        for start in range(0, len(rows), max_rows):
+            time.sleep(self.seconds)
+            yield from ((key, [0, 1]) for key, _ in rows[start:start + max_rows])
 
 
-def test_reading_tokenizing_and_writing_hide_behind_the_model(tiny_checkpoint):
+def test_reading_tokenizing_and_writing_hide_behind_the_model(tiny_checkpoint, monkeypatch):
     """With a model that takes 0.2 s a batch and a reader that takes 0.1 s a record batch, wall time is the
     model's time plus one read, not their sum."""
     tokenizer = MT5Tokenizer.from_pretrained(tiny_checkpoint)
-    settings = SummarizeSettings(model=str(tiny_checkpoint), batch_size=8, max_batch_tokens=4096)
-    summarizer = Summarizer(SleepingModel(0.2), tokenizer, settings)
+    settings = SummarizeSettings(model=str(tiny_checkpoint), batch_size=8, max_batch_tokens=4096, num_beams=1)
+    model = SleepingModel(0.2)
+    monkeypatch.setattr("pipeline.stages.generate_stream", model.stream)
+    summarizer = Summarizer(model, tokenizer, settings)
     docs = documents(8 * 12, seed=2)
 
     def slow_reader():
