@@ -19,7 +19,7 @@ from collections.abc import Hashable, Iterable, Iterator
 import torch
 
 from .config import MT5Config
-from .generate import SYNC_EVERY, GenerationConfig, LogitsProcessor
+from .generate import SYNC_EVERY, GenerationConfig, LogitsProcessor, beam_candidates
 from .modules import KVCache
 
 Document = tuple[Hashable, list[int]]  # (key, input token ids)
@@ -66,24 +66,22 @@ class Slots:
 
     # --- decoding -------------------------------------------------------------------------------------
 
-    def _log_scores(self, process: LogitsProcessor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(processed scores [rows, vocab], each row's length [rows]) for the next token of every row."""
+    def _logits(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits [rows, vocab] float32, each row's length [rows]) for the next token of every row."""
         row_lengths = self.lengths.repeat_interleave(self.beams)
         positions = row_lengths - 1
         tokens = torch.gather(self.sequences, 1, positions[:, None])
         hidden = self.model.decoder(self.model.shared(tokens), self.cross_kv, self.encoder_mask,
                                     caches=self.caches, pos=positions)
-        logits = self.model.lm_logits(hidden[:, -1]).float()
-        if self.beams > 1:
-            logits = torch.log_softmax(logits, dim=-1)
-        return process(self.sequences, logits, row_lengths), row_lengths
+        return self.model.lm_logits(hidden[:, -1]).float(), row_lengths
 
     def step(self, process: LogitsProcessor, generator: torch.Generator | None) -> None:
         if self.beams > 1:
             self._beam_step(process, generator)
             return
         c = self.config
-        scores, _ = self._log_scores(process)
+        logits, lengths = self._logits()
+        scores = process(self.sequences, logits, lengths)
         if c.do_sample:
             next_tokens = torch.multinomial(scores.softmax(-1), 1, generator=generator).squeeze(1)
         else:
@@ -100,13 +98,9 @@ class Slots:
         c = self.config
         slots, beams, vocab = len(self), self.beams, self.model.config.vocab_size
         keep = 2 * beams
-        scores, _ = self._log_scores(process)
-        scores = (scores.view(slots, beams, vocab) + self.running_scores[:, :, None]).view(slots, beams * vocab)
-        if c.do_sample:
-            candidates = torch.multinomial(scores.softmax(-1), keep, generator=generator)
-            candidate_scores = torch.gather(scores, 1, candidates)
-        else:
-            candidate_scores, candidates = torch.topk(scores, keep)
+        logits, lengths = self._logits()
+        candidate_scores, candidates = beam_candidates(logits, self.sequences, self.running_scores, process, keep,
+                                                       generator, lengths)
         cur = self.lengths.clamp(max=self.max_len - 1)
         parent = candidates // vocab  # [slots, keep]
         running = self.sequences.view(slots, beams, self.max_len)
@@ -121,7 +115,7 @@ class Slots:
         self.running_scores = torch.take_along_dim(alive_scores, best, dim=1)
         offsets = torch.arange(slots, device=self.device)[:, None] * beams
         for cache in self.caches:
-            cache.reorder((torch.take_along_dim(parent, best, dim=1) + offsets).view(-1))
+            cache.select((torch.take_along_dim(parent, best, dim=1) + offsets).view(-1))
 
         settled = ~self.searching[:, None]
         just_ended = ends & self.top_beams[None, :]
@@ -238,7 +232,7 @@ class Slots:
             setattr(self, name, getattr(self, name).index_select(0, index))
         self.sequences = self.sequences.index_select(0, rows)
         for cache in self.caches:
-            cache.keep(rows)
+            cache.select(rows)
         self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
 
     def _widen_sources(self, width: int) -> None:

@@ -172,6 +172,35 @@ def ban_repeated_ngrams(sequences: torch.Tensor, scores: torch.Tensor, n: int,
     return scores.scatter_reduce_(1, windows[:, :, -1], ban, reduce="amin")
 
 
+def beam_candidates(logits: torch.Tensor, sequences: torch.Tensor, running_scores: torch.Tensor,
+                    process: LogitsProcessor, keep: int, generator: torch.Generator | None,
+                    lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Beam search's `keep` best continuations of each source: (scores, beam * vocab + token), each
+    [sources, keep], where a continuation scores running_scores + the processed log_softmax of `logits`.
+
+    logits [sources * beams, vocab] float32; sequences and lengths as LogitsProcessor takes them."""
+    sources, beams = running_scores.shape
+    vocab = logits.shape[-1]
+    c = process.config
+    if c.do_sample or c.repetition_penalty != 1.0:
+        # Sampling draws from every continuation, and a repetition penalty scales log-probabilities.
+        scores = process(sequences, torch.log_softmax(logits, dim=-1), lengths).view(sources, beams, vocab)
+        scores = (scores + running_scores[:, :, None]).view(sources, beams * vocab)
+        if c.do_sample:
+            candidates = torch.multinomial(scores.softmax(-1), keep, generator=generator)
+            return torch.gather(scores, 1, candidates), candidates
+        return torch.topk(scores, keep)
+    # log_softmax moves a row by a constant and the other processors only ban tokens, so a source's best
+    # continuations are among each of its rows' best `keep` logits: only those become log-probabilities,
+    # rather than [rows, vocab] of them (three passes over 250k ids per row and step).
+    normalizer = torch.logsumexp(logits, dim=-1, keepdim=True)  # [rows, 1]
+    top_logits, top_tokens = torch.topk(process(sequences, logits, lengths), keep)  # [rows, keep]
+    scores = ((top_logits - normalizer).view(sources, beams, keep) + running_scores[:, :, None]).view(sources, -1)
+    candidate_scores, picked = torch.topk(scores, keep)  # picked: beam * keep + rank
+    tokens = torch.gather(top_tokens.view(sources, beams * keep), 1, picked)
+    return candidate_scores, picked // keep * vocab + tokens
+
+
 class DecodeState:
     """The encoder output and per-layer caches for one generate call."""
 
@@ -193,12 +222,12 @@ class DecodeState:
 
     def reorder(self, index: torch.Tensor) -> None:
         for cache in self.caches:
-            cache.reorder(index)
+            cache.select(index)
 
     def keep(self, rows: torch.Tensor, sources: torch.Tensor) -> None:
         """Drop finished work: only `rows` of the caches and `sources` of the encoder side go on."""
         for cache in self.caches:
-            cache.keep(rows)
+            cache.select(rows)
         self.cross_kv = [(k.index_select(0, sources), v.index_select(0, sources)) for k, v in self.cross_kv]
         if self.encoder_mask is not None:
             self.encoder_mask = self.encoder_mask.index_select(0, sources)
@@ -294,14 +323,8 @@ def beam_search(model, input_ids, attention_mask, config: GenerationConfig, gene
     cur_len = 1
     while cur_len < max_len:
         flat = running[:, :, :cur_len].reshape(batch * beams, cur_len)
-        log_probs = torch.log_softmax(state.step(flat[:, -1], cur_len - 1), dim=-1)
-        log_probs = process(flat, log_probs).view(batch, beams, vocab) + running_scores[:, :, None]
-        log_probs = log_probs.view(batch, beams * vocab)
-        if config.do_sample:
-            candidates = torch.multinomial(log_probs.softmax(-1), keep, generator=generator)
-            candidate_scores = torch.gather(log_probs, 1, candidates)
-        else:
-            candidate_scores, candidates = torch.topk(log_probs, keep)
+        candidate_scores, candidates = beam_candidates(state.step(flat[:, -1], cur_len - 1), flat, running_scores,
+                                                       process, keep, generator)
         parent = candidates // vocab  # [batch, keep]
         candidate_seqs = torch.take_along_dim(running, parent[:, :, None], dim=1)
         candidate_seqs[:, :, cur_len] = candidates % vocab

@@ -110,15 +110,11 @@ class KVCache(nn.Module):
         self.v[:, :, pos:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
-    def reorder(self, index: torch.Tensor) -> None:
-        """Beam search: row i continues from row index[i]."""
-        self.k.copy_(self.k.index_select(0, index))
-        self.v.copy_(self.v.index_select(0, index))
-
-    def keep(self, rows: torch.Tensor) -> None:
-        """Only `rows` go on decoding (the others finished): a smaller cache, so later steps skip them."""
-        self.k = self.k.index_select(0, rows)
-        self.v = self.v.index_select(0, rows)
+    def select(self, index: torch.Tensor) -> None:
+        """Row i continues from row index[i] (beam search); rows left out are dropped (finished work),
+        so later steps skip them. One pass: the selected rows become the cache."""
+        self.k = self.k.index_select(0, index)
+        self.v = self.v.index_select(0, index)
 
     def append(self, rows: int) -> None:
         """Room for `rows` more rows (continuous batching: new documents join the batch)."""

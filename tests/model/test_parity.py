@@ -73,6 +73,7 @@ GENERATE_SETTINGS = {
     "beam_never_stop": dict(num_beams=2, early_stopping="never", length_penalty=1.2, max_new_tokens=12),
     "greedy_min_new_tokens_repetition_penalty": dict(max_new_tokens=20, min_new_tokens=8, repetition_penalty=1.3),
     "greedy_max_length": dict(max_length=9, no_repeat_ngram_size=3),
+    "beam_repetition_penalty": dict(num_beams=3, repetition_penalty=1.2, no_repeat_ngram_size=2, max_new_tokens=12),
 }
 
 
