@@ -19,7 +19,7 @@ from collections.abc import Hashable, Iterable, Iterator
 import torch
 
 from .config import MT5Config
-from .generate import SYNC_EVERY, GenerationConfig, LogitsProcessor, beam_candidates
+from .generate import SYNC_EVERY, GenerationConfig, LogitsProcessor, StepBuffers, beam_candidates
 from .modules import KVCache
 
 Document = tuple[Hashable, list[int]]  # (key, input token ids)
@@ -51,6 +51,7 @@ class Slots:
         empty = torch.empty(0, c.num_heads, 0, c.d_kv, dtype=dtype, device=self.device)
         self.cross_kv = [(empty, empty) for _ in range(c.num_decoder_layers)]  # per slot
         self.encoder_mask = torch.empty(0, 0, dtype=torch.long, device=self.device)
+        self.buffers = StepBuffers()
         if self.beams > 1:  # generate.beam_search's state, per slot
             b = self.beams
             self.running_scores = torch.empty(0, b, device=self.device)
@@ -73,7 +74,7 @@ class Slots:
         tokens = torch.gather(self.sequences, 1, positions[:, None])
         hidden = self.model.decoder(self.model.shared(tokens), self.cross_kv, self.encoder_mask,
                                     caches=self.caches, pos=positions)
-        return self.model.lm_logits(hidden[:, -1]).float(), row_lengths
+        return self.buffers.logits(self.model, hidden[:, -1]), row_lengths
 
     def step(self, process: LogitsProcessor, generator: torch.Generator | None) -> None:
         if self.beams > 1:
@@ -100,7 +101,7 @@ class Slots:
         keep = 2 * beams
         logits, lengths = self._logits()
         candidate_scores, candidates = beam_candidates(logits, self.sequences, self.running_scores, process, keep,
-                                                       generator, lengths)
+                                                       generator, self.buffers, lengths)
         cur = self.lengths.clamp(max=self.max_len - 1)
         parent = candidates // vocab  # [slots, keep]
         running = self.sequences.view(slots, beams, self.max_len)

@@ -227,11 +227,17 @@ class MT5ForConditionalGeneration(_EncoderDecoder):
         super().save_pretrained(out_dir, **kwargs)
         self.generation_config.save(Path(out_dir))
 
-    def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def lm_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of `hidden` [..., d_model]; for hidden [rows, d_model], `out` [rows, vocab] may receive
+        them (a plain head writes into it; quantized or restricted heads return their own tensor)."""
         if self.config.tie_word_embeddings:
             # Tied T5 rescales before the shared embedding; real (untied) mT5 checkpoints do not.
             hidden = hidden * self.config.d_model ** -0.5
-        return self.lm_head(hidden)
+        head = self.lm_head
+        if (out is not None and type(head) is nn.Linear and head.bias is None and hidden.dim() == 2
+                and out.dtype == hidden.dtype == head.weight.dtype):
+            return torch.mm(hidden, head.weight.t(), out=out)  # what F.linear computes, into `out`
+        return head(hidden)
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
                 labels=None, encoder_outputs=None) -> ModelOutput:
