@@ -45,15 +45,15 @@ def label_phases() -> None:
             hidden = self.model.decoder(self.model.shared(tokens[:, None]), self.cross_kv, self.encoder_mask,
                                         caches=self.caches, pos=pos)
         with torch.profiler.record_function("phase: lm_head"):
-            return self.model.lm_logits(hidden[:, -1]).float()
+            return self.buffers.logits(self.model, hidden[:, -1])
 
     def timed_reorder(self, index):
         with torch.profiler.record_function("phase: cache reorder"):
             reorder(self, index)
 
-    def timed_process(self, sequences, scores):
+    def timed_process(self, sequences, scores, lengths=None):
         with torch.profiler.record_function("phase: logits processors"):
-            return process(self, sequences, scores)
+            return process(self, sequences, scores, lengths)
 
     g.DecodeState.__init__, g.DecodeState.step = init, timed_step
     g.DecodeState.reorder, g.LogitsProcessor.__call__ = timed_reorder, timed_process
