@@ -237,6 +237,8 @@ class MT5ForConditionalGeneration(_EncoderDecoder):
         if (out is not None and type(head) is nn.Linear and head.bias is None and hidden.dim() == 2
                 and out.dtype == hidden.dtype == head.weight.dtype):
             return torch.mm(hidden, head.weight.t(), out=out)  # what F.linear computes, into `out`
+        if isinstance(head, RestrictedHead):
+            return head(hidden, out=out)
         return head(hidden)
 
     def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,

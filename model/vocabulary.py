@@ -34,9 +34,12 @@ class RestrictedHead(nn.Module):
         # Saving would write "lm_head.kept.weight" and no lm_head: a checkpoint that loads as garbage.
         self.register_state_dict_pre_hook(_refuse_saving)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """`out` [..., vocab], when given, receives the logits (decode steps reuse it: see StepBuffers)."""
         kept = self.kept(hidden)  # [..., kept]
-        logits = kept.new_full((*kept.shape[:-1], self.vocab_size), float("-inf"))  # [..., vocab]
+        if out is None or out.dtype != kept.dtype:
+            out = kept.new_empty((*kept.shape[:-1], self.vocab_size))
+        logits = out.fill_(float("-inf"))  # [..., vocab]
         logits[..., self.kept_ids] = kept
         return logits
 
