@@ -182,7 +182,7 @@ class CTranslate2Engine:
 
 
 class PipelineEngine:
-    """pipeline.stages.Summarizer in this process: tokenize -> token-budget batches -> generate -> detokenize,
+    """pipeline.stages.Summarizer in this process: tokenize -> continuous batching -> detokenize,
     on the model thread, with the same model object as ours-fp32 when both run."""
 
     output = "text"
