@@ -12,7 +12,6 @@ Exit status: 0 on success, 2 for usage errors (bad flags, missing columns, empty
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
@@ -72,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from jobs.ray_address import ray_address
     from pipeline.finetune import finetune
 
-    ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="warning")
+    ray.init(address=ray_address(), logging_level="warning")
     try:
         finetune(settings, replicas=args.replicas, resume=args.resume, cpus_per_replica=args.cpus_per_replica)
     except (InputError, ModelLoadError) as err:

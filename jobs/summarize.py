@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -77,11 +76,13 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
+    from jobs.ray_address import ray_address
     from pipeline.driver import run
 
     inputs = args.input[0] if len(args.input) == 1 else args.input
-    # The job owns Ray's lifecycle: join RAY_ADDRESS (set by `ray job submit`) or start a local Ray.
-    ray.init(address=os.environ.get("RAY_ADDRESS"), logging_level="warning")
+    # The job owns Ray's lifecycle: join RAY_ADDRESS (set by `ray job submit`), this machine's cluster,
+    # or start a local Ray.
+    ray.init(address=ray_address(), logging_level="warning")
     try:
         report = run(settings, inputs, args.output, replicas=args.replicas, overwrite=args.overwrite,
                      storage_options=args.storage_options, cpus_per_replica=args.cpus_per_replica,

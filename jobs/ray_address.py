@@ -1,0 +1,39 @@
+"""Which Ray a job joins: RAY_ADDRESS (`ray job submit` sets it), else the cluster `ray start` runs on
+this machine, else a local Ray of the job's own.
+
+ray.init() with no address joins the cluster recorded in Ray's temp folder (`ray_current_cluster`)
+even when that cluster is gone (a crashed head, a container restarted with the folder kept): it then
+retries for minutes before failing. The job checks the record first and starts a local Ray instead.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+REACHABLE_WITHIN_SECONDS = 2.0
+
+
+def recorded_cluster() -> Path:
+    """Where `ray start` records its head's address (Ray's temp folder: RAY_TMPDIR, else the system's)."""
+    return Path(os.environ.get("RAY_TMPDIR") or tempfile.gettempdir()) / "ray" / "ray_current_cluster"
+
+
+def ray_address() -> str | None:
+    """The `address` for ray.init(): RAY_ADDRESS when set; None (join the recorded cluster) when the
+    recorded head answers; "local" (start one) when nothing is recorded or the record is stale."""
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    record = recorded_cluster()
+    try:
+        host, _, port = record.read_text().strip().rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=REACHABLE_WITHIN_SECONDS):
+            return None
+    except FileNotFoundError:
+        return "local"
+    except (OSError, ValueError):
+        print(f"note: the Ray cluster recorded in {record} does not answer; starting a local Ray "
+              "(set RAY_ADDRESS to join a cluster)", file=sys.stderr)
+        return "local"

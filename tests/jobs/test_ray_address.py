@@ -1,0 +1,47 @@
+"""A job joins RAY_ADDRESS, or the live cluster recorded on this machine, or starts its own Ray: never a
+stale record (ray.init() would retry it for minutes)."""
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from jobs.ray_address import ray_address, recorded_cluster
+
+
+@pytest.fixture
+def ray_tmpdir(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    (tmp_path / "ray").mkdir()
+    return tmp_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_address_from_the_environment_wins(ray_tmpdir, monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert ray_address() == "ray://head:10001"
+
+
+def test_nothing_recorded_starts_a_local_ray(ray_tmpdir):
+    assert not recorded_cluster().exists()
+    assert ray_address() == "local"
+
+
+def test_a_live_recorded_cluster_is_joined(ray_tmpdir):
+    with socket.socket() as head:
+        head.bind(("127.0.0.1", 0))
+        head.listen()
+        recorded_cluster().write_text(f"127.0.0.1:{head.getsockname()[1]}")
+        assert ray_address() is None  # ray.init() finds the record itself
+
+
+def test_a_stale_record_starts_a_local_ray_and_says_so(ray_tmpdir, capsys):
+    recorded_cluster().write_text(f"127.0.0.1:{free_port()}")
+    assert ray_address() == "local"
+    assert "does not answer" in capsys.readouterr().err
