@@ -23,7 +23,6 @@ import datetime
 import hashlib
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -153,7 +152,7 @@ def scores(ids: list[list[int]], reference_ids: list[list[int]], texts: list[str
 
 
 def main(argv=None) -> None:
-    from benchmarks.run import machine
+    from benchmarks.run import machine, write_report
     from model import MT5Tokenizer
     from model.vocabulary import kept_ids_from_text
     from tests.fixtures.corpus import first_words_task
@@ -208,10 +207,7 @@ def main(argv=None) -> None:
         "results": results,
     }
     print_table(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        print(f"[quality] wrote {args.out}", file=sys.stderr)
+    write_report(report, args.out, "quality")
 
 
 def print_table(report: dict) -> None:

@@ -281,10 +281,15 @@ def main(argv=None) -> None:
         "results": results,
     }
     print_table(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        print(f"[bench] wrote {args.out}", file=sys.stderr)
+    write_report(report, args.out, "bench")
+
+
+def write_report(report: dict, out: Path | None, tag: str) -> None:
+    """The results file, when asked for (also quality.py's)."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        print(f"[{tag}] wrote {out}", file=sys.stderr)
 
 
 def summarize(args, engines, decodings, docs, outputs, seconds, load_seconds, memory, nondeterministic, startup,

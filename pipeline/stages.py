@@ -44,12 +44,12 @@ class Stats:
 
 @dataclass
 class _Window:
-    """Rows of one record batch in flight: their token ids and the model's futures."""
+    """Rows of one record batch in flight: their token ids and the model's future (none without text)."""
     batch: pa.RecordBatch
     errors: list[str | None]
     ids: dict[int, list[int]] = field(default_factory=dict)  # row -> token ids, for the rows with text
     order: list[int] = field(default_factory=list)  # the rows with text, in the order they are decoded
-    futures: list[Future] = field(default_factory=list)
+    future: Future | None = None
     stats: Stats = field(default_factory=Stats)
 
 
@@ -110,14 +110,14 @@ class Summarizer:
     def _submit(self, window: _Window) -> _Window:
         rows = [(i, window.ids[i]) for i in window.order]
         if rows:
-            window.futures.append(self._model_thread.submit(self._generate, rows))
+            window.future = self._model_thread.submit(self._generate, rows)
         return window
 
     def _finish(self, window: _Window) -> tuple[pa.RecordBatch, Stats]:
         summaries: list[str | None] = [None] * window.batch.num_rows
         eos = self.tokenizer.eos_token_id
-        for future in window.futures:
-            out, seconds = future.result()
+        if window.future is not None:
+            out, seconds = window.future.result()
             window.stats.model_seconds += seconds
             for row, ids in out:
                 generated = ids[1:]
