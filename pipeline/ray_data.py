@@ -10,7 +10,7 @@
                         compute=ActorPoolStrategy(size=4), num_gpus=1, batch_format="pyarrow", batch_size=1024)
     ds.write_parquet("s3://lake/summaries/")
 
-Each actor holds one replica and runs the same stages as jobs/summarize.py (token-budget batches,
+Each actor holds one replica and runs the same stages as jobs/summarize.py (continuous batching,
 length bucketing, input order restored) on each batch: every column but the text is carried through,
 and `summary` and `error` are added. Exactly-once output and resume are Ray Data's to give here
 (at-least-once); jobs/summarize.py gives them on its own.
