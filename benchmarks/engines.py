@@ -117,6 +117,7 @@ def ours(ctx: Context, dtype: str = "float32", quantization: str = "none",
          vocabulary: int | None = None) -> TorchEngine:
     """Our model as a job loads it; `vocabulary`: keep only that many output ids (see RESTRICTED_VOCAB)."""
     from model import MT5ForConditionalGeneration
+    from model.packed import pack_head_for_cpu
     from model.quantize import quantize
     from model.vocabulary import restrict_vocabulary
 
@@ -127,6 +128,7 @@ def ours(ctx: Context, dtype: str = "float32", quantization: str = "none",
         model = MT5ForConditionalGeneration.from_pretrained(ctx.checkpoint, dtype=dtype, device=ctx.device)
         restrict_vocabulary(model, range(vocabulary))
         quantize(model, quantization)
+    pack_head_for_cpu(model)  # as pipeline/replica.py does; a quantized or GPU head is left as it is
     return TorchEngine(ctx, model)
 
 

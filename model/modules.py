@@ -36,6 +36,18 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
+def gated_gelu(gate: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
+    """gelu_new(gate) * linear. Without autograd, the same operations in the same order run in place in
+    one new tensor: the same bits, and 2x faster on CPU, where each of the formula's eight temporaries
+    is a pass over memory (an encoder's [tokens, d_ff] is tens of MB). Halving last instead of first is
+    exact: scaling by a power of two commutes with rounding."""
+    if torch.is_grad_enabled() and (gate.requires_grad or linear.requires_grad):
+        return gelu_new(gate) * linear  # tanh's backward needs its output, which the in-place chain overwrites
+    out = torch.pow(gate, 3.0)
+    out.mul_(0.044715).add_(gate).mul_(math.sqrt(2.0 / math.pi)).tanh_().add_(1.0)
+    return out.mul_(gate).mul_(0.5).mul_(linear)
+
+
 def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
                              max_distance: int) -> torch.Tensor:
     """Mesh TensorFlow's bucketing: exact buckets for small distances, log-spaced ones up to max_distance."""
@@ -180,7 +192,7 @@ class FeedForward(nn.Module):
         h = self.wi(x)
         if self.gated:
             gate, linear = h.split(self.d_ff, dim=-1)
-            h = gelu_new(gate) * linear
+            h = gated_gelu(gate, linear)
         else:
             h = F.relu(h)
         h = self.dropout(h)

@@ -14,6 +14,7 @@ import pyarrow as pa
 import torch
 
 from model import MT5ForConditionalGeneration, MT5Tokenizer
+from model.packed import pack_head_for_cpu
 from model.quantize import quantize
 from model.vocabulary import restrict_vocabulary
 
@@ -40,6 +41,7 @@ def load_model(settings: SummarizeSettings, device: str, storage_options: dict |
         restrict_vocabulary(model, vocabulary.kept_ids(tokenizer, sample))
     # after the restriction: int8-dynamic then quantizes the smaller head
     quantize(model, settings.quantization)
+    pack_head_for_cpu(model)  # CPU float32 only; a quantized head stays quantized
     return model, tokenizer
 
 
@@ -103,6 +105,7 @@ class Replica:
         finally:
             dist.destroy_process_group()
         model.eval()
+        pack_head_for_cpu(model)  # back to serving: summarize_texts uses the trained model
         return result
 
     def summarize_texts(self, texts: list[str]) -> list[str | None]:

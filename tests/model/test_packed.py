@@ -1,0 +1,132 @@
+"""The oneDNN-prepacked output head: the same tokens as transformers, the same checkpoint saved, and the
+cases it must leave alone."""
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from torch import nn
+
+import model as ours
+from model.continuous import generate_stream
+from model.packed import PackedLinear, can_pack, pack_head_for_cpu, unpack_head
+from model.quantize import quantize
+from model.vocabulary import restrict_vocabulary
+from tests.model.test_continuous import SETTINGS as CONTINUOUS_SETTINGS
+from tests.model.test_continuous import documents as continuous_documents
+from tests.model.test_parity import FP32_ATOL, GENERATE_SETTINGS, batch_with_padding, decoder_inputs
+
+pytestmark = pytest.mark.skipif(not can_pack(), reason="this torch has no oneDNN prepacked linear")
+
+
+def packed(checkpoint):
+    model = ours.MT5ForConditionalGeneration.from_pretrained(checkpoint)
+    assert pack_head_for_cpu(model)
+    assert isinstance(model.lm_head, PackedLinear)
+    return model
+
+
+def logits(model, seed: int = 0) -> torch.Tensor:
+    ids, mask = batch_with_padding(seed)
+    with torch.no_grad():
+        return model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs(seed + 1)).logits
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_checkpoint):
+    return transformers.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+
+
+def test_packed_logits_agree_with_the_plain_head_to_float32_rounding(tiny_checkpoint):
+    plain = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    model = packed(tiny_checkpoint)
+    for seed in (0, 2):
+        torch.testing.assert_close(logits(model, seed), logits(plain, seed), atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("settings", GENERATE_SETTINGS.values(), ids=GENERATE_SETTINGS.keys())
+def test_packed_generate_is_token_identical_to_transformers(tiny_checkpoint, reference, settings):
+    model = packed(tiny_checkpoint)
+    ids, mask = batch_with_padding(seed=3, batch=6)
+    expected = reference.generate(input_ids=ids, attention_mask=mask, **settings)
+    assert model.generate(input_ids=ids, attention_mask=mask, **settings).tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize("name", ["greedy_xlsum", "beam_xlsum"])
+def test_packed_continuous_batching_is_token_identical_to_transformers(tiny_checkpoint, reference, name):
+    model = packed(tiny_checkpoint)
+    settings = CONTINUOUS_SETTINGS[name]
+    docs = continuous_documents()
+    got = dict(generate_stream(model, docs, model.generation_config.updated(**settings),
+                               max_rows=4 * settings.get("num_beams", 1)))
+    for key, ids in docs:
+        assert got[key] == reference.generate(input_ids=torch.tensor([ids]), **settings)[0].tolist(), key
+
+
+def test_a_packed_model_saves_the_checkpoint_it_was_loaded_from(tiny_checkpoint, tmp_path):
+    plain = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    model = packed(tiny_checkpoint)
+    state = model.state_dict()
+    assert torch.equal(state["lm_head.weight"], plain.lm_head.weight)  # unpacked bit for bit
+    model.save_pretrained(tmp_path)
+    reloaded = transformers.MT5ForConditionalGeneration.from_pretrained(tmp_path)
+    assert torch.equal(reloaded.lm_head.weight, plain.lm_head.weight)
+
+
+def test_loading_a_state_dict_repacks_the_head(tiny_checkpoint):
+    model = packed(tiny_checkpoint)
+    state = model.state_dict()
+    state["lm_head.weight"] = state["lm_head.weight"] * 2
+    model.load_state_dict(state)
+    doubled = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    with torch.no_grad():
+        doubled.lm_head.weight *= 2
+    torch.testing.assert_close(logits(model), logits(doubled), atol=2 * FP32_ATOL, rtol=0)
+    state["lm_head.weight"] = state["lm_head.weight"][:10]
+    with pytest.raises(RuntimeError, match="lm_head.weight: shape"):
+        model.load_state_dict(state)
+
+
+def test_training_through_a_packed_head_fails_clearly(tiny_checkpoint):
+    model = packed(tiny_checkpoint).train()
+    ids, mask = batch_with_padding()
+    with pytest.raises(RuntimeError, match="packed output head is for inference only"):
+        model(input_ids=ids, attention_mask=mask, labels=decoder_inputs()).loss.backward()
+
+
+def test_unpacking_restores_a_trainable_plain_head(tiny_checkpoint):
+    plain = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    model = packed(tiny_checkpoint)
+    assert unpack_head(model) and not unpack_head(model)
+    assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, plain.lm_head.weight)
+    model.lm_head.weight.requires_grad_(True)
+    ids, mask = batch_with_padding()
+    model.train()(input_ids=ids, attention_mask=mask, labels=decoder_inputs()).loss.backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_restricted_head_packs_its_kept_rows(tiny_checkpoint):
+    kept = range(0, 4000, 7)
+    plain = restrict_vocabulary(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint), kept)
+    model = restrict_vocabulary(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint), kept)
+    assert pack_head_for_cpu(model) and isinstance(model.lm_head.kept, PackedLinear)
+    expected, got = logits(plain), logits(model)
+    ids = plain.lm_head.kept_ids
+    torch.testing.assert_close(got[..., ids], expected[..., ids], atol=FP32_ATOL, rtol=0)
+    assert torch.equal(torch.isneginf(got), torch.isneginf(expected))
+
+
+def test_heads_it_cannot_pack_are_left_alone(tiny_checkpoint, tiny_relu_tied_checkpoint):
+    tied = ours.MT5ForConditionalGeneration.from_pretrained(tiny_relu_tied_checkpoint)
+    assert not pack_head_for_cpu(tied)
+    assert tied.lm_head.weight is tied.shared.weight
+
+    int8 = quantize(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint), "int8-dynamic")
+    head = int8.lm_head
+    assert not pack_head_for_cpu(int8) and int8.lm_head is head
+
+    half = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype="bfloat16")
+    assert not pack_head_for_cpu(half) and type(half.lm_head) is nn.Linear
+
+    model = packed(tiny_checkpoint)
+    assert not pack_head_for_cpu(model)  # already packed

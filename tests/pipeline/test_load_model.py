@@ -1,0 +1,24 @@
+"""What a replica loads: the settings' vocabulary restriction, quantization and CPU head packing, in order."""
+from __future__ import annotations
+
+import pytest
+from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+from model.packed import PackedLinear, can_pack
+from model.vocabulary import RestrictedHead
+from pipeline.replica import load_model
+from pipeline.settings import SummarizeSettings
+
+
+@pytest.mark.skipif(not can_pack(), reason="this torch has no oneDNN prepacked linear")
+def test_a_cpu_float32_replica_packs_its_head_and_an_int8_one_quantizes_it(tiny_checkpoint, tmp_path):
+    model, _ = load_model(SummarizeSettings(model=str(tiny_checkpoint)), "cpu")
+    assert isinstance(model.lm_head, PackedLinear)
+
+    sample = tmp_path / "sample.txt"
+    sample.write_text("a river and a lake\nein Fluss und ein See\n", encoding="utf-8")
+    model, _ = load_model(SummarizeSettings(model=str(tiny_checkpoint), output_vocabulary=str(sample)), "cpu")
+    assert isinstance(model.lm_head, RestrictedHead) and isinstance(model.lm_head.kept, PackedLinear)
+
+    model, _ = load_model(SummarizeSettings(model=str(tiny_checkpoint), quantization="int8-dynamic"), "cpu")
+    assert isinstance(model.lm_head, DynamicLinear)
