@@ -2,9 +2,9 @@
 
 generate() decodes one fixed batch: as its shorter summaries finish, they leave the batch and the
 weights are read for fewer and fewer rows, and the next batch waits for the longest summary of this
-one. Here documents stream in instead. At every sync (SYNC_EVERY steps, when the loop looks at the
+one. Here documents stream in instead. At every sync (generate.sync_every: when the loop looks at the
 host anyway) the finished documents are handed back and their slots refilled from the stream: the new
-documents are encoded together and start at position 0 while the others go on, each at its own length
+documents are encoded together, in groups of similar length, and start at position 0 while the others go on, each at its own length
 (the decoder's per-row position bias and cache writes). Slots without a replacement leave the batch.
 
 A slot holds one document: one row for greedy decoding and sampling, num_beams rows for beam search,
@@ -19,7 +19,7 @@ from collections.abc import Hashable, Iterable, Iterator
 import torch
 
 from .config import MT5Config
-from .generate import SYNC_EVERY, GenerationConfig, LogitsProcessor, StepBuffers, beam_candidates
+from .generate import GenerationConfig, LogitsProcessor, StepBuffers, beam_candidates, sync_every
 from .modules import KVCache
 
 Document = tuple[Hashable, list[int]]  # (key, input token ids)
@@ -28,6 +28,22 @@ Document = tuple[Hashable, list[int]]  # (key, input token ids)
 def penalty(lengths: torch.Tensor, length_penalty: float) -> torch.Tensor:
     """lengths ** length_penalty as generate() computes it (in double, from Python ints), in float32."""
     return (lengths.double() ** length_penalty).float()
+
+
+# A group encoded together pads each source to at most this much more than its own length.
+ENCODE_PADDING = 1.1
+
+
+def length_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices of `lengths` in groups to encode together, longest first: a source joins the current group
+    while the group's longest is within ENCODE_PADDING of it, so padding stays under ~10%."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and lengths[groups[-1][0]] <= ENCODE_PADDING * lengths[i]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
 
 
 class Slots:
@@ -196,14 +212,29 @@ class Slots:
         self._trim_sources()
 
     def _encode(self, rows: list[list[int]]):
+        """Each decoder layer's cross-attention (keys, values) [docs, heads, longest, d_kv] for these sources,
+        and their mask [docs, longest]. Encoded in groups of similar length (length_groups), since
+        the encoder is compute-bound and every padded position costs it as much as a real one."""
+        c = self.model.config
         longest = max(len(r) for r in rows)
-        input_ids = torch.full((len(rows), longest), self.config.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(rows), longest), dtype=torch.long)
         for n, row in enumerate(rows):
-            input_ids[n, : len(row)] = torch.tensor(row)
             mask[n, : len(row)] = 1
-        input_ids, mask = input_ids.to(self.device), mask.to(self.device)
-        return self.model.decoder.project_cross_kv(self.model.encode(input_ids, mask)), mask
+        mask = mask.to(self.device)
+        dtype = self.model.shared.weight.dtype
+        k_v = [(torch.zeros(len(rows), c.num_heads, longest, c.d_kv, dtype=dtype, device=self.device),
+                torch.zeros(len(rows), c.num_heads, longest, c.d_kv, dtype=dtype, device=self.device))
+               for _ in range(c.num_decoder_layers)]
+        for group in length_groups([len(r) for r in rows]):
+            width = len(rows[group[0]])
+            input_ids = torch.full((len(group), width), self.config.pad_token_id, dtype=torch.long)
+            for n, i in enumerate(group):
+                input_ids[n, : len(rows[i])] = torch.tensor(rows[i])
+            input_ids, index = input_ids.to(self.device), torch.tensor(group, device=self.device)
+            encoded = self.model.encode(input_ids, mask[index, :width])
+            for (k, v), (new_k, new_v) in zip(k_v, self.model.decoder.project_cross_kv(encoded)):
+                k[index, :, :width], v[index, :, :width] = new_k, new_v
+        return k_v, mask
 
     def _per_slot(self) -> list[str]:
         names = ["lengths", "searching", "encoder_mask"]
@@ -292,11 +323,11 @@ def generate_stream(model, documents: Iterable[Document], config: GenerationConf
     slots = Slots(model, config)
     process = LogitsProcessor(config)
     slots.refill([], admit([]))
-    step = 0
+    step, sync = 0, sync_every(slots.device)
     while len(slots):
         slots.step(process, generator)
         step += 1
-        if step % SYNC_EVERY:
+        if step % sync:
             continue
         free, finished = slots.take_finished()
         yield from finished

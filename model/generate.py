@@ -1,10 +1,10 @@
 """Generation: greedy, beam search and sampling over a static KV cache, matching transformers' generate.
 
 The encoder runs once. Each decoder layer's cross-attention keys and values are projected once per
-source and shared by its beams. Self-attention caches are preallocated for the whole output. The loop
-checks for completion only every SYNC_EVERY steps, so it does not stall a GPU with a host sync per
-token; the extra steps cannot change the result (finished rows only receive padding). At those
-syncs, finished rows (greedy, sampling) and sources whose results can no longer change (beam search)
+source and shared by its beams. Self-attention caches are preallocated for the whole output. On a GPU
+the loop checks for completion only every SYNC_EVERY steps, so it does not stall the device with a host
+sync per token; the extra steps cannot change the result (finished rows only receive padding). On CPU
+there is nothing to stall and it checks every step (sync_every). At those syncs, finished rows (greedy, sampling) and sources whose results can no longer change (beam search)
 leave the batch, caches included, so the remaining steps compute only what is still decoding.
 """
 from __future__ import annotations
@@ -21,6 +21,12 @@ from .modules import KVCache
 
 SYNC_EVERY = 4
 NEG_INF = float("-inf")
+
+
+def sync_every(device: torch.device) -> int:
+    """Steps between completion checks: on CPU every step, since a finished row kept for the steps up to a
+    check costs a row's share of each step (a whole step's lm_head at one row), and a check costs nothing."""
+    return 1 if device.type == "cpu" else SYNC_EVERY
 
 
 @dataclass
@@ -303,7 +309,7 @@ def greedy_or_sample(model, input_ids, attention_mask, config: GenerationConfig,
     live = sequences.clone()  # the rows still decoding ...
     alive = torch.arange(rows, device=device)  # ... and where they belong in `sequences`
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
-    cur_len = 1
+    cur_len, sync = 1, sync_every(device)
     while cur_len < max_len:
         scores = process(live[:, :cur_len], state.step(live[:, cur_len - 1], cur_len - 1))
         if config.do_sample:
@@ -314,7 +320,7 @@ def greedy_or_sample(model, input_ids, attention_mask, config: GenerationConfig,
         live[:, cur_len] = next_tokens
         unfinished &= next_tokens != config.eos_token_id
         cur_len += 1
-        if cur_len % SYNC_EVERY == 0:
+        if cur_len % sync == 0:
             if not unfinished.any():
                 break
             if not unfinished.all():  # finished rows leave the batch: summary lengths vary widely
@@ -339,7 +345,7 @@ def beam_search(model, input_ids, attention_mask, config: GenerationConfig, gene
     batch, beams, vocab = input_ids.shape[0], config.num_beams, model.config.vocab_size
     max_len = config.total_length()
     device = input_ids.device
-    keep = 2 * beams
+    keep, sync = 2 * beams, sync_every(device)
     state = DecodeState(model, input_ids, attention_mask, batch * beams, max_len)
     process = LogitsProcessor(config)
 
@@ -402,7 +408,7 @@ def beam_search(model, input_ids, attention_mask, config: GenerationConfig, gene
         if config.early_stopping is True:
             improvable = improvable & ~finished_flags.all(-1, keepdim=True)
         done = done | ~improvable.any() | ends.all()
-        if cur_len % SYNC_EVERY == 0:
+        if cur_len % sync == 0:
             if bool(done):
                 break
             searching = improvable[:, 0]

@@ -6,7 +6,7 @@ import torch
 import transformers
 
 import model as ours
-from model.continuous import Slots, generate_stream
+from model.continuous import Slots, generate_stream, length_groups
 
 
 def documents(count: int = 14, seed: int = 0) -> list[tuple[int, list[int]]]:
@@ -91,3 +91,31 @@ def test_several_sequences_per_document_and_empty_streams(pair):
         list(generate_stream(model, documents(2), model.generation_config.updated(num_beams=4, num_return_sequences=2),
                              max_rows=2))
     assert list(generate_stream(model, [], model.generation_config.updated(max_new_tokens=4), max_rows=2)) == []
+
+
+def test_length_groups_keep_padding_within_ten_percent():
+    lengths = [100, 12, 95, 91, 40, 11, 38, 300]
+    groups = length_groups(lengths)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    assert groups == [[7], [0, 2, 3], [4, 6], [1, 5]]
+    for group in groups:
+        assert all(lengths[group[0]] <= 1.1 * lengths[i] for i in group)
+
+
+def test_sources_encoded_in_length_groups_match_one_padded_batch(pair, monkeypatch):
+    _, model = pair
+    rows = [ids for _, ids in documents(10, seed=4)]
+    calls = []
+    original = model.encode
+    monkeypatch.setattr(model, "encode", lambda ids, mask: (calls.append(ids.shape), original(ids, mask))[1])
+    with torch.inference_mode():
+        k_v, mask = Slots(model, model.generation_config)._encode(rows)
+        assert len(calls) > 2, "one group: the fixture no longer exercises grouping"
+        longest = max(map(len, rows))
+        ids = torch.tensor([r + [0] * (longest - len(r)) for r in rows])
+        expected = model.decoder.project_cross_kv(original(ids, (ids != 0).long()))
+    assert torch.equal(mask, (ids != 0).long())
+    for (k, v), (want_k, want_v) in zip(k_v, expected):
+        keep = mask.bool()[:, None, :, None]
+        torch.testing.assert_close(k * keep, want_k * keep, atol=1e-5, rtol=0)
+        torch.testing.assert_close(v * keep, want_v * keep, atol=1e-5, rtol=0)
