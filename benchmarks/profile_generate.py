@@ -3,6 +3,8 @@ Python functions, for one batch of the benchmark's documents.
 
     python benchmarks/profile_generate.py --shape small --decoding beam4 --batch 16
 
+    python benchmarks/profile_generate.py --shape small --decoding greedy --continuous --docs 48
+
 The operator table shows which kernels cost (lm_head's matmul, log_softmax over 250k ids, the n-gram
 ban, cache reordering); the Python table shows where they are called from. Time in the encoder and in
 each decode step is printed apart with record_function markers (monkeypatched here, not in model/).
@@ -60,6 +62,42 @@ def label_phases() -> None:
     del step
 
 
+def split_continuous(model, docs: list[dict], settings: dict, rows: int) -> None:
+    """Time continuous batching over `docs` (longest first, as benchmarks/run.py streams them), split
+    into encoding new sources and decode steps (decoder stack + lm_head)."""
+    from model import continuous as c
+
+    spent = {"encode": 0.0, "step": 0.0, "steps": 0, "rows": 0}
+    encode, logits = c.Slots._encode, c.Slots._logits
+
+    def timed_encode(self, rows_):
+        start = time.perf_counter()
+        try:
+            return encode(self, rows_)
+        finally:
+            spent["encode"] += time.perf_counter() - start
+
+    def timed_logits(self):
+        start = time.perf_counter()
+        try:
+            return logits(self)
+        finally:
+            spent["step"] += time.perf_counter() - start
+            spent["steps"] += 1
+            spent["rows"] += len(self.lengths) * self.beams
+
+    c.Slots._encode, c.Slots._logits = timed_encode, timed_logits
+    ordered = sorted(range(len(docs)), key=lambda i: -len(docs[i]["ids"]))
+    config = model.generation_config.updated(**settings)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = list(c.generate_stream(model, ((i, docs[i]["ids"]) for i in ordered), config, max_rows=rows))
+    total = time.perf_counter() - start
+    print(f"continuous: {total:.1f}s for {len(out)} documents ({sum(len(d['ids']) for d in docs)} source tokens): "
+          f"encoding {spent['encode']:.1f}s, {spent['steps']} decode steps {spent['step']:.1f}s "
+          f"(mean {spent['rows'] / max(spent['steps'], 1):.1f} rows), the rest {total - spent['encode'] - spent['step']:.1f}s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(checkpoints.SHAPES), default="small")
@@ -69,19 +107,27 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--rows", type=int, default=25, help="rows of each table")
     p.add_argument("--quantization", default="none", help="as jobs/summarize.py's --quantization, e.g. int8-dynamic")
+    p.add_argument("--continuous", action="store_true",
+                   help="instead: time continuous batching over --docs documents, encoding vs decode steps")
+    p.add_argument("--docs", type=int, default=48, help="documents for --continuous")
     args = p.parse_args()
 
     from model import MT5ForConditionalGeneration, MT5Tokenizer
+    from model.packed import pack_head_for_cpu
 
     torch.set_num_threads(args.threads)
     path = checkpoints.checkpoint(args.shape)
     tokenizer = MT5Tokenizer.from_pretrained(path)
+    model = MT5ForConditionalGeneration.from_pretrained(path, quantization=args.quantization)
+    pack_head_for_cpu(model)  # as a replica does
+    d = DECODINGS[args.decoding]
+    settings = Decoding(d.name, d.num_beams, args.max_new_tokens, early_stopping=d.early_stopping).hf_settings()
+    if args.continuous:
+        split_continuous(model, checkpoints.documents(args.docs, tokenizer), settings, args.batch * d.num_beams)
+        return
     docs = checkpoints.documents(64, tokenizer)  # the benchmark's documents; take a median-length batch
     docs = sorted(docs, key=lambda d: len(d["ids"]))[24: 24 + args.batch]
     input_ids, mask = padded([d["ids"] for d in docs])
-    model = MT5ForConditionalGeneration.from_pretrained(path, quantization=args.quantization)
-    d = DECODINGS[args.decoding]
-    settings = Decoding(d.name, d.num_beams, args.max_new_tokens, early_stopping=d.early_stopping).hf_settings()
     with torch.inference_mode():
         model.generate(input_ids=input_ids[:2, :32], attention_mask=mask[:2, :32], **dict(settings, max_new_tokens=4))
         label_phases()
