@@ -1,6 +1,7 @@
 """Shared fixtures: a sentencepiece model, random mT5 checkpoints and an S3 API on loopback, built once."""
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -45,3 +46,30 @@ def s3_endpoint():
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[EXIT_STATUS] = int(exitstatus)
+
+
+EXIT_STATUS = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config):
+    """Leave without the interpreter's teardown, once pytest has reported everything. This process starts
+    and shuts down a local Ray for each module that uses one; a Ray background thread left from an
+    earlier session can run into freed core-worker state during teardown (ray-project/ray#31145, seen
+    here once: a segfault in a Ray gRPC thread after "427 passed"), which turns a green run red."""
+    if EXIT_STATUS not in config.stash:
+        return  # pytest stopped before the session ran (usage error, --help): exit as usual
+    import sys
+
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(config.stash[EXIT_STATUS])
