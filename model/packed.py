@@ -49,9 +49,7 @@ class PackedLinear(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError("a packed output head is for inference only: train a model loaded without "
                                "pack_head_for_cpu()")
-        rows = x.reshape(-1, self.in_features)
-        if rows.dtype != torch.float32 or not rows.is_contiguous():
-            rows = rows.float().contiguous()
+        rows = x.reshape(-1, self.in_features).contiguous()
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)
 

@@ -48,11 +48,11 @@ def s3_endpoint():
     server.stop()
 
 
+EXIT_STATUS = pytest.StashKey[int]()
+
+
 def pytest_sessionfinish(session, exitstatus):
     session.config.stash[EXIT_STATUS] = int(exitstatus)
-
-
-EXIT_STATUS = pytest.StashKey[int]()
 
 
 @pytest.hookimpl(trylast=True)

@@ -15,6 +15,7 @@ from model.vocabulary import restrict_vocabulary
 from tests.model.test_continuous import SETTINGS as CONTINUOUS_SETTINGS
 from tests.model.test_continuous import documents as continuous_documents
 from tests.model.test_parity import FP32_ATOL, GENERATE_SETTINGS, batch_with_padding, decoder_inputs
+from tests.model.test_vocabulary import logits
 
 pytestmark = pytest.mark.skipif(not can_pack(), reason="this torch has no oneDNN prepacked linear")
 
@@ -24,12 +25,6 @@ def packed(checkpoint):
     assert pack_head_for_cpu(model)
     assert isinstance(model.lm_head, PackedLinear)
     return model
-
-
-def logits(model, seed: int = 0) -> torch.Tensor:
-    ids, mask = batch_with_padding(seed)
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs(seed + 1)).logits
 
 
 @pytest.fixture(scope="module")
