@@ -1,26 +1,52 @@
 # make test: set up .venv, install, run the tests.  make demo: set up, then summarize sample documents.
+# make test-latest: the same tests in .venv-latest, with the newest releases that pyproject.toml allows.
 PYTHON ?= python3
-VENV := .venv
-PY := $(VENV)/bin/python
-# The CPU wheel of torch first, so that no dependency pulls a CUDA build.
+# The CPU wheel of torch; a GPU machine names the CUDA build it wants here (TORCH_SPEC='torch==2.13.0' ...).
 TORCH_SPEC ?= torch==2.13.0
+# Versions known to pass the tests (CPython 3.11, Linux x86-64). `make lock` rewrites it from .venv-latest.
+LOCK := constraints.txt
 
-.PHONY: test demo setup clean
+.PHONY: test demo setup test-latest setup-latest lock clean print-torch-spec
 
-setup: $(VENV)/.installed
+# $(call install,VENV,CONSTRAINTS): a venv with TORCH_SPEC first, then the project and its test extras, with the
+# torch just installed pinned by a constraint: without it the project's install has replaced the CPU torch
+# with a CUDA build of a newer release (issue 11). The last step fails if torch changed all the same.
+define install
+	rm -rf $(1)
+	$(PYTHON) -m venv $(1)
+	$(1)/bin/python -m pip install -q $(2) --upgrade pip setuptools
+	$(1)/bin/python -m pip install -q $(2) "$(TORCH_SPEC)"
+	$(1)/bin/python -c 'import torch; print(f"torch=={torch.__version__}")' > $(1)/torch-constraint.txt
+	$(1)/bin/python -m pip install -q $(2) -c $(1)/torch-constraint.txt --no-build-isolation -e ".[test]"
+	$(1)/bin/python -m tests.environment --torch "$(TORCH_SPEC)"
+	touch $(1)/.installed
+endef
 
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[test]"
-	touch $@
+setup: .venv/.installed
+
+.venv/.installed: pyproject.toml $(LOCK)
+	$(call install,.venv,-c $(LOCK))
 
 test: setup
-	$(PY) -m pytest -q tests
+	.venv/bin/python -m pytest -q tests
 
 demo: setup
-	$(PY) jobs/demo.py --output demo_out
+	.venv/bin/python jobs/demo.py --output demo_out
+
+setup-latest:
+	$(call install,.venv-latest,)
+
+test-latest: setup-latest
+	.venv-latest/bin/python -m pytest -q tests
+
+lock:
+	test -f .venv-latest/.installed  # run 'make test-latest' first: lock what passed
+	{ echo "# Versions known to pass 'make test' (CPython 3.11, Linux x86-64), written by 'make lock' from .venv-latest."; \
+	  echo "# A pip constraints file: the Makefile installs with -c $(LOCK). torch is not here: TORCH_SPEC chooses it."; \
+	  .venv-latest/bin/python -m pip freeze --all --exclude-editable | grep -v -i '^torch=='; } > $(LOCK)
+
+print-torch-spec:
+	@echo '$(TORCH_SPEC)'
 
 clean:
-	rm -rf $(VENV) demo_out .pytest_cache
+	rm -rf .venv .venv-latest demo_out .pytest_cache

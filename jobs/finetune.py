@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.errors import ModelLoadError  # noqa: E402
 from pipeline.errors import InputError  # noqa: E402
+from pipeline.optim import OPTIMIZERS  # noqa: E402
 from pipeline.train import METHODS, FinetuneSettings  # noqa: E402
 
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
     p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--optimizer", choices=("adafactor", "adamw"), default="adafactor")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adafactor")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--batch-size", type=int, default=8, help="per replica and micro-batch")
     p.add_argument("--grad-accum", type=int, default=1)

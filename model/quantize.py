@@ -144,6 +144,12 @@ def _quantized_layer(bnb, layer: nn.Linear, method: str, compute_dtype: torch.dt
                                        compress_statistics=True, quant_type=method, quant_storage=torch.uint8,
                                        module=new, bnb_quantized=True)
         new.quant_state = state
+        # On CPUs with AVX-512 BF16, bitsandbytes (0.50) runs an eval-mode 4-bit layer through a kernel that
+        # casts the activations and the block scales to bfloat16 whatever compute_dtype says, and that fails
+        # for widths not in multiples of 64. Its generic path, which every other CPU takes, dequantizes to
+        # compute_dtype and multiplies there: kept on every CPU, a 4-bit model computes in the dtype asked
+        # for, and the same on every CPU kind (tests/model/test_quantize.py holds that).
+        new.support_avx512bf16_for_cpu = False
     if bias:
         new.bias = nn.Parameter(layer.bias.detach(), requires_grad=False)
     new.train(layer.training)

@@ -57,12 +57,19 @@ class Adafactor(torch.optim.Optimizer):
                 p.add_(-update.to(p.dtype))
 
 
+OPTIMIZERS = ("adafactor", "adamw", "sgd")
+
+
 def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """sgd is plain SGD without momentum: each update is the learning rate times the gradient, so replicas that
+    agree on the gradient to rounding agree on the weights to rounding (tests/pipeline/test_finetune.py)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, weight_decay=weight_decay)
     if name == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     if name == "adafactor":
         return Adafactor(params, lr=lr, weight_decay=weight_decay)
-    raise ValueError(f"--optimizer {name!r}: use adamw or adafactor")
+    raise ValueError(f"--optimizer {name!r}: use one of {', '.join(OPTIMIZERS)}")
 
 
 def linear_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):

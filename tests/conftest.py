@@ -48,6 +48,13 @@ def s3_endpoint():
     server.stop()
 
 
+def pytest_report_header(config):
+    """Every test log names the CPU, its SIMD flags and the versions that ran: results differ by CPU kind."""
+    from tests.environment import describe
+
+    return describe()
+
+
 EXIT_STATUS = pytest.StashKey[int]()
 
 

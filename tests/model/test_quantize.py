@@ -179,6 +179,24 @@ def test_bitsandbytes_without_kernels_for_the_device_is_a_clear_error_before_any
 
 
 @pytest.mark.parametrize("method", ["nf4", "fp4"])
+@pytest.mark.parametrize("width", [(128, 64), (40, 96)], ids=["multiples-of-64", "40-to-96"])
+def test_4bit_layers_multiply_by_their_dequantized_weight_in_float32_on_every_cpu(method, width):
+    """On AVX-512 BF16 CPUs bitsandbytes' eval-mode kernel would cast activations and scales to bfloat16 (off by
+    about 2^-9 of each value) and fails on widths not in multiples of 64; quantize()'s layers take the generic
+    path there too, as on every other CPU. What remains is float32 rounding of a dot product of at most 128
+    terms of magnitude below 4: well under 1e-5."""
+    from model.quantize import _quantized_layer
+
+    torch.manual_seed(0)
+    layer = _quantized_layer(bnb, nn.Linear(*width, bias=False), method, torch.float32).eval()
+    x = torch.randn(5, width[0])
+    with torch.no_grad():
+        got = layer(x)
+    weight = bnb.functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+    torch.testing.assert_close(got, x @ weight.T, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["nf4", "fp4"])
 def test_fused_4bit_weight_dequantizes_as_its_parts_without_double_quantization(tiny_checkpoint, method):
     """Why fusing q|k|v costs 4-bit parity only through double quantization (see the next tests)."""
     qkv = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint).encoder.blocks[0].self_attn.qkv.weight
@@ -242,8 +260,8 @@ def test_int8_matches_transformers_bitsandbytes_in_weights_logits_and_beam_searc
 @pytest.mark.parametrize("method", ["nf4", "fp4"])
 def test_4bit_matches_transformers_bitsandbytes_codes_exactly_and_logits_closely(tiny_checkpoint, method):
     """Not exact, because of double quantization. The 4-bit codes are identical: blocks of 64 run along
-    the flattened weight, and each of q, k, v (wi_0, wi_1) has a multiple of 64 weights (d_model 40 x
-    32 rows here; any mT5 with d_model a multiple of 64), so the fused weight's blocks are exactly the
+    the flattened weight, and each of q, k, v (wi_0, wi_1) has a multiple of 64 weights (d_model 64 x
+    128 rows here; any mT5 with d_model a multiple of 64), so the fused weight's blocks are exactly the
     separate layers' blocks. But each block's absmax is quantized again to 8 bits around the mean absmax
     of the whole tensor: fused, that mean and the 8-bit scale are shared by q, k and v; separate, each
     has its own. The dequantized weights so differ by the 8-bit rounding of the absmax (measured: up to
