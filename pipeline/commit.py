@@ -169,7 +169,8 @@ class OutputLocation:
         return done
 
     def write_report(self, report: dict) -> None:
-        self._put_json(self._path(META, "report.json"), report)
+        """The report holds the settings, model URI included: its credentials are masked as in the manifest."""
+        self._put_json(self._path(META, "report.json"), _redacted(report))
 
     # --- prepare's checks ----------------------------------------------------------------------------
 
@@ -382,7 +383,8 @@ def _remove_empty_folders(files: list[str], root: str) -> None:
 
 
 def _redacted(value):
-    """Settings with any URL's credentials masked: the manifest is read by whoever can list the output."""
+    """Settings with any URL's credentials masked: the manifest and the report are read by whoever can list the
+    output."""
     if isinstance(value, str):
         return redact_url(value) if "://" in value else value
     if isinstance(value, dict):

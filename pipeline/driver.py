@@ -46,20 +46,21 @@ class RunReport:
 
 
 def model_fingerprint(source: str) -> dict:
-    """The model's identity for the manifest, from files' names, sizes, mtimes and safetensors headers.
+    """The model's identity for the manifest: a hash of the names and bytes of its checkpoint files.
 
-    Cheap on purpose (no hashing of gigabytes): a checkpoint rewritten in place with new weights has a
-    new mtime, and a hub snapshot's path names its commit.
+    Content, not file times: a fresh download or cache copy on a new cluster has new mtimes and the same bytes,
+    and must not be refused as another model, while a checkpoint rewritten in place with new weights must be
+    (issue 12). Reading every byte costs about a second per GB, small beside summarizing with the model.
     """
     directory = MT5ForConditionalGeneration.check_pretrained(source)
     MT5Tokenizer.from_pretrained(directory)  # a missing or broken spiece.model fails here, before any work
     digest = hashlib.sha256()
     for path in sorted(directory.iterdir()):
         if path.is_file() and (path.suffix in (".json", ".safetensors", ".model")):
-            stat = path.stat()
-            digest.update(f"{path.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+            digest.update(f"{path.name}:{path.stat().st_size}\n".encode())
             with open(path, "rb") as f:
-                digest.update(f.read(1 << 16))
+                while chunk := f.read(1 << 24):
+                    digest.update(chunk)
     return {"model": source, "model_hash": digest.hexdigest()[:32]}
 
 

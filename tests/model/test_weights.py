@@ -57,7 +57,7 @@ def test_untied_checkpoint_without_lm_head_is_refused(tiny_checkpoint, tmp_path)
 def test_config_that_does_not_match_the_weights_is_named(tiny_checkpoint, tmp_path):
     shutil.copytree(tiny_checkpoint, tmp_path, dirs_exist_ok=True)
     config = json.loads((tmp_path / "config.json").read_text())
-    config["d_ff"] = 64
+    config["d_ff"] += 32  # any width the weights do not have
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match=r"model\.safetensors.*DenseReluDense.*config does not match"):
         ours.MT5ForConditionalGeneration.from_pretrained(tmp_path)

@@ -430,6 +430,17 @@ def test_dataset_reader_sees_exactly_the_data_rows_with_hive_partitions(lake):
     assert {days[i] for i in range(12, 30)} == {"2026-11-02"}
 
 
+def test_the_report_carries_no_credentials(lake):
+    """The report repeats the settings, model URI included (a presigned or token-bearing URL, say)."""
+    fs, units, out = lake
+    location = OutputLocation(str(out))
+    location.prepare(SETTINGS, units=units)
+    location.write_report({"settings": {**SETTINGS, "model": f"file:///models/mt5?token={SECRET}"}, "failures": []})
+    report = (out / "_lakesum" / "report.json").read_text()
+    assert SECRET not in report
+    assert "file:///models/mt5?***" in report
+
+
 def test_settings_in_the_manifest_carry_no_credentials(lake):
     fs, units, out = lake
     OutputLocation(str(out)).prepare({**SETTINGS, "input": [f"s3://admin:{SECRET}@bucket/lake"]}, units=units)

@@ -16,7 +16,7 @@ import torch
 
 from model import MT5ForConditionalGeneration, MT5Tokenizer, ModelLoadError
 from model.generate import GenerationConfig
-from pipeline.driver import run
+from pipeline.driver import model_fingerprint, run
 from pipeline.errors import InputError, OutputError
 from pipeline.settings import SummarizeSettings
 from pipeline.stages import EMPTY_TEXT, Stats, Summarizer
@@ -241,3 +241,22 @@ def test_json_logs_are_one_object_per_line_and_the_report_is_written(ray_local, 
     assert all("time" in e for e in events if "event" in e)
     report = json.loads((tmp_path / "out" / "_lakesum" / "report.json").read_text())
     assert report["stats"]["rows"] == 60 and report["settings"]["num_beams"] == SETTINGS["num_beams"]
+
+
+def test_model_identity_is_its_bytes_not_its_file_times(tiny_checkpoint, tmp_path):
+    """A nightly run on a fresh cluster downloads or copies the model anew: new mtimes, same bytes. It is the same
+    model, so the output written with it stays valid; a checkpoint rewritten in place with new weights is not."""
+    model = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    before = model_fingerprint(str(model))["model_hash"]
+    for path in model.iterdir():
+        path.touch()
+    assert model_fingerprint(str(model))["model_hash"] == before
+
+    weights = model / "model.safetensors"
+    middle = weights.stat().st_size // 2  # one weight deep inside the file: not in any header
+    with open(weights, "r+b") as f:
+        f.seek(middle)
+        byte = f.read(1)[0]
+        f.seek(middle)
+        f.write(bytes([byte ^ 1]))
+    assert model_fingerprint(str(model))["model_hash"] != before
