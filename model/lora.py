@@ -154,11 +154,8 @@ def _dequantized_weight(layer: nn.Module) -> torch.Tensor:
     weight = layer.weight
     kind = type(weight).__name__
     if kind == "Params4bit":
-        data, state = weight.data, weight.quant_state
-        if getattr(state, "packing_format_for_cpu", False):
-            # bitsandbytes repacks 4-bit weights for AVX512-BF16 CPUs at the first eval forward.
-            data, state = bnbf._convert_weight_packed_for_cpu_inverse(data, state)
-        return bnbf.dequantize_4bit(data, state)
+        # Never in bitsandbytes' AVX-512 BF16 repacked layout: quantize() keeps its layers off that path.
+        return bnbf.dequantize_4bit(weight.data, weight.quant_state)
     if kind == "Int8Params":
         # The row scales sit on the weight until the first forward, then on the layer's state.
         scales = weight.SCB if getattr(weight, "SCB", None) is not None else layer.state.SCB
