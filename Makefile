@@ -5,8 +5,10 @@ PYTHON ?= python3
 TORCH_SPEC ?= torch==2.13.0
 # Versions known to pass the tests (CPython 3.11, Linux x86-64). `make lock` rewrites it from .venv-latest.
 LOCK := constraints.txt
+# More conditions on the installed torch for tests.environment: CI passes --cpu-only.
+TORCH_CHECK ?=
 
-.PHONY: test demo setup test-latest setup-latest lock clean print-torch-spec
+.PHONY: test demo setup test-latest setup-latest lock clean
 
 # $(call install,VENV,CONSTRAINTS): a venv with TORCH_SPEC first, then the project and its test extras, with the
 # torch just installed pinned by a constraint: without it the project's install has replaced the CPU torch
@@ -18,7 +20,7 @@ define install
 	$(1)/bin/python -m pip install -q $(2) "$(TORCH_SPEC)"
 	$(1)/bin/python -c 'import torch; print(f"torch=={torch.__version__}")' > $(1)/torch-constraint.txt
 	$(1)/bin/python -m pip install -q $(2) -c $(1)/torch-constraint.txt --no-build-isolation -e ".[test]"
-	$(1)/bin/python -m tests.environment --torch "$(TORCH_SPEC)"
+	$(1)/bin/python -m tests.environment --torch "$(TORCH_SPEC)" $(TORCH_CHECK)
 	touch $(1)/.installed
 endef
 
@@ -44,9 +46,6 @@ lock:
 	{ echo "# Versions known to pass 'make test' (CPython 3.11, Linux x86-64), written by 'make lock' from .venv-latest."; \
 	  echo "# A pip constraints file: the Makefile installs with -c $(LOCK). torch is not here: TORCH_SPEC chooses it."; \
 	  .venv-latest/bin/python -m pip freeze --all --exclude-editable | grep -v -i '^torch=='; } > $(LOCK)
-
-print-torch-spec:
-	@echo '$(TORCH_SPEC)'
 
 clean:
 	rm -rf .venv .venv-latest demo_out .pytest_cache

@@ -58,15 +58,9 @@ def assert_outputs_as_close_as_transformers(reference, model, names: tuple[str, 
     """Each named output of ours within ROUNDING_MARGIN of transformers' own float32 error (see above)."""
     with torch.no_grad():
         expected, got = reference(**inputs), model(**inputs)
-    exact = in_float64(reference, **inputs)
+        exact = copy.deepcopy(reference).double()(**inputs)  # the exact values, to float32's eyes
     for name in names:
         assert_as_close_to_float64_as_transformers(getattr(got, name), getattr(expected, name), getattr(exact, name))
-
-
-def in_float64(reference, **inputs):
-    """transformers' outputs for `inputs` computed in float64: the exact values, to float32's eyes."""
-    with torch.no_grad():
-        return copy.deepcopy(reference).double()(**inputs)
 
 
 @pytest.fixture(scope="module", params=["tiny_checkpoint", "tiny_relu_tied_checkpoint"])
