@@ -7,7 +7,10 @@
 The final model is a Hugging Face checkpoint (config.json, model.safetensors, generation_config.json,
 spiece.model, tokenizer_config.json) that transformers and jobs/summarize.py load. The output folder
 must be on storage every replica can write (a local path for one machine, a shared mount otherwise).
-Exit status: 0 on success, 2 for usage errors (bad flags, missing columns, empty targets, no files).
+Exit status: 0 on success; 2 for usage errors, found before any training (bad flags, missing columns, empty
+targets, no files, a --resume whose settings or --replicas differ from the checkpoint's); 1 when training
+fails, among them a diverged run (--max-nonfinite-steps skipped steps in a row, or non-finite weights;
+nothing non-finite is saved).
 """
 from __future__ import annotations
 
@@ -18,9 +21,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from model.errors import ModelLoadError  # noqa: E402
-from pipeline.errors import InputError  # noqa: E402
+from pipeline.errors import InputError, OutputError  # noqa: E402
 from pipeline.optim import OPTIMIZERS  # noqa: E402
-from pipeline.train import METHODS, FinetuneSettings  # noqa: E402
+from pipeline.train import METHODS, FinetuneSettings, TrainingError  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
     p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--max-nonfinite-steps", type=int, default=8,
+                   help="a step with a non-finite loss or gradient is skipped; this many in a row stop the run")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-model")
     return p
 
@@ -78,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     ray.init(address=ray_address(), logging_level="warning")
     try:
         finetune(settings, replicas=args.replicas, resume=args.resume, cpus_per_replica=args.cpus_per_replica)
-    except (InputError, ModelLoadError) as err:
+    except (InputError, ModelLoadError, OutputError) as err:
         print(f"finetune.py: error: {err}", file=sys.stderr)
         return 2
+    except TrainingError as err:
+        print(f"finetune.py: error: {err}", file=sys.stderr)
+        return 1
     finally:
         ray.shutdown()
     return 0

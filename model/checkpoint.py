@@ -118,6 +118,13 @@ def resolve_checkpoint(
     return _download_from_hub(source, revision=revision, cache_dir=cache_dir)
 
 
+def hub_commit(directory: Path) -> str | None:
+    """The commit a hub checkout is at: huggingface_hub's cache keeps each one as snapshots/<commit>/."""
+    if directory.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", directory.name):
+        return directory.name
+    return None
+
+
 def _local_directory(path: Path, shown: str, revision: str | None) -> Path:
     if not path.exists():
         raise ModelLoadError(

@@ -53,7 +53,7 @@ class MT5PreTrainedModel(nn.Module):
     @classmethod
     def from_pretrained(cls, source: str | Path, *, dtype: torch.dtype | str = torch.float32,
                         device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
-                        quantization: str = "none"):
+                        quantization: str = "none", revision: str | None = None):
         """Load a Hugging Face mT5 checkpoint: a directory, an fsspec URI or a hub id.
 
         The model is built on the meta device and its parameters are assigned straight from the
@@ -63,7 +63,7 @@ class MT5PreTrainedModel(nn.Module):
         dtype = as_dtype(dtype)
         if quantization not in QUANTIZATIONS:  # before reading any weight
             raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
-        model, directory = cls._on_meta(source, cache_dir)
+        model, directory = cls._on_meta(source, cache_dir, revision)
         weights.load_into(model, directory, dtype=dtype, device=device)
         model.eval()
         quantize(model, quantization)  # after eval(): the new layers copy the training flag
@@ -72,16 +72,17 @@ class MT5PreTrainedModel(nn.Module):
         return model
 
     @classmethod
-    def check_pretrained(cls, source: str | Path, *, cache_dir: str | Path | None = None) -> Path:
+    def check_pretrained(cls, source: str | Path, *, cache_dir: str | Path | None = None,
+                         revision: str | None = None) -> Path:
         """What from_pretrained checks, from config.json and the safetensors headers alone: no weight is
         read. Returns the local checkpoint directory. For failing fast before a cluster does any work."""
-        model, directory = cls._on_meta(source, cache_dir)
+        model, directory = cls._on_meta(source, cache_dir, revision)
         weights.check(model, directory)
         return directory
 
     @classmethod
-    def _on_meta(cls, source, cache_dir):
-        directory = checkpoint.resolve_checkpoint(source, cache_dir=cache_dir)
+    def _on_meta(cls, source, cache_dir, revision=None):
+        directory = checkpoint.resolve_checkpoint(source, cache_dir=cache_dir, revision=revision)
         config = MT5Config.from_dict(checkpoint.read_json(directory, "config.json", required=True),
                                      source=str(directory / "config.json"))
         with torch.device("meta"):

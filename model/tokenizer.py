@@ -270,11 +270,11 @@ class MT5Tokenizer:
         self.pad_token_id, self.eos_token_id, self.unk_token_id = (self._vocab.raw_tokens[t] for t in (PAD, EOS, UNK))
 
     @classmethod
-    def from_pretrained(cls, source: str | os.PathLike) -> MT5Tokenizer:
-        """Loads spiece.model and tokenizer_config.json from a checkpoint directory, URI or hub id."""
+    def from_pretrained(cls, source: str | os.PathLike, revision: str | None = None) -> MT5Tokenizer:
+        """Loads spiece.model and tokenizer_config.json from a checkpoint directory, URI or hub id (at `revision`)."""
         from .checkpoint import read_json, resolve_checkpoint
 
-        directory = resolve_checkpoint(source)
+        directory = resolve_checkpoint(source, revision=revision)
         path = directory / SPIECE_NAME
         try:
             spiece = path.read_bytes()

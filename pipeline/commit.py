@@ -4,8 +4,11 @@ Layout (everything that is not data starts with `_`, so Spark, DuckDB and pyarro
 
     <output>/<unit.output_relative>               the data: one Parquet file per work unit
     <output>/_SUCCESS                             empty; written only when every planned unit has committed
-    <output>/_lakesum/manifest.json               the run's settings and its unit plan (ids, ranges, row counts)
+    <output>/_lakesum/manifest.json               the run's settings and its unit plan (ids, ranges, row counts,
+                                                  input identities)
+    <output>/_lakesum/lease.json                  the running job's lease: one writer at a time (lease.py)
     <output>/_lakesum/committed/<unit id>.json    commit markers: the unit's output is complete and final
+    <output>/_lakesum/committed.json              the markers of earlier runs, compacted into one file
     <output>/_lakesum/failed/<id>.json            units (or unreadable shards) that failed in the latest run
     <output>/_lakesum/staging/                    outputs being written
     <output>/_lakesum/report.json                 the latest run's report
@@ -13,7 +16,9 @@ Layout (everything that is not data starts with `_`, so Spark, DuckDB and pyarro
 A unit is written to `staging/<unit id>.<attempt>.parquet`, moved to its final, deterministic name, and
 only then marked committed. Whatever dies wherever, a rerun of the unit writes the same final name, so a
 row can be written twice but never appear twice; a final file without a marker is simply rewritten, and a
-unit with a marker is skipped.
+unit with a marker is skipped. A unit's id includes its input file's identity (shards.py), so a file
+rewritten since is a new unit: its output is replaced, and earlier units of rewritten or deleted files are
+removed (`reconcile`), so that the output mirrors the input.
 
 What this assumes of the storage: on local filesystems a rename within one filesystem is atomic (the
 staging folder sits inside the output, so it always is); on object stores (s3://, gs://, memory://)
@@ -28,20 +33,26 @@ import os
 import posixpath
 import re
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from .errors import OutputError
 from model.redact import redact_url
+
+from .errors import OutputError
+from .lease import DEFAULT_TIMEOUT as DEFAULT_LEASE_TIMEOUT
+from .lease import LEASE, Lease
 
 from .shards import Shard, WorkUnit, open_filesystem
 
-MANIFEST_VERSION = 1
+# 2: unit ids include the input's identity (version 1 outputs are refused: pass --overwrite once)
+MANIFEST_VERSION = 2
 META = "_lakesum"
+INDEX = "committed.json"  # compacted commit markers
 SUCCESS = "_SUCCESS"
 # Stages hand over small batches (a few hundred rows); one row group per batch would make the files slow
 # to scan, so batches are gathered into row groups of up to this many rows or bytes.
@@ -52,30 +63,37 @@ _ATTEMPT = re.compile(r"[A-Za-z0-9_-]{1,64}")
 
 
 class OutputLocation:
-    def __init__(self, url: str, storage_options: dict | None = None):
+    def __init__(self, url: str, storage_options: dict | None = None, generation: int | None = None):
         self.url = redact_url(url)  # for messages
         self.fs, self.root = open_filesystem(url, storage_options, error=OutputError)
         # a local rename is atomic, so local files are written aside and renamed into place
         self.local = isinstance(self.fs, LocalFileSystem)
+        # the lease generation this location writes under (a replica's, given by its driver), or None when
+        # it writes without a lease (tests of the protocol itself)
+        self.generation = generation
+        self._lease: Lease | None = None
 
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
     # --- the run -------------------------------------------------------------------------------------
 
-    def prepare(self, settings: dict, *, units: Sequence[WorkUnit] = (), overwrite: bool = False,
-                partial: bool = False) -> None:
-        """Make the location ready for this run's settings and unit plan, or refuse.
+    def reconcile(self, settings: dict, *, units: Sequence[WorkUnit] = (), overwrite: bool = False,
+                  listed: set[str] | None = None, unreadable: set[str] = frozenset(),
+                  in_selection: Callable[[str], bool] | None = None,
+                  input_exists: Callable[[str], bool] | None = None) -> Changes:
+        """What this run will do to the output, or why it must not run; reads the output, changes nothing.
 
         - No manifest: a fresh output. Files already at the names this run would write are refused
           (they are not ours) unless `overwrite`.
-        - Same settings: resume. The plan may have grown (new input files) but every unit of the earlier
-          plan must still be in it unchanged, or its output would be left stale next to the new one.
-          With `partial` (a --partition-filter run), units of files outside this selection are kept.
-        - Other settings: refused with the differing keys, unless `overwrite`, which first deletes
-          exactly the files the old manifest names, `_SUCCESS` and `_lakesum/`, and nothing else.
-
-        Staging files and failure records of earlier runs are cleared in every case.
+        - Other settings: refused with the differing keys, unless `overwrite`, which replaces exactly the
+          files the old manifest names, `_SUCCESS` and `_lakesum/`.
+        - Same settings: the output is made to mirror the input as listed now. A unit's id includes its
+          input's identity, so earlier units that are not in this plan belong to a file that was rewritten
+          (it is still `listed`) or is gone: their outputs and markers are removed. A file the listing did
+          not show is removed only once `input_exists` confirms it is gone (a listing may be incomplete);
+          if it still exists its units are kept and reported as missed. Earlier units outside this run's
+          selection (`in_selection`, a partition filter) or of `unreadable` files are kept as they are.
         """
         settings = _json_round_trip(_redacted(settings))
         plan = [_unit_record(unit) for unit in units]
@@ -86,27 +104,108 @@ class OutputLocation:
             if not overwrite:
                 raise
             old = None  # unreadable and to be replaced: nothing to tell which files were ours
-        if old is None:
-            if not overwrite:
+        if old is None or overwrite:
+            if old is None and not overwrite:
                 self._refuse_foreign_files(plan)
+            return Changes(settings, plan, run=plan, fresh=True, previous=old)
+        self._check_same_settings(old["settings"], settings)
+        listed = {u["relative"] for u in plan} if listed is None else listed
+        current = {u["id"] for u in plan}
+        kept, replaced, unlisted = [], [], []
+        for unit in old["units"]:
+            relative = unit["relative"]
+            if unit["id"] in current:
+                continue
+            if relative in unreadable or (in_selection is not None and not in_selection(relative)):
+                kept.append(unit)
+            elif relative in listed:
+                replaced.append(unit)  # the file was rewritten: new identity or new row groups
+            else:
+                unlisted.append(unit)
+        exists = {relative: input_exists is None or input_exists(relative)
+                  for relative in {u["relative"] for u in unlisted}}
+        missed = [u for u in unlisted if exists[u["relative"]]]
+        gone = [u for u in unlisted if not exists[u["relative"]]]
+        committed = self.committed_units()
+        rewritten = {u["relative"] for u in replaced}
+        todo = [u for u in plan if u["id"] not in committed]
+        return Changes(settings, kept + missed + plan, skip=[u for u in plan if u["id"] in committed],
+                       run=[u for u in todo if u["relative"] not in rewritten],
+                       redo=[u for u in todo if u["relative"] in rewritten], remove=replaced + gone,
+                       missed=missed, generation=old.get("generation", 0))
+
+    def prepare(self, settings: dict, *, units: Sequence[WorkUnit] = (), overwrite: bool = False,
+                recorded: dict | None = None, **selection) -> Changes:
+        """Make the location ready for this run (see `reconcile`, which takes the same arguments), or refuse.
+
+        Outputs and markers of removed units go first and the manifest is written last, so a run killed
+        in between leaves the old manifest, and the next run removes the same units again. Staging files
+        and failure records of earlier runs are cleared in every case. `recorded` goes into the manifest
+        as it is, not compared with the next run's (the hub commit the model was loaded at).
+        """
+        changes = self.reconcile(settings, units=units, overwrite=overwrite, **selection)
+        if changes.fresh and changes.previous is not None:
+            self._delete_previous(changes.previous)
+        elif changes.fresh:
             self._remove_meta()
-        elif overwrite:
-            self._delete_previous(old)
         else:
-            self._check_same_settings(old["settings"], settings)
-            plan = self._resumable_plan(old["units"], plan, partial)
             self._remove_tree(self._path(META, "staging"))
             self._remove_tree(self._path(META, "failed"))
-            if plan == old["units"]:
-                self._remove_stale_success(plan)
-                return
+            self._remove_units(changes.remove, keep_outputs={u["output"] for u in changes.plan})
         self._put_json(self._path(META, "manifest.json"),
-                       {"lakesum": MANIFEST_VERSION, "settings": settings, "units": plan, "written_at": _now()})
-        self._remove_stale_success(plan)
+                       {"lakesum": MANIFEST_VERSION, "settings": changes.settings, "units": changes.plan,
+                        "generation": self.generation or changes.generation, "written_at": _now(),
+                        **_redacted(recorded or {})})
+        self._remove_stale_success(changes.plan)
+        return changes
+
+    def lease(self, timeout: float = DEFAULT_LEASE_TIMEOUT, note=lambda text: None) -> Lease:
+        """Take the output's lease (one writer at a time; see lease.py), or raise LeaseHeld.
+
+        This location then publishes only while the lease is still its generation's.
+        """
+        lease = Lease(self.fs, self._path(META), self.url, timeout)
+        try:
+            last = (self._read_manifest() or {}).get("generation", 0)
+        except OutputError:
+            last = 0
+        self.generation = lease.acquire(last, note)
+        self._lease = lease
+        return lease
+
+    def committed_files(self, settings: dict) -> dict[str, list[dict]]:
+        """Input file (relative) -> its unit records, for each file all of whose units committed under these same
+        settings: planning takes an unchanged file's units from here rather than read its footer again."""
+        try:
+            old = self._read_manifest()
+        except OutputError:
+            return {}
+        if old is None or old["settings"] != _json_round_trip(_redacted(settings)):
+            return {}
+        committed = self.committed_units()
+        by_file: dict[str, list[dict]] = {}
+        for unit in old["units"]:
+            by_file.setdefault(unit["relative"], []).append(unit)
+        return {relative: units for relative, units in by_file.items() if all(u["id"] in committed for u in units)}
 
     def committed_units(self) -> dict[str, dict]:
-        """Unit id -> its commit marker (num_rows, output, attempt, committed_at, range)."""
-        return self._read_records(self._path(META, "committed"))
+        """Unit id -> its commit marker (num_rows, output, input identity, attempt, generation, committed_at).
+
+        The markers that runs compacted into `committed.json`, plus those written since, one file a unit.
+        """
+        return {**self._read_index(), **self._read_records(self._path(META, "committed"))}
+
+    def compact_markers(self) -> None:
+        """Fold the one-file-a-unit markers into `committed.json`, so that a rerun reads a few files.
+
+        The index is written before the markers are deleted: a run killed in between leaves both, which
+        read back as the same set.
+        """
+        markers = self._read_records(self._path(META, "committed"))
+        if not markers:
+            return
+        self._write_index({**self._read_index(), **markers})
+        self._remove_files_quietly([self._path(META, "committed", f"{unit_id}.json") for unit_id in markers])
 
     def failed_units(self) -> dict[str, dict]:
         """Id -> failure record (relative, range, reason) of units and shards that failed in the latest run."""
@@ -119,6 +218,9 @@ class OutputLocation:
         Returns the row count. If `batches` raises, nothing is published. A unit must come out with as
         many rows as went in (no row is ever dropped); otherwise nothing is published either.
         """
+        if self._lease is None and self.generation is not None:
+            self._lease = Lease(self.fs, self._path(META), self.url)
+            self._lease.generation = self.generation
         if not _ATTEMPT.fullmatch(attempt):
             raise ValueError(f"attempt {attempt!r}: use 1-64 letters, digits, - or _")
         staging = self._path(META, "staging", f"{unit.id}.{attempt}.parquet")
@@ -128,6 +230,8 @@ class OutputLocation:
             if rows != unit.num_rows:
                 raise RuntimeError(f"{unit.shard.relative}: {rows} output rows for row groups {unit.start}-"
                                    f"{unit.stop}, which hold {unit.num_rows}; not committed")
+            if self._lease is not None:
+                self._lease.check()  # a run that lost its lease publishes nothing more
             self._makedirs_for(final)
             self.fs.mv(staging, final)
         except BaseException:
@@ -135,7 +239,8 @@ class OutputLocation:
             raise
         # the marker last: a unit counts as done only once its output is final
         self._put_json(self._path(META, "committed", f"{unit.id}.json"), {
-            **_unit_record(unit), "num_rows": rows, "attempt": attempt, "committed_at": _now()})
+            **_unit_record(unit), "num_rows": rows, "attempt": attempt, "generation": self.generation,
+            "committed_at": _now()})
         self._remove_file(self._path(META, "failed", f"{unit.id}.json"))
         return rows
 
@@ -144,6 +249,8 @@ class OutputLocation:
 
         Any failure record keeps `finish` from writing `_SUCCESS`.
         """
+        if self._lease is not None:
+            self._lease.check()  # a run that lost its lease must not fail units of the run that holds it
         if isinstance(unit, Shard):
             record = {"id": _shard_failure_id(unit), "relative": unit.relative}
         else:
@@ -152,13 +259,15 @@ class OutputLocation:
         self._put_json(self._path(META, "failed", f"{record['id']}.json"), record)
 
     def finish(self, report: dict) -> bool:
-        """Write the report, and `_SUCCESS` iff every planned unit committed and nothing failed.
+        """Compact the markers, write the report, and `_SUCCESS` iff every planned unit committed and nothing
+        failed.
 
         Returns whether it did. A `_SUCCESS` from an earlier run is removed when this one is incomplete.
         """
         manifest = self._read_manifest()
         if manifest is None:
             raise OutputError(f"{self.url}: no manifest; prepare() the output location first")
+        self.compact_markers()
         committed = self.committed_units()
         done = all(u["id"] in committed for u in manifest["units"]) and not self.failed_units()
         self.write_report({**report, "success": done})
@@ -196,30 +305,11 @@ class OutputLocation:
             raise OutputError(f"{self.url} was written with other settings ({'; '.join(differences)}); pass "
                               "--overwrite to replace its output, or choose another --output")
 
-    def _resumable_plan(self, old: list[dict], new: list[dict], partial: bool) -> list[dict]:
-        """The new plan, if it keeps every earlier unit unchanged (new input files may have been added).
-
-        With `partial` (a partition filter chose part of the input), earlier units of files outside the
-        selection stay in the plan as they are; files inside it must still be unchanged.
-        """
-        new_by_id = {u["id"]: u for u in new}
-        selected = {u["relative"] for u in new}
-        kept = [u for u in old if partial and u["relative"] not in selected]
-        changed = [u for u in old if new_by_id.get(u["id"]) != u and u not in kept]
-        if changed:
-            u = changed[0]
-            raise OutputError(
-                f"{self.url}: the input changed since this output was written: {len(changed)} unit(s) of the "
-                f"earlier run are gone or changed (e.g. {u['relative']}, row groups {u['start']}-{u['stop']}, "
-                f"{u['num_rows']} rows), and their output would be left stale; pass --overwrite to replace "
-                "the output, or choose another --output")
-        return kept + new  # kept: earlier partitions outside this run's selection
-
     def _delete_previous(self, old: dict) -> None:
         """Delete what the old manifest names, markers first, the manifest last (it lists the outputs)."""
         self._remove_file(self._path(SUCCESS))
         manifest = self._path(META, "manifest.json")
-        ours = [p for p in self._find(self._path(META)) if p != manifest]
+        ours = [p for p in self._meta_files() if p != manifest]
         self._remove_files(ours)
         if self.local:
             _remove_empty_folders(ours, self._path(META))
@@ -232,7 +322,43 @@ class OutputLocation:
     def _remove_meta(self) -> None:
         """Clear `_lakesum/` and `_SUCCESS` when there is no manifest: markers without one mean nothing."""
         self._remove_file(self._path(SUCCESS))
-        self._remove_tree(self._path(META))
+        files = self._meta_files()
+        self._remove_files(files)
+        if self.local:
+            _remove_empty_folders(files, self._path(META))
+
+    def _meta_files(self) -> list[str]:
+        """Every file under `_lakesum/` but the lease, which belongs to the run that holds it."""
+        lease = self._path(META, LEASE)
+        return [p for p in self._find(self._path(META)) if p != lease]
+
+    def _remove_units(self, units: list[dict], keep_outputs: set[str]) -> None:
+        """Remove earlier units: their markers, and their outputs unless this plan writes the same name (a
+        file rewritten with the same row groups, whose new output replaces the old one atomically)."""
+        if not units:
+            return
+        ids = {u["id"] for u in units}
+        index = self._read_index()
+        if ids & index.keys():
+            self._write_index({key: value for key, value in index.items() if key not in ids})
+        self._remove_files_quietly([self._path(META, "committed", f"{unit_id}.json") for unit_id in ids])
+        outputs = {_checked_relative(u["output"], self.url) for u in units} - keep_outputs
+        deleted = [self._path(relative) for relative in sorted(outputs)]
+        self._remove_files_quietly(deleted)
+        if self.local:
+            _remove_empty_folders(deleted, self.root)
+
+    def _read_index(self) -> dict[str, dict]:
+        try:
+            index = json.loads(self.fs.cat_file(self._path(META, INDEX)))
+        except FileNotFoundError:
+            return {}
+        except ValueError:
+            return {}  # written atomically; unreadable only if torn by a power loss: its units are done again
+        return index.get("units", {}) if isinstance(index, dict) else {}
+
+    def _write_index(self, units: dict[str, dict]) -> None:
+        self._put_json(self._path(META, INDEX), {"lakesum": MANIFEST_VERSION, "units": units})
 
     def _remove_stale_success(self, plan: list[dict]) -> None:
         committed = self.committed_units()
@@ -341,6 +467,14 @@ class OutputLocation:
         if paths:
             self.fs.rm(paths)
 
+    def _remove_files_quietly(self, paths: list[str]) -> None:
+        """Remove those of `paths` that exist (object stores delete in batches and ignore missing keys)."""
+        if not self.local:
+            self._remove_files(paths)
+            return
+        for path in paths:
+            self._remove_file(path)
+
     def _remove_tree(self, path: str) -> None:
         self.fs.invalidate_cache(path)
         try:
@@ -351,7 +485,26 @@ class OutputLocation:
 
 def _unit_record(unit: WorkUnit) -> dict:
     return {"id": unit.id, "relative": unit.shard.relative, "start": unit.start, "stop": unit.stop,
-            "num_rows": unit.num_rows, "output": unit.output_relative}
+            "num_rows": unit.num_rows, "output": unit.output_relative, "whole_file": unit.whole_file,
+            "input_identity": unit.identity}
+
+
+@dataclass
+class Changes:
+    """What a run does to its output, worked out before anything is touched (--dry-run prints it)."""
+    settings: dict
+    plan: list[dict]  # the manifest's units after this run: earlier ones kept, then this run's
+    skip: list[dict] = field(default_factory=list)  # this run's units already committed
+    run: list[dict] = field(default_factory=list)  # this run's units to summarize
+    redo: list[dict] = field(default_factory=list)  # ... again, because their input file was rewritten
+    remove: list[dict] = field(default_factory=list)  # earlier units of rewritten or deleted files
+    missed: list[dict] = field(default_factory=list)  # earlier units of files the listing missed: kept
+    fresh: bool = False  # no usable manifest: a new output, or --overwrite
+    previous: dict | None = None  # with --overwrite: the manifest whose files are replaced
+    generation: int = 0  # of the run that wrote the manifest
+
+    def todo(self) -> set[str]:
+        return {u["id"] for u in self.run + self.redo}
 
 
 def _shard_failure_id(shard: Shard) -> str:

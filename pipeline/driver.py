@@ -8,33 +8,50 @@ from __future__ import annotations
 
 import hashlib
 import json
+import posixpath
 import sys
 import time
 import uuid
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 from model import MT5ForConditionalGeneration, MT5Tokenizer
+from model.checkpoint import hub_commit
+
+from model.redact import redact_url
 
 from . import vocabulary
-from .commit import OutputLocation
+from .commit import DEFAULT_LEASE_TIMEOUT, Changes, OutputLocation
 from .errors import InputError
-from .partitions import parse_filter, select
+from .partitions import matches, parse_filter
 from .settings import SummarizeSettings
-from .shards import WorkUnit, check_columns, inspect_shards, list_shards, plan_units
+from .shards import (Shard, ShardReadError, WorkUnit, check_columns, inspect_shard, inspect_shards, known_units,
+                     list_shards, plan_units)
 from .stages import Stats
 
-# A unit whose replica dies this many times is recorded as failed (a poison unit that kills its process).
+# A unit whose replica dies this many times while running it alone is recorded as failed (a poison unit that
+# kills its process).
 MAX_ATTEMPTS = 3
+# Seconds without a newly summarized row after which a replica is killed and its units go out again
+# (--replica-timeout; 0: never). A window of rows takes seconds to minutes, even on a CPU.
+DEFAULT_REPLICA_TIMEOUT = 1800.0
+# Most seconds between two heartbeats to a busy replica.
+HEARTBEAT_SECONDS = 5.0
+# Files --dry-run names for each action.
+DRY_RUN_FILES = 20
 
 
 @dataclass
 class RunReport:
     units: int = 0
     skipped: int = 0  # committed by an earlier run
+    redone: int = 0  # summarized again: their input was rewritten
+    removed: int = 0  # earlier units of rewritten or deleted inputs, whose output was removed
     committed: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # shard relative path -> reason
-    retries: int = 0
+    retries: int = 0  # units handed out again after their replica died
+    storage_retries: int = 0  # reads and writes of committed units tried again after a transient storage error
+    hung_replicas: int = 0  # replicas killed for summarizing nothing for replica_timeout seconds
     stats: Stats = field(default_factory=Stats)
     seconds: float = 0.0
     success: bool = False
@@ -45,14 +62,14 @@ class RunReport:
         return out
 
 
-def model_fingerprint(source: str) -> dict:
+def model_fingerprint(source: str, revision: str | None = None) -> dict:
     """The model's identity for the manifest: a hash of the names and bytes of its checkpoint files.
 
     Content, not file times: a fresh download or cache copy on a new cluster has new mtimes and the same bytes,
     and must not be refused as another model, while a checkpoint rewritten in place with new weights must be
     (issue 12). Reading every byte costs about a second per GB, small beside summarizing with the model.
     """
-    directory = MT5ForConditionalGeneration.check_pretrained(source)
+    directory = MT5ForConditionalGeneration.check_pretrained(source, revision=revision)
     MT5Tokenizer.from_pretrained(directory)  # a missing or broken spiece.model fails here, before any work
     digest = hashlib.sha256()
     for path in sorted(directory.iterdir()):
@@ -61,7 +78,7 @@ def model_fingerprint(source: str) -> dict:
             with open(path, "rb") as f:
                 while chunk := f.read(1 << 24):
                     digest.update(chunk)
-    return {"model": source, "model_hash": digest.hexdigest()[:32]}
+    return {"model": source, "model_hash": digest.hexdigest()[:32], "model_revision": hub_commit(directory)}
 
 
 class EventLog:
@@ -83,13 +100,14 @@ class Progress:
         self.total_units, self.total_rows, self.every, self.log = total_units, total_rows, every, log
         self.start = self.last = time.monotonic()
 
-    def maybe_print(self, report: RunReport, force: bool = False) -> None:
+    def maybe_print(self, report: RunReport, force: bool = False, rows_in_flight: int = 0) -> None:
+        """`rows_in_flight`: rows summarized by units not committed yet, as the replicas' heartbeats tell."""
         now = time.monotonic()
         if not force and now - self.last < self.every:
             return
         self.last = now
         elapsed = max(now - self.start, 1e-9)
-        rows = report.stats.rows
+        rows = report.stats.rows + rows_in_flight
         rate = rows / elapsed
         eta = (self.total_rows - rows) / rate if rate > 0 else float("inf")
         tokens_per_second = report.stats.output_tokens / elapsed
@@ -108,84 +126,199 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-def plan(settings: SummarizeSettings, input_url, output_url: str, storage_options: dict | None,
-         partition_filter: str | None = None):
-    """Everything checked before the cluster does any work: shards, columns, model, output settings."""
-    fs, shards = list_shards(input_url, storage_options)
-    if partition_filter:
-        shards = select(shards, parse_filter(partition_filter))
-        if not shards:
-            raise InputError(f"no shard under {_input_names(input_url)} matches --partition-filter {partition_filter!r}")
-    infos, unreadable = inspect_shards(fs, shards)
-    for info in infos:
-        check_columns(info, settings.text_column, settings.id_column)
-    identity = model_fingerprint(settings.model)
+@dataclass
+class Plan:
+    """What the input holds now, and what the run writes: everything checked before the cluster works."""
+    units: list[WorkUnit]
+    schemas: dict  # shard path -> Arrow schema
+    unreadable: list[ShardReadError]
+    manifest: dict  # the settings that decide the output, with the model's and vocabulary's identities
+    selection: dict  # OutputLocation.reconcile's view of the listing (listed, unreadable, in_selection, input_exists)
+    revision: str | None  # the hub commit every replica loads (None unless --model is a hub id)
+    fs: object  # the input's filesystem
+
+
+def plan(settings: SummarizeSettings, input_url, storage_options: dict | None,
+         partition_filter: str | None = None, location: OutputLocation | None = None) -> Plan:
+    """Shards, columns, model, units: everything that can make the whole job wrong fails here, before any work.
+
+    Given the output `location`, files whose every unit an earlier run with these settings committed, and
+    which are unchanged, take their units from its manifest instead of having their footers parsed.
+    """
+    conditions = parse_filter(partition_filter) if partition_filter else None
+    fs, shards = list_shards(input_url, storage_options, conditions)
+    if not shards:
+        raise InputError(f"no shard under {_redacted_names(input_url)} matches --partition-filter "
+                         f"{partition_filter!r}")
+    identity = model_fingerprint(settings.model, settings.revision)
+    # Recorded, not compared: a new commit of the same weights is the same model (model_hash decides).
+    revision = identity.pop("model_revision")
     if settings.output_vocabulary:  # read now: a missing file fails here, before any replica starts
         sample = vocabulary.read_sample(settings.output_vocabulary, storage_options)
         identity["output_vocabulary_hash"] = vocabulary.fingerprint(sample)
-    units = plan_units(infos, settings.rows_per_unit)
-    schemas = {info.shard.path: info.schema for info in infos}
     manifest = {**settings.output_affecting(), **identity, "input": _input_names(input_url)}
-    return units, schemas, unreadable, manifest
+    committed = location.committed_files(manifest) if location is not None else {}
+    known, changed = [], []
+    for shard in shards:
+        units = known_units(fs, shard, committed[shard.relative]) if shard.relative in committed else None
+        if units is None:
+            changed.append(shard)
+        else:
+            known.extend(units)
+    infos, unreadable = inspect_shards(fs, changed)
+    for info in infos:
+        check_columns(info, settings.text_column, settings.id_column)
+    units = plan_units(infos, settings.rows_per_unit, known)
+    schemas = {info.shard.path: info.schema for info in infos}  # known units are committed: never dispatched
+    root = _root(shards[0])
+    selection = dict(listed={s.relative for s in shards}, unreadable={e.shard.relative for e in unreadable},
+                     in_selection=(lambda relative: matches(relative, conditions)) if conditions else None,
+                     # asked of the store directly (a HEAD on object stores) before an output is deleted
+                     input_exists=lambda relative: fs.exists(posixpath.join(root, relative) if root else relative))
+    return Plan(units, schemas, unreadable, manifest, selection, revision, fs)
+
+
+def _root(shard: Shard) -> str:
+    """The input root that shard paths are relative to."""
+    return shard.path[: len(shard.path) - len(shard.relative)].rstrip("/")
 
 
 def _input_names(input_url) -> list[str]:
     return [input_url] if isinstance(input_url, str) else list(input_url)
 
 
+def _redacted_names(input_url) -> str:
+    return ", ".join(redact_url(url) for url in _input_names(input_url))
+
+
 def run(settings: SummarizeSettings, input_url, output_url: str, *, replicas: int, overwrite: bool = False,
         storage_options: dict | None = None, cpus_per_replica: int = 1, progress_every: float = 10.0,
-        partition_filter: str | None = None, out=sys.stderr, json_logs: bool = False) -> RunReport:
-    """Summarize every shard under input_url into output_url. The caller owns ray.init()."""
+        partition_filter: str | None = None, out=sys.stderr, json_logs: bool = False, dry_run: bool = False,
+        lease_timeout: float = DEFAULT_LEASE_TIMEOUT, replica_timeout: float = DEFAULT_REPLICA_TIMEOUT) -> RunReport:
+    """Summarize every shard under input_url into output_url. The caller owns ray.init().
+
+    With `dry_run`, print what the run would do and return without touching the output or starting replicas.
+    """
     import ray
 
     log = EventLog(out, json_logs)
     start = time.monotonic()
-    units, schemas, unreadable, manifest = plan(settings, input_url, output_url, storage_options, partition_filter)
     location = OutputLocation(output_url, storage_options)
-    location.prepare(manifest, units=units, overwrite=overwrite, partial=bool(partition_filter))
-    report = RunReport(units=len(units))
-    for error in unreadable:
-        report.failed[error.shard.relative] = error.reason
-        location.record_failure(error.shard, error.reason)
-    committed = location.committed_units()
-    todo = deque(u for u in units if u.id not in committed)
-    report.skipped = len(units) - len(todo)
-    report.committed = report.skipped
-    progress = Progress(len(units), sum(u.num_rows for u in units), progress_every, log)
-    if report.skipped:
-        log("resume", f"resuming: {report.skipped} of {len(units)} units already committed",
-            committed=report.skipped, units=len(units))
+    work = plan(settings, input_url, storage_options, partition_filter, location)
+    if dry_run:
+        changes = location.reconcile(work.manifest, units=work.units, overwrite=overwrite, **work.selection)
+        _print_plan(changes, work, out)
+        return RunReport(units=len(work.units), skipped=len(changes.skip), success=True)
+    # One writer at a time: the lease is taken before the output is touched and renewed while the run works.
+    lease = location.lease(lease_timeout, note=lambda text: log("lease", text))
+    lease.start_heartbeat()
+    try:
+        changes = location.prepare(work.manifest, units=work.units, overwrite=overwrite,
+                                   recorded={"model_revision": work.revision}, **work.selection)
+        report = RunReport(units=len(work.units), redone=len(changes.redo), removed=len(changes.remove))
+        if changes.remove:
+            files = sorted({u["relative"] for u in changes.remove})
+            log("removed", f"removed the output of {len(changes.remove)} unit(s) of {len(files)} rewritten or deleted "
+                f"file(s), e.g. {files[0]}", units=len(changes.remove), files=len(files))
+        for error in work.unreadable:
+            report.failed[error.shard.relative] = error.reason
+            location.record_failure(error.shard, error.reason)
+        for relative in sorted({u["relative"] for u in changes.missed}):
+            reason = ("the input listing left it out, yet it exists: the listing was incomplete, so its earlier "
+                      "output is kept as it was; run again")
+            report.failed[relative] = reason
+            location.record_failure(Shard(relative, relative, "parquet", 0), reason)
+        todo = deque(u for u in work.units if u.id in changes.todo())
+        for unit in todo:  # a known unit whose marker went since planning (rare): its footer is read now
+            if unit.shard.path not in work.schemas:
+                work.schemas[unit.shard.path] = inspect_shard(work.fs, unit.shard).schema
+        report.skipped = len(work.units) - len(todo)
+        report.committed = report.skipped
+        progress = Progress(len(work.units), sum(u.num_rows for u in work.units), progress_every, log)
+        if report.skipped:
+            log("resume", f"resuming: {report.skipped} of {len(work.units)} units already committed",
+                committed=report.skipped, units=len(work.units))
 
-    if todo:
-        actors = _start_replicas(ray, settings, input_url, output_url, storage_options,
-                                 min(replicas, len(todo)), cpus_per_replica)
-        _dispatch(ray, actors, todo, schemas, location, report, progress)
-    for relative, reason in report.failed.items():
-        log("failed", f"FAILED {relative}: {reason}", shard=relative, reason=reason)
-    report.seconds = time.monotonic() - start
-    report.success = location.finish({**report.to_dict(), "settings": manifest}) and not unreadable
+        if todo:
+            # every replica loads the commit the driver fingerprinted, even if the branch moves meanwhile
+            pinned = replace(settings, revision=work.revision) if work.revision else settings
+            actors = _start_replicas(ray, pinned, input_url, output_url, storage_options,
+                                     min(replicas, len(todo)), cpus_per_replica, location.generation)
+            _dispatch(ray, actors, todo, work.schemas, location, report, progress, replica_timeout)
+        lease.check()  # a run that lost its lease leaves the report and _SUCCESS to the run that holds it
+        for relative, reason in report.failed.items():
+            log("failed", f"FAILED {relative}: {reason}", shard=relative, reason=reason)
+        report.seconds = time.monotonic() - start
+        report.success = location.finish({**report.to_dict(), "settings": work.manifest}) and not report.failed
+    finally:
+        lease.release()
     progress.maybe_print(report, force=True)
     _print_summary(report, out)
     return report
 
 
-def _start_replicas(ray, settings, input_url, output_url, storage_options, count: int, cpus_per_replica: int):
-    from .replica import UNITS_PER_REPLICA, Replica
+def _print_plan(changes: Changes, work: Plan, out) -> None:
+    """--dry-run's answer: units and rows per action, the first few files of each, and one JSON line."""
+    rows = lambda units: sum(u["num_rows"] for u in units)  # noqa: E731
+    kept = [u for u in changes.plan if u["id"] not in {w.id for w in work.units}]
+    actions = [("run", changes.run, "new input"), ("redo", changes.redo, "input rewritten since it was summarized"),
+               ("skip", changes.skip, "committed by an earlier run"),
+               ("remove", changes.remove, "outputs of rewritten or deleted files"),
+               ("keep", kept, "earlier output outside this selection, or of files unreadable or missed now")]
+    print("[lakesum] dry run: nothing was written", file=out)
+    for name, units, meaning in actions:
+        print(f"  {name:<7}{len(units):>9,} units {rows(units):>13,} rows   {meaning}", file=out)
+        for relative in sorted({u["relative"] for u in units})[:DRY_RUN_FILES] if name != "skip" else ():
+            print(f"           {relative}", file=out)
+    for error in work.unreadable:
+        print(f"  unreadable: {error.shard.relative}: {error.reason}", file=out)
+    print(json.dumps({"lakesum": "dry-run", **{name: {"units": len(units), "rows": rows(units)}
+                                                for name, units, _ in actions},
+                      "unreadable": len(work.unreadable), "fresh_output": changes.fresh}), file=out, flush=True)
+
+
+def _start_replicas(ray, settings, input_url, output_url, storage_options, count: int, cpus_per_replica: int,
+                    generation: int | None = None):
+    from .replica import HEARTBEAT_GROUP, UNITS_PER_REPLICA, Replica
 
     gpus = ray.cluster_resources().get("GPU", 0)
     resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": cpus_per_replica}
-    actor = ray.remote(Replica).options(max_restarts=-1, max_task_retries=0, max_concurrency=UNITS_PER_REPLICA,
-                                        **resources)
-    return [actor.remote(settings, input_url, output_url, storage_options, cpus_per_replica) for _ in range(count)]
+    # units run in the default group's threads; heartbeats in a thread of their own, answered while units run
+    actor = ray.remote(concurrency_groups={HEARTBEAT_GROUP: 1})(Replica).options(
+        max_restarts=-1, max_task_retries=0, max_concurrency=UNITS_PER_REPLICA, **resources)
+    return [actor.remote(settings, input_url, output_url, storage_options, cpus_per_replica, generation)
+            for _ in range(count)]
 
 
-def _dispatch(ray, actors, todo: deque, schemas, location: OutputLocation, report: RunReport, progress):
-    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+@dataclass
+class _Flight:
+    """A unit handed to a replica, and its last sign of progress."""
+    unit: WorkUnit
+    replica: int
+    life: int  # how many times its replica had died when the unit was handed to it
+    attempt: str
+    rows: int = 0  # summarized so far, as the replica's last heartbeat told
+    # when rows last grew, or the replica first answered a heartbeat while holding the unit (before that, it may
+    # still be loading its model: that too gets replica_timeout), or the unit was handed out
+    progressed: float = field(default_factory=time.monotonic)
+    answered: bool = False  # the replica has answered a heartbeat since the unit was handed to it
+    crowded: bool = False  # its replica died while running it beside other units
 
-    from .replica import UNITS_PER_REPLICA
+
+def _dispatch(ray, actors, todo: deque, schemas, location: OutputLocation, report: RunReport, progress,
+              replica_timeout: float = DEFAULT_REPLICA_TIMEOUT):
+    """Hand out units until each one committed or failed.
+
+    Whatever ends a replica (its process killed, its node lost, Ray's memory monitor, or the driver itself after
+    replica_timeout seconds without a summarized row) is a retry: Ray restarts the replica and its units go out
+    again. Which unit killed it is unknown while others ran beside it, so those units become suspects, and a
+    suspect runs alone on a replica. Only a death while a unit runs alone counts against its MAX_ATTEMPTS: a
+    poison unit fails alone, and the innocent units beside it commit.
+    """
+    from ray.exceptions import ActorUnavailableError, RayError, RayTaskError
 
     from .metrics import PipelineMetrics
+    from .replica import HEARTBEAT_GROUP, UNITS_PER_REPLICA
 
     metrics = PipelineMetrics()
 
@@ -194,62 +327,160 @@ def _dispatch(ray, actors, todo: deque, schemas, location: OutputLocation, repor
         location.record_failure(unit, reason)
         metrics.unit_failures.inc()
 
-    attempts: dict[str, int] = {}
-    in_flight: dict = {}  # ObjectRef -> (unit, actor index)
+    replicas = range(len(actors))
+    deaths: dict[str, int] = {}  # unit id -> deaths of its replica while it ran alone
+    suspects: deque[WorkUnit] = deque()  # in flight beside others on a replica that died: each runs alone next
+    in_flight: dict = {}  # ObjectRef of a process() call -> _Flight
     load = [0] * len(actors)
+    life = [0] * len(actors)  # deaths of each replica so far
+    alone: set[int] = set()  # replicas running a suspect, and nothing beside it
+    draining: set[int] = set()  # a replica taking no new unit until it is idle and takes a suspect
     # A replica whose process or node died gets no units until it answers a ping: while Ray restarts it
     # (or waits for room to), calls to it fail at once, and each would cost a unit one of its attempts.
     down: set[int] = set()
     gone: dict[int, str] = {}  # replicas that cannot come back (their restart failed) -> why
-    pings: dict = {}  # ObjectRef of a where() call -> actor index
-    while todo or in_flight:
-        for index, actor in enumerate(actors):
-            while index not in down and load[index] < UNITS_PER_REPLICA and todo:
-                unit: WorkUnit = todo.popleft()
-                attempts[unit.id] = attempts.get(unit.id, 0) + 1
-                ref = actor.process.remote(unit, schemas[unit.shard.path], uuid.uuid4().hex[:12])
-                in_flight[ref] = (unit, index)
-                load[index] += 1
+    pings: dict = {}  # ObjectRef of a where() call -> replica
+    restarting: dict[int, float] = {}  # replica -> when it died (it is back once a ping answers)
+    beats: dict = {}  # ObjectRef of a heartbeat() call -> (replica, its life when asked)
+    last_beat = [0.0] * len(actors)
+    killed: dict[tuple[int, int], str] = {}  # (replica, life) killed for making no progress -> why
+    # seconds between heartbeats: often enough for the progress line, and to notice a hung replica in time
+    interval = max(0.1, min(progress.every, HEARTBEAT_SECONDS, replica_timeout / 4 if replica_timeout else 1e9))
+
+    def send(index: int, unit: WorkUnit) -> None:
+        attempt = uuid.uuid4().hex[:12]
+        ref = actors[index].process.remote(unit, schemas[unit.shard.path], attempt)
+        in_flight[ref] = _Flight(unit, index, life[index], attempt)
+        load[index] += 1
+
+    def hand_out() -> None:
+        if not suspects:
+            draining.clear()
+        for index in replicas:
+            if index in down or index in alone:
+                continue
+            if suspects and load[index] == 0:
+                send(index, suspects.popleft())
+                alone.add(index)
+                draining.discard(index)
+            elif index not in draining:
+                while load[index] < UNITS_PER_REPLICA and todo:
+                    send(index, todo.popleft())
+        if suspects and not alone and not draining:  # every replica is busy: the least busy one drains for them
+            up = [i for i in replicas if i not in down]
+            if up:
+                draining.add(min(up, key=load.__getitem__))
+
+    def died(flight: _Flight, err: RayError) -> None:
+        index, unit = flight.replica, flight.unit
+        if flight.life == life[index]:  # the first of this death's units to report it
+            life[index] += 1
+            down.add(index)
+            alone.discard(index)
+            draining.discard(index)
+            pings[_ping(actors[index])] = index
+            restarting[index] = time.monotonic()
+            beside = [f for f in in_flight.values() if f.replica == index and f.life == flight.life]
+            for f in [flight, *beside]:
+                f.crowded = bool(beside)
+        cause = killed.get((index, flight.life)) or type(err).__name__
+        if not flight.crowded:
+            deaths[unit.id] = deaths.get(unit.id, 0) + 1
+            if deaths[unit.id] >= MAX_ATTEMPTS:
+                fail(unit, f"its replica died {MAX_ATTEMPTS} times while running it alone (last: {cause})")
+                return
+        suspects.append(unit)
+        report.retries += 1
+        metrics.unit_retries.inc()
+
+    def heard(index: int, rows: dict[str, int], now: float) -> None:
+        for flight in in_flight.values():
+            if flight.replica == index and flight.life == life[index]:
+                done = rows.get(flight.attempt, flight.rows)
+                if not flight.answered or done > flight.rows:
+                    flight.rows, flight.progressed, flight.answered = done, now, True
+
+    def listen(now: float) -> None:
+        """Heartbeats to busy replicas. With a replica_timeout, a replica holding a unit that summarized nothing
+        for that long is killed, and one not back that long after its death is given up."""
+        beating = {index for index, _ in beats.values()}
+        for index in replicas:
+            if load[index] and index not in down and index not in beating and now - last_beat[index] >= interval:
+                beats[actors[index].heartbeat.options(concurrency_group=HEARTBEAT_GROUP).remote()] = index, life[index]
+                last_beat[index] = now
+        if not replica_timeout:
+            return
+        for index, since in list(restarting.items()):
+            if now - since >= replica_timeout:  # its constructor hangs, or there is no room for it
+                del restarting[index]
+                gone[index] = f"replica {index} was not back {replica_timeout:g} s after it died"
+                for ref in [ref for ref, i in pings.items() if i == index]:
+                    del pings[ref]
+                progress.log("gone", f"{gone[index]}: given up", replica=index, seconds=replica_timeout)
+                ray.kill(actors[index], no_restart=True)
+        for flight in list(in_flight.values()):
+            index = flight.replica
+            if (now - flight.progressed < replica_timeout or index in down or flight.life != life[index]
+                    or (index, flight.life) in killed):
+                continue
+            why = f"no row summarized for {replica_timeout:g} s"
+            killed[(index, flight.life)] = why
+            report.hung_replicas += 1
+            metrics.hung_replicas.inc()
+            progress.log("hung", f"replica {index}: {why} (of {_name(flight.unit)}): killed, its units go out again",
+                         replica=index, shard=flight.unit.shard.relative, seconds=replica_timeout)
+            ray.kill(actors[index], no_restart=False)  # Ray restarts it; its calls fail, and died() requeues them
+
+    while todo or suspects or in_flight:
+        hand_out()
         if not in_flight and not pings:  # every replica is gone for good
             reason = f"no replica left: {next(iter(gone.values()))}"
-            for unit in todo:
+            for unit in [*todo, *suspects]:
                 fail(unit, reason)
             todo.clear()
+            suspects.clear()
             break
-        ready, _ = ray.wait([*in_flight, *pings], num_returns=1, timeout=progress.every)
+        ready, _ = ray.wait([*in_flight, *pings, *beats], num_returns=1, timeout=interval)
+        now = time.monotonic()
         for ref in ready:
+            if ref in beats:
+                index, asked = beats.pop(ref)
+                try:
+                    rows = ray.get(ref)
+                except RayError:
+                    continue  # the replica died: its units' calls say so
+                if asked == life[index]:
+                    heard(index, rows, now)
+                continue
             if ref in pings:
                 index = pings.pop(ref)
                 try:
                     ray.get(ref)
                     down.discard(index)  # restarted, model loaded: back in rotation
+                    restarting.pop(index, None)
                 except ActorUnavailableError:
                     pings[_ping(actors[index])] = index  # still restarting
-                except RayActorError as err:
+                except RayError as err:  # it cannot come back: its constructor failed, or Ray gave it up
                     gone[index] = _reason(err)
+                    restarting.pop(index, None)
                 continue
-            unit, index = in_flight.pop(ref)
-            load[index] -= 1
+            flight = in_flight.pop(ref)
+            load[flight.replica] -= 1
+            if not load[flight.replica]:
+                alone.discard(flight.replica)
             try:
                 result = ray.get(ref)
-            except (ActorDiedError, ActorUnavailableError, RayActorError) as err:
-                # The replica's process or node died: Ray restarts the actor; the unit goes out again.
-                if index not in down:
-                    down.add(index)
-                    pings[_ping(actors[index])] = index
-                if attempts[unit.id] < MAX_ATTEMPTS:
-                    report.retries += 1
-                    metrics.unit_retries.inc()
-                    todo.appendleft(unit)
-                else:
-                    fail(unit, f"its replica died {MAX_ATTEMPTS} times ({type(err).__name__})")
+            except RayTaskError as err:  # the unit's own error (its data, its storage): a retry would fail the same
+                fail(flight.unit, _reason(err))
                 continue
-            except RayTaskError as err:
-                fail(unit, _reason(err))
+            except RayError as err:  # its replica died (killed, its node lost, out of memory, hung)
+                died(flight, err)
                 continue
             report.committed += 1
+            report.storage_retries += result.get("storage_retries", 0)
             report.stats.add(Stats(**{k: result[k] for k in Stats.__dataclass_fields__}))
-        progress.maybe_print(report)
+        listen(now)
+        progress.maybe_print(report, rows_in_flight=sum(f.rows for f in in_flight.values()))
 
 
 def _ping(actor):
@@ -271,6 +502,7 @@ def _print_summary(report: RunReport, out) -> None:
     rate = s.rows / report.seconds if report.seconds else 0.0
     print(json.dumps({"lakesum": "done" if report.success else "incomplete", "units": report.units,
                       "committed": report.committed, "skipped": report.skipped, "failed": len(report.failed),
-                      "retries": report.retries, "documents": s.rows, "empty": s.empty, "truncated": s.truncated,
-                      "generated_tokens": s.output_tokens, "seconds": round(report.seconds, 2),
-                      "docs_per_second": round(rate, 2)}), file=out, flush=True)
+                      "retries": report.retries, "storage_retries": report.storage_retries,
+                      "hung_replicas": report.hung_replicas, "documents": s.rows, "empty": s.empty,
+                      "truncated": s.truncated, "generated_tokens": s.output_tokens,
+                      "seconds": round(report.seconds, 2), "docs_per_second": round(rate, 2)}), file=out, flush=True)

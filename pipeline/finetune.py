@@ -13,8 +13,9 @@ from pathlib import Path
 
 from model import MT5ForConditionalGeneration, MT5Tokenizer
 
+from .errors import OutputError
 from .settings import SummarizeSettings
-from .train import TRAIN_LOG, FinetuneSettings, load_examples
+from .train import TRAIN_LOG, FinetuneSettings, TrainingError, check_resume, latest_checkpoint, load_examples
 
 
 def inference_settings(settings: FinetuneSettings, on_gpu: bool) -> SummarizeSettings:
@@ -30,7 +31,9 @@ def inference_settings(settings: FinetuneSettings, on_gpu: bool) -> SummarizeSet
 
 def finetune(settings: FinetuneSettings, *, replicas: int, resume: bool = False, cpus_per_replica: int = 1,
              out=sys.stderr) -> dict:
-    """Train, save the final model, evaluate. The caller owns ray.init()."""
+    """Train, save the final model, evaluate. The caller owns ray.init(). Raises InputError / ModelLoadError /
+    OutputError (a --resume that would not continue the checkpoint's run) before any replica starts, and
+    TrainingError when training diverges."""
     import ray
 
     from .driver import _start_replicas
@@ -41,25 +44,36 @@ def finetune(settings: FinetuneSettings, *, replicas: int, resume: bool = False,
     train_rows = len(load_examples(settings.train, settings.text_column, settings.summary_column))
     evaluation = (load_examples(settings.eval, settings.text_column, settings.summary_column)
                   if settings.eval else None)
-    on_gpu = bool(ray.cluster_resources().get("GPU", 0))
     output = Path(settings.output_model)
+    if resume and (checkpoint := latest_checkpoint(output)) is not None:
+        check_resume(checkpoint, settings, replicas)
+    on_gpu = bool(ray.cluster_resources().get("GPU", 0))
     output.mkdir(parents=True, exist_ok=True)
 
     start = time.monotonic()
     actors = _start_replicas(ray, inference_settings(settings, on_gpu), settings.train, str(output), None,
                              replicas, cpus_per_replica)
-    address, port = ray.get(actors[0].train_address.remote())
-    pending = [actor.train.remote(settings, rank, len(actors), address, port, resume)
-               for rank, actor in enumerate(actors)]
-    _follow_log(ray, pending, output / TRAIN_LOG, out)
-    results = ray.get(pending)
-    report = {"train_rows": train_rows, "replicas": len(actors), "seconds": round(time.monotonic() - start, 2),
-              **results[0], "settings": dataclasses.asdict(settings)}
-    if evaluation:
-        report["eval"] = evaluate(ray, actors, evaluation, output)
-    print(json.dumps({k: v for k, v in report.items() if k != "settings"}), file=out, flush=True)
-    for actor in actors:
-        ray.kill(actor)
+    try:
+        address, port = ray.get(actors[0].train_address.remote())
+        pending = [actor.train.remote(settings, rank, len(actors), address, port, resume)
+                   for rank, actor in enumerate(actors)]
+        _follow_log(ray, pending, output / TRAIN_LOG, out)
+        try:
+            results = ray.get(pending)
+        except ray.exceptions.RayTaskError as err:
+            # Every replica raises the same TrainingError (they decide from all-reduced flags): the caller gets
+            # its message, not a remote traceback.
+            if isinstance(err.cause, (TrainingError, OutputError)):
+                raise err.cause from None
+            raise
+        report = {"train_rows": train_rows, "replicas": len(actors), "seconds": round(time.monotonic() - start, 2),
+                  **results[0], "settings": dataclasses.asdict(settings)}
+        if evaluation:
+            report["eval"] = evaluate(ray, actors, evaluation, output)
+        print(json.dumps({k: v for k, v in report.items() if k != "settings"}), file=out, flush=True)
+    finally:  # a failed run must not leave replicas holding the cluster's CPUs or GPUs
+        for actor in actors:
+            ray.kill(actor)
     return report
 
 
@@ -94,7 +108,9 @@ def _follow_log(ray, pending, log: Path, out) -> None:
                 except json.JSONDecodeError:
                     record = None  # a line being written
                 if record:
-                    line = (f"[finetune] step {record['step']}  loss {record['loss']:.4f}  lr {record['lr']:.2e}  "
+                    loss = ("skipped: loss or gradient not finite" if record.get("skipped")
+                            else f"loss {record['loss']:.4f}")
+                    line = (f"[finetune] step {record['step']}  {loss}  lr {record['lr']:.2e}  "
                             f"{record['tokens_per_second']:.0f} tokens/s")
                     print(line, end="\r" if tty else "\n", file=out, flush=True)
         if len(done) == len(pending):

@@ -1,5 +1,7 @@
 """--partition-filter: choose shards by their Hive partition folders (`date=2026-11-01/`), for scheduled runs.
 
+The listing itself is pruned: a folder whose key=value fails a condition is never listed.
+
 A filter is conditions joined by commas, all of which must hold: `date>=2026-11-01,lang=en`. Operators:
 = == != < <= > >=. Values compare as numbers when both sides are numbers, else as strings (ISO dates
 order correctly as strings). A shard whose path lacks a filtered key does not match.
@@ -50,5 +52,17 @@ def partitions_of(relative: str) -> dict[str, str]:
     return dict(part.split("=", 1) for part in relative.split("/")[:-1] if "=" in part)
 
 
-def select(shards, conditions: list[Condition]):
-    return [s for s in shards if all(c.holds(partitions_of(s.relative)) for c in conditions)]
+def matches(relative: str, conditions: list[Condition]) -> bool:
+    """Whether a shard's relative path is in the selection."""
+    partitions = partitions_of(relative)
+    return all(c.holds(partitions) for c in conditions)
+
+
+def may_hold_matches(folder: str, conditions: list[Condition]) -> bool:
+    """Whether a folder (relative, "/"-separated) may hold matching shards: no condition on its keys fails.
+
+    Keys that appear only deeper are not decided yet, so the listing descends; this is what lets
+    `date=2026-11-01` be listed without listing the other 10,000 days.
+    """
+    partitions = partitions_of(folder + "/")
+    return all(c.holds(partitions) for c in conditions if c.key in partitions)

@@ -1,7 +1,9 @@
 """The replica: a Ray actor holding one model replica, pinned to a GPU or to CPU cores.
 
 It summarizes work units end to end (read -> stages -> commit) and runs two units at a time, so that
-one unit's reading and writing overlap the other's inference on the shared model thread.
+one unit's reading and writing overlap the other's inference on the shared model thread. A transient storage
+error is retried here with backoff (pipeline/retry.py), without summarizing anything twice; the rows each unit
+has summarized so far answer the driver's heartbeat, from a thread of its own.
 """
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import dataclasses
 import os
 import socket
 import time
+from collections.abc import Iterable, Iterator
 
 import pyarrow as pa
 import torch
@@ -21,12 +24,15 @@ from model.vocabulary import restrict_vocabulary
 from . import vocabulary
 from .commit import OutputLocation
 from .metrics import PipelineMetrics
+from .retry import Replayable, is_transient, read_resuming, with_retries
 from .settings import SummarizeSettings
-from .shards import WorkUnit, open_filesystem, read_unit
+from .shards import WorkUnit, open_filesystem
 from .stages import Stats, Summarizer, output_schema
 
 # Units a replica runs at once: two keep the model busy across unit boundaries.
 UNITS_PER_REPLICA = 2
+# The concurrency group of Replica.heartbeat: a thread of its own, so that it answers while units keep the others.
+HEARTBEAT_GROUP = "heartbeat"
 
 
 def load_model(settings: SummarizeSettings, device: str, storage_options: dict | None = None):
@@ -34,8 +40,9 @@ def load_model(settings: SummarizeSettings, device: str, storage_options: dict |
     dtype = settings.dtype
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    model = MT5ForConditionalGeneration.from_pretrained(settings.model, dtype=dtype, device=device)
-    tokenizer = MT5Tokenizer.from_pretrained(settings.model)
+    model = MT5ForConditionalGeneration.from_pretrained(settings.model, dtype=dtype, device=device,
+                                                        revision=settings.revision)
+    tokenizer = MT5Tokenizer.from_pretrained(settings.model, revision=settings.revision)
     if settings.output_vocabulary:
         sample = vocabulary.read_sample(settings.output_vocabulary, storage_options)
         restrict_vocabulary(model, vocabulary.kept_ids(tokenizer, sample))
@@ -47,7 +54,7 @@ def load_model(settings: SummarizeSettings, device: str, storage_options: dict |
 
 class Replica:
     def __init__(self, settings: SummarizeSettings, input_url: str, output_url: str,
-                 storage_options: dict | None, cpu_threads: int):
+                 storage_options: dict | None, cpu_threads: int, generation: int | None = None):
         import ray  # the actor runs inside Ray; the module stays importable without a cluster
 
         gpus = ray.get_gpu_ids()
@@ -57,23 +64,47 @@ class Replica:
         model, tokenizer = load_model(settings, self.device, storage_options)
         self.summarizer = Summarizer(model, tokenizer, settings)
         self.fs, _ = open_filesystem(input_url, storage_options)
-        self.location = OutputLocation(output_url, storage_options)
+        # the run's lease generation: a unit of a run that lost its lease is never published
+        self.location = OutputLocation(output_url, storage_options, generation=generation)
         self.text_column = settings.text_column
         self.metrics = PipelineMetrics()
+        self.rows_done: dict[str, int] = {}  # attempt -> rows summarized so far, for each unit in flight
 
     def where(self) -> dict:
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": self.device}
 
+    def heartbeat(self) -> dict[str, int]:
+        """Rows summarized so far by each unit in flight, by attempt. The driver calls it in HEARTBEAT_GROUP: rows
+        that stop growing mean a hung replica, and its progress line counts them before their unit commits."""
+        return self.rows_done.copy()  # one C call: atomic beside the unit threads that update it
+
     def process(self, unit: WorkUnit, schema: pa.Schema, attempt: str) -> dict:
-        """Summarize one unit and commit it; returns its statistics."""
+        """Summarize one unit and commit it; returns its statistics and the storage retries it took."""
         start = time.perf_counter()
         stats = Stats()
-        out = self.summarizer.stream(read_unit(self.fs, unit), stats)
-        # write_unit publishes only if the unit comes out with as many rows as its footer promised
-        self.location.write_unit(unit, output_schema(schema, self.text_column), out, attempt=attempt)
-        result = {"unit": unit.id, "seconds": time.perf_counter() - start, **dataclasses.asdict(stats)}
+        retried: list[BaseException] = []
+        self.rows_done[attempt] = 0
+        try:
+            read = read_resuming(self.fs, unit, on_retry=retried.append)
+            out = Replayable(self._counted(self.summarizer.stream(read, stats), attempt))
+            schema = output_schema(schema, self.text_column)
+            # write_unit publishes only if the unit comes out with as many rows as its footer promised. A write
+            # that fails on a transient error starts over from the output kept in memory; one whose input failed
+            # (out.intact is False) has nothing to start over from.
+            with_retries(lambda: self.location.write_unit(unit, schema, out, attempt=attempt),
+                         retry_if=lambda error: out.intact and is_transient(error), on_retry=retried.append)
+        finally:
+            self.rows_done.pop(attempt, None)
+        result = {"unit": unit.id, "seconds": time.perf_counter() - start, "storage_retries": len(retried),
+                  **dataclasses.asdict(stats)}
         self.metrics.unit_done(result)
         return result
+
+    def _counted(self, batches: Iterable[pa.RecordBatch], attempt: str) -> Iterator[pa.RecordBatch]:
+        """The summarizer's output, each batch counted in rows_done as its window finishes."""
+        for batch in batches:
+            self.rows_done[attempt] += batch.num_rows
+            yield batch
 
 
     # --- fine-tuning, on the same replica and its loaded model ----------------------------------------

@@ -12,6 +12,9 @@ DTYPES = ("float32", "bfloat16", "float16", "auto")
 @dataclass(frozen=True)
 class SummarizeSettings:
     model: str
+    # A hub id's branch, tag or commit. The driver resolves it to a commit once, and every replica loads that
+    # commit, so all load the same bytes even if the branch moves during the run.
+    revision: str | None = None
     text_column: str = "text"
     id_column: str | None = "id"
     prefix: str = ""
@@ -59,10 +62,12 @@ class SummarizeSettings:
     def output_affecting(self) -> dict:
         """The settings that change what is written: a rerun with other values must not mix outputs.
 
-        Batch sizes are left out on purpose: they change speed, not which rows land where. The output
-        vocabulary is here by path; the driver adds a fingerprint of its content (pipeline/vocabulary.py).
+        Batch sizes are left out on purpose: they change speed, not which rows land where. So is the
+        revision: the model is compared by content (the driver's fingerprint), so a new commit that leaves
+        the weights as they were is the same model. The output vocabulary is here by path; the driver adds a
+        fingerprint of its content (pipeline/vocabulary.py).
         """
         fields = dataclasses.asdict(self)
-        for name in ("batch_size", "max_batch_tokens"):
+        for name in ("batch_size", "max_batch_tokens", "revision"):
             del fields[name]
         return fields

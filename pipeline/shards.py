@@ -12,15 +12,17 @@ a unit that covers part of a file adds its row-group range: `part-0.rg00000-0000
 from __future__ import annotations
 
 import hashlib
+import os
 import posixpath
 import re
 import struct
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 import fsspec
+from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
@@ -28,42 +30,53 @@ import pyarrow.parquet as pq
 from model.redact import redact_url, scrub, url_secrets
 
 from .errors import InputError
+from .partitions import Condition, matches, may_hold_matches
 
 FORMATS = {".parquet": "parquet", ".arrow": "arrow", ".feather": "arrow", ".ipc": "arrow"}
 # Columns every output file gets; an input column of the same name would be silently replaced.
 OUTPUT_COLUMNS = ("summary", "error")
-TEXT_TYPES = (pa.string(), pa.large_string(), pa.string_view(), pa.null())  # null: an all-null column
+# Types a text column may have, also as a dictionary's values. Binary is taken as UTF-8: the summarizer decodes
+# every row itself (string columns too), so a value that is not UTF-8 fails its row only. null: an all-null column.
+TEXT_TYPES = (pa.string(), pa.large_string(), pa.string_view(), pa.binary(), pa.large_binary(), pa.binary_view(),
+              pa.null())
 # What a failed read of a file looks like: pyarrow's errors (ArrowInvalid is a ValueError, ArrowIOError an
 # OSError) and the storage's. Anything else is a bug and is not dressed up as a bad shard.
 READ_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a lake can list a million of these
 class Shard:
     path: str  # the path as the filesystem wants it (no protocol): "bucket/lake/date=2026-11-01/part-0.parquet"
     relative: str  # "/"-separated, relative to the input root: "date=2026-11-01/part-0.parquet"
     format: str  # "parquet" or "arrow" (Arrow IPC file format; the streaming format is read as one group)
     size: int  # bytes
+    # The store's version of the object when its listing gives one (S3 ETag, GCS generation, Azure etag):
+    # it changes whenever the object is rewritten.
+    version: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ShardInfo:
     """What a shard's footer (Parquet) or IPC footer and batch headers (Arrow) say."""
     shard: Shard
     num_rows: int
     group_rows: tuple[int, ...]  # rows per row group (Parquet) or per record batch (Arrow)
     schema: pa.Schema
+    # What the file holds, for resume: size plus the store's version, or else a hash of the footer (see
+    # _identity). A unit's id includes it, so a rewritten file is summarized again.
+    identity: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class WorkUnit:
     shard: Shard
     start: int  # first row group / record batch
     stop: int  # one past the last
     num_rows: int
     whole_file: bool
-    id: str  # deterministic, file-name safe, unique per (relative, start, stop)
+    id: str  # deterministic, file-name safe, unique per (relative, start, stop, input identity)
     output_relative: str  # deterministic output path under the output root
+    identity: str = ""  # the input file's (ShardInfo.identity)
 
 
 class ShardReadError(Exception):
@@ -104,8 +117,8 @@ def _strip_slash(path: str) -> str:
 # Listing
 
 
-def list_shards(inputs: str | Sequence[str], storage_options: dict | None = None
-                ) -> tuple[fsspec.AbstractFileSystem, list[Shard]]:
+def list_shards(inputs: str | Sequence[str], storage_options: dict | None = None,
+                conditions: list[Condition] | None = None) -> tuple[fsspec.AbstractFileSystem, list[Shard]]:
     """Every .parquet / .arrow / .feather / .ipc file the inputs name, sorted by path.
 
     `inputs` is a directory (walked recursively), a glob (`s3://b/lake/date=2026-11-*/**.parquet`), or a
@@ -113,12 +126,15 @@ def list_shards(inputs: str | Sequence[str], storage_options: dict | None = None
     are skipped, as Spark and pyarrow skip `_SUCCESS`, `_temporary/` and `.crc` files; a file named
     explicitly is always taken. `relative` is relative to the directory given, to a glob's longest
     directory prefix without wildcards, or, for a list, to the common parent of those.
+
+    With `conditions` (a --partition-filter), only shards whose Hive folders match are returned, and a
+    directory's walk lists only the folders that may hold them. The result may then be empty.
     """
     urls = [inputs] if isinstance(inputs, str) else list(inputs)
     if not urls:
         raise InputError("no input given: pass --input (a directory, a glob, or files)")
     fs, _ = open_filesystem(urls[0], storage_options)
-    found: dict[str, int] = {}  # path -> size
+    found: dict[str, tuple[int, str | None]] = {}  # path -> (size, store version)
     bases: list[str] = []
     for url in urls:
         other, path = open_filesystem(url, storage_options)
@@ -126,22 +142,39 @@ def list_shards(inputs: str | Sequence[str], storage_options: dict | None = None
             raise InputError(f"inputs must be on one filesystem: {redact_url(url)} is not on the same one as "
                              f"{redact_url(urls[0])}")
         try:
-            base, files = _expand(fs, path, redact_url(url))
+            base, files = _expand(fs, path, redact_url(url), conditions)
         except OSError as e:
             raise InputError(f"cannot list {redact_url(url)}: {type(e).__name__}: "
                              f"{scrub(str(e), url_secrets(url))}") from None
-        if not files:
+        if not files and not conditions:
             raise InputError(f"{redact_url(url)}: no .parquet, .arrow, .feather or .ipc files found "
                              "(names starting with _ or . are skipped)")
         bases.append(base)
         found.update(files)
     root = bases[0] if len(bases) == 1 else posixpath.commonpath(bases)
-    return fs, [Shard(path, _relative(path, root), FORMATS[_suffix(path)], size)
-                for path, size in sorted(found.items())]
+    if conditions:
+        found = {p: entry for p, entry in found.items() if matches(_relative(p, root), conditions)}
+    return fs, [Shard(path, _relative(path, root), FORMATS[_suffix(path)], size, version)
+                for path, (size, version) in sorted(found.items())]
 
 
-def _expand(fs, path: str, shown: str) -> tuple[str, dict[str, int]]:
-    """One input's base directory and its shard files (path -> size)."""
+# Listing fields that name an object's version, by store: s3fs (ETag; VersionId in versioned buckets),
+# gcsfs (generation), adlfs (etag). Local and memory filesystems have none: their files are identified by
+# their footers.
+_VERSION_FIELDS = ("VersionId", "ETag", "generation", "etag")
+
+
+def _entry(info: dict) -> tuple[int, str | None]:
+    """(size, store version) from a listing entry."""
+    for name in _VERSION_FIELDS:
+        if info.get(name):
+            return info["size"], f"{name}:{str(info[name]).strip(chr(34))}"  # S3 quotes its ETags
+    return info["size"], None
+
+
+def _expand(fs, path: str, shown: str, conditions: list[Condition] | None = None
+            ) -> tuple[str, dict[str, tuple[int, str | None]]]:
+    """One input's base directory and its shard files (path -> (size, store version))."""
     if _has_magic(path):
         pattern = _whole_component_double_stars(path)
         base = _glob_base(pattern)
@@ -152,18 +185,53 @@ def _expand(fs, path: str, shown: str) -> tuple[str, dict[str, int]]:
         files = {}
         for name, info in matches.items():
             if info["type"] == "directory":  # a glob over partition folders: take everything below them
-                files.update({p: i["size"] for p, i in fs.find(name, detail=True).items()})
+                files.update({p: _entry(i) for p, i in fs.find(name, detail=True).items()})
             else:
-                files[name] = info["size"]
+                files[name] = _entry(info)
         return base, {p: s for p, s in files.items() if _is_shard(_relative(p, base))}
     if fs.isdir(path):
-        files = fs.find(path, detail=True)
-        return path, {p: i["size"] for p, i in files.items() if _is_shard(_relative(p, path))}
+        files = _walk(fs, path, conditions)
+        return path, {p: _entry(i) for p, i in files.items() if _is_shard(_relative(p, path))}
     if fs.isfile(path):
         if _suffix(path) not in FORMATS:
             raise InputError(f"{shown}: not a shard: use .parquet, .arrow, .feather or .ipc files")
-        return posixpath.dirname(path), {path: fs.info(path)["size"]}
+        return posixpath.dirname(path), {path: _entry(fs.info(path))}
     raise InputError(f"{shown}: no such file or directory")
+
+
+def _walk(fs, root: str, conditions: list[Condition] | None) -> dict[str, dict]:
+    """Every file below root, listing only the folders that may hold matching shards (and none named _ or .)."""
+    files, folders = {}, [root]
+    while folders:
+        folder = folders.pop()
+        for name, is_folder, info in _entries(fs, folder):
+            if not is_folder:
+                files[name] = info
+                continue
+            relative = _relative(name, root)
+            if not posixpath.basename(relative).startswith(("_", ".")) and (
+                    not conditions or may_hold_matches(relative, conditions)):
+                folders.append(name)
+    return files
+
+
+def _entries(fs, folder: str) -> Iterator[tuple[str, bool, dict | None]]:
+    """(path, is a folder, listing info of a file) for each entry of one folder.
+
+    Local folders are read with os.scandir, which gets sizes without fsspec's per-file info dicts: ten times
+    faster, which is most of listing a million files.
+    """
+    if isinstance(fs, LocalFileSystem):
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                path = f"{folder.rstrip('/')}/{entry.name}"
+                if entry.is_dir():
+                    yield path, True, None
+                else:
+                    yield path, False, {"size": entry.stat().st_size}
+        return
+    for info in fs.ls(folder, detail=True):
+        yield info["name"].rstrip("/"), info["type"] == "directory", info
 
 
 def _has_magic(path: str) -> bool:
@@ -217,20 +285,29 @@ def inspect_shards(fs, shards: Sequence[Shard], threads: int = 16
 
     Both lists keep the shards' order; a corrupt shard only lands in the second.
     """
+    # The files of a lake mostly share one schema: keep one copy of each, not one per file.
+    schemas: dict[pa.Schema, pa.Schema] = {}
+
     def inspect(shard):
         try:
-            return inspect_shard(fs, shard)
+            info = inspect_shard(fs, shard)
         except ShardReadError as e:
             return e
+        return replace(info, schema=schemas.setdefault(info.schema, info.schema))
 
-    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
-        results = list(pool.map(inspect, shards))
+    if isinstance(fs, LocalFileSystem):  # CPU-bound here, not latency-bound: a pool only adds its overhead
+        results = [inspect(shard) for shard in shards]
+    else:
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
+            results = list(pool.map(inspect, shards))
     return ([r for r in results if isinstance(r, ShardInfo)],
             [r for r in results if isinstance(r, ShardReadError)])
 
 
 def _inspect_parquet(fs, shard: Shard) -> ShardInfo:
-    with fs.open(shard.path, "rb") as f:
+    with _open(fs, shard.path) as f:
+        identity = _identity(shard, _parquet_footer(f) if shard.version is None else b"")
+        f.seek(0)
         parquet = pq.ParquetFile(f)
         metadata = parquet.metadata
         group_rows = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
@@ -238,7 +315,43 @@ def _inspect_parquet(fs, shard: Shard) -> ShardInfo:
     if sum(group_rows) != metadata.num_rows:
         raise ValueError(f"corrupt footer: its row groups hold {sum(group_rows)} rows, its total says "
                          f"{metadata.num_rows}")
-    return ShardInfo(shard, metadata.num_rows, group_rows, schema)
+    return ShardInfo(shard, metadata.num_rows, group_rows, schema, identity)
+
+
+def _open(fs, path: str):
+    """A file for pyarrow: local files as pyarrow's own (twice as fast to read a footer from as a Python file
+    object, which matters at a million files), others through fsspec."""
+    if isinstance(fs, LocalFileSystem):
+        return pa.OSFile(path)
+    return fs.open(path, "rb")
+
+
+def _identity(shard: Shard, footer: bytes) -> str:
+    """A file's identity for resume: its size and the store's version, or else a hash of its footer.
+
+    A Parquet footer records every column chunk's offset and compressed size and each column's min and
+    max, so a rewrite with other text changes it, short of an edit that keeps every compressed size and
+    statistic; stores that version their objects are exact.
+    """
+    if shard.version is not None:
+        return f"{shard.size}:{shard.version}"
+    return f"{shard.size}:footer:{hashlib.sha256(footer).hexdigest()[:32]}"
+
+
+def _parquet_footer(f) -> bytes:
+    """The raw footer: file metadata (thrift), then its length (int32) and "PAR1"."""
+    size = f.seek(0, 2)
+    if size < 12:
+        raise ValueError(f"not a Parquet file: {size} bytes")
+    f.seek(size - 8)
+    tail = f.read(8)
+    if tail[4:] != b"PAR1":
+        raise ValueError("not a Parquet file: no PAR1 at its end")
+    length = int.from_bytes(tail[:4], "little")
+    if length > size - 12:
+        raise ValueError(f"corrupt Parquet footer length {length}")
+    f.seek(size - 8 - length)
+    return f.read(length)
 
 
 def _inspect_arrow(fs, shard: Shard) -> ShardInfo:
@@ -254,12 +367,23 @@ def _inspect_arrow(fs, shard: Shard) -> ShardInfo:
             except pa.ArrowInvalid:
                 raise ValueError(f"not an Arrow IPC file or stream ({file_error})") from None
             rows = sum(batch.num_rows for batch in stream)
-            return ShardInfo(shard, rows, (rows,), stream.schema)
+            return ShardInfo(shard, rows, (rows,), stream.schema, _identity(shard, _whole(fs, shard)))
         schema, batches = reader.schema, reader.num_record_batches
-    group_rows = _ipc_batch_rows(fs, shard)
+    group_rows, footer = _ipc_batch_rows(fs, shard)
     if len(group_rows) != batches:
         raise ValueError(f"corrupt footer: it lists {len(group_rows)} record batches, pyarrow reads {batches}")
-    return ShardInfo(shard, sum(group_rows), group_rows, schema)
+    return ShardInfo(shard, sum(group_rows), group_rows, schema, _identity(shard, footer))
+
+
+def _whole(fs, shard: Shard) -> bytes:
+    """A stream file has no footer: its identity hashes all of it (it is read through to count its rows anyway)."""
+    if shard.version is not None:
+        return b""
+    digest = hashlib.sha256()
+    with fs.open(shard.path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            digest.update(chunk)
+    return digest.digest()
 
 
 # Arrow IPC file layout: "ARROW1" + padding, the stream's messages, the footer (a flatbuffer),
@@ -271,7 +395,8 @@ _IPC_MAGIC = b"ARROW1"
 _RECORD_BATCH_HEADER = 3  # MessageHeader union tag of RecordBatch (Message.fbs)
 
 
-def _ipc_batch_rows(fs, shard: Shard) -> tuple[int, ...]:
+def _ipc_batch_rows(fs, shard: Shard) -> tuple[tuple[int, ...], bytes]:
+    """Rows per record batch, and the footer and batch headers (which record every buffer's size)."""
     size = shard.size
     tail = fs.cat_file(shard.path, start=size - 10, end=size)
     if len(tail) != 10 or tail[4:] != _IPC_MAGIC:
@@ -283,10 +408,10 @@ def _ipc_batch_rows(fs, shard: Shard) -> tuple[int, ...]:
     try:
         blocks = _footer_blocks(footer)
         if not blocks:
-            return ()
+            return (), footer
         headers = fs.cat_ranges([shard.path] * len(blocks), [offset for offset, _ in blocks],
                                 [offset + length for offset, length in blocks], on_error="raise")
-        return tuple(_message_rows(header) for header in headers)
+        return tuple(_message_rows(header) for header in headers), footer + b"".join(headers)
     except (struct.error, IndexError) as e:
         raise ValueError(f"corrupt IPC footer or batch header ({e})") from None
 
@@ -373,7 +498,8 @@ def check_columns(info: ShardInfo, text_column: str, id_column: str | None) -> N
         if count > 1:
             raise InputError(f"{relative}: column '{column}' appears {count} times")
     text_type = schema.field(text_column).type
-    if text_type not in TEXT_TYPES:
+    value_type = text_type.value_type if pa.types.is_dictionary(text_type) else text_type
+    if value_type not in TEXT_TYPES:
         raise InputError(f"{relative}: column '{text_column}' has type {text_type}, expected a string column")
     for column in OUTPUT_COLUMNS:
         if column in schema.names and column != text_column:  # the text column is not carried to the output
@@ -385,17 +511,18 @@ def check_columns(info: ShardInfo, text_column: str, id_column: str | None) -> N
 # Work units
 
 
-def plan_units(infos: Sequence[ShardInfo], rows_per_unit: int) -> list[WorkUnit]:
+def plan_units(infos: Sequence[ShardInfo], rows_per_unit: int, known: Sequence[WorkUnit] = ()) -> list[WorkUnit]:
     """Pack consecutive groups of each file into units of at most rows_per_unit rows (at least one group).
 
     Deterministic: the same footers and rows_per_unit give the same units, ids and names. A file with no
     rows still gets one (empty) unit, so that its output file exists. Two inputs that would be written at
-    one output name (`part-0.arrow` and `part-0.parquet` side by side) are an InputError.
+    one output name (`part-0.arrow` and `part-0.parquet` side by side) are an InputError. `known` are
+    units of unchanged files that an earlier run planned the same way (`known_units`); they join the plan.
     """
     if rows_per_unit < 1:
         raise ValueError(f"rows_per_unit must be >= 1, got {rows_per_unit}")
-    units: list[WorkUnit] = []
-    for info in sorted(infos, key=lambda i: i.shard.path):
+    units: list[WorkUnit] = list(known)
+    for info in infos:
         groups = info.group_rows
         start, rows = 0, 0
         for index, count in enumerate(groups):
@@ -404,8 +531,32 @@ def plan_units(infos: Sequence[ShardInfo], rows_per_unit: int) -> list[WorkUnit]
                 start, rows = index, 0
             rows += count
         units.append(_unit(info, start, len(groups), rows))
+    units.sort(key=lambda u: (u.shard.path, u.start))
     _check_output_names(units)
     return units
+
+
+def known_units(fs, shard: Shard, records: Sequence[dict]) -> list[WorkUnit] | None:
+    """The units an earlier run planned for this file (commit.py's unit records), if the file is unchanged.
+
+    Unchanged means the same identity, read without parsing the footer (the store's version, or the raw
+    footer's hash): a rerun over a million unchanged files then reads no schema and no row-group list.
+    None for a changed file, or an Arrow one (whose identity needs its batch headers).
+    """
+    if shard.version is not None:
+        identity = _identity(shard, b"")
+    elif shard.format == "parquet":
+        try:
+            with _open(fs, shard.path) as f:
+                identity = _identity(shard, _parquet_footer(f))
+        except READ_ERRORS:
+            return None
+    else:
+        return None
+    if any(r["input_identity"] != identity for r in records):
+        return None
+    return [WorkUnit(shard, r["start"], r["stop"], r["num_rows"], r["whole_file"], r["id"], r["output"], identity)
+            for r in records]
 
 
 def _unit(info: ShardInfo, start: int, stop: int, rows: int) -> WorkUnit:
@@ -413,8 +564,9 @@ def _unit(info: ShardInfo, start: int, stop: int, rows: int) -> WorkUnit:
     whole = start == 0 and stop == len(info.group_rows)
     stem = posixpath.splitext(relative)[0]
     output = f"{stem}.parquet" if whole else f"{stem}.rg{start:05d}-{stop:05d}.parquet"
-    unit_id = hashlib.sha256(f"{relative}:{start}:{stop}".encode()).hexdigest()[:24]
-    return WorkUnit(info.shard, start, stop, rows, whole, unit_id, output)
+    # the input's identity is part of the id: a rewritten file's units are new units, summarized again
+    unit_id = hashlib.sha256(f"{relative}:{start}:{stop}:{info.identity}".encode()).hexdigest()[:24]
+    return WorkUnit(info.shard, start, stop, rows, whole, unit_id, output, info.identity)
 
 
 def _check_output_names(units: list[WorkUnit]) -> None:

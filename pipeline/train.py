@@ -4,9 +4,13 @@ Every replica holds the same parameters and a different slice of each global bat
 micro-batch is its summed token loss divided by the number of target tokens in the whole global batch,
 and gradients are summed across replicas, so N replicas compute exactly the gradient one process would
 on the N-times-larger batch (up to float rounding), whatever the padding and lengths.
+
+A step whose loss or gradient is not finite is skipped by every replica alike, and nothing non-finite is
+ever saved: too many skips in a row, or a non-finite weight, stop the run with a TrainingError.
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -20,13 +24,18 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from .errors import InputError
+from .errors import InputError, OutputError
 from .optim import linear_schedule, make_optimizer
 from .shards import inspect_shards, list_shards, read_unit, plan_units
 
 METHODS = ("full", "lora", "qlora")
 CHECKPOINTS = "_checkpoints"
 TRAIN_LOG = "train_log.jsonl"
+
+
+class TrainingError(Exception):
+    """Training cannot go on without making the model worse: the loss or gradient stayed non-finite, or a
+    weight became non-finite. Nothing non-finite was saved; the message says which step and what to change."""
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,7 @@ class FinetuneSettings:
     seed: int = 0
     save_every: int = 100
     log_every: int = 1
+    max_nonfinite_steps: int = 8  # skipped steps in a row before the run stops
 
     def __post_init__(self):
         if self.dtype in ("float16", "fp16"):
@@ -67,7 +77,8 @@ class FinetuneSettings:
             raise ValueError(f"--dtype {self.dtype!r}: use auto, float32 or bfloat16")
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method!r}: use one of {', '.join(METHODS)}")
-        for name in ("batch_size", "grad_accum", "max_input_tokens", "max_target_tokens", "save_every", "log_every"):
+        for name in ("batch_size", "grad_accum", "max_input_tokens", "max_target_tokens", "save_every", "log_every",
+                     "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_steps is None and self.epochs <= 0:
@@ -76,8 +87,10 @@ class FinetuneSettings:
             raise ValueError("--lr must be > 0")
 
     def order_defining(self) -> dict:
-        """What must match for --resume to continue the same run (the data order and the updates)."""
-        return {k: v for k, v in asdict(self).items() if k not in ("save_every", "log_every", "eval")}
+        """What must match for --resume to continue the same run (the data order and the updates). A run that
+        stopped on non-finite steps may be resumed with a higher --max-nonfinite-steps."""
+        return {k: v for k, v in asdict(self).items()
+                if k not in ("save_every", "log_every", "eval", "max_nonfinite_steps")}
 
 
 # --- examples ---------------------------------------------------------------------------------------
@@ -132,6 +145,8 @@ class Trainer:
         self.optimizer = make_optimizer(settings.optimizer, self.params, settings.lr, settings.weight_decay)
         self.schedule = linear_schedule(self.optimizer, settings.warmup_steps, self.total_steps)
         self.step = 0
+        self.skipped_steps = 0  # steps skipped for a non-finite loss or gradient, in the whole run
+        self.nonfinite_in_row = 0
         self.autocast = device.startswith("cuda") and settings.dtype in ("auto", "bfloat16")
 
     # data order: a permutation per epoch, the same on every replica
@@ -167,6 +182,11 @@ class Trainer:
         global_tokens = int(self._all_reduce(torch.tensor(float(local_tokens))).item())
         self.model.train()
         self.optimizer.zero_grad(set_to_none=False)
+        # A replica whose slice of this step is empty (the short last batch of an epoch) still joins every
+        # all-reduce below, with zero gradients; before its first backward its gradients are None.
+        for p in self.params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         loss_sum = torch.zeros((), device=self.device)
         for batch in batches:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
@@ -186,15 +206,28 @@ class Trainer:
             for g in grads:
                 g.copy_(flat[offset:offset + g.numel()].view_as(g))
                 offset += g.numel()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
-        self.optimizer.step()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm))
+        # Skip on a flag summed over the replicas, so that all of them skip the same steps and keep equal weights.
+        nonfinite = not (math.isfinite(float(loss_sum)) and math.isfinite(grad_norm))
+        loss_total, nonfinite_replicas = self._all_reduce(
+            torch.stack([loss_sum.float(), torch.tensor(float(nonfinite), device=self.device)])).tolist()
+        skipped = nonfinite_replicas > 0
+        if skipped:
+            self.skipped_steps += 1
+            self.nonfinite_in_row += 1
+        else:
+            self.optimizer.step()
+            self.nonfinite_in_row = 0
+        # A skipped step still uses up its rows and its place in the schedule: step N always means the same
+        # batch and learning rate, in the log and on --resume.
         self.schedule.step()
         self.step += 1
-        loss_total = float(self._all_reduce(loss_sum))
         seconds = time.perf_counter() - start
         input_tokens = self._all_reduce(torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in batches))))
-        return {"step": self.step, "loss": loss_total, "lr": self.schedule.get_last_lr()[0],
-                "grad_norm": float(grad_norm), "tokens_per_second": (float(input_tokens) + global_tokens) / seconds}
+        return {"step": self.step, "loss": _finite_or_none(loss_total), "lr": self.schedule.get_last_lr()[0],
+                "grad_norm": _finite_or_none(grad_norm),
+                "tokens_per_second": (float(input_tokens) + global_tokens) / seconds,
+                "skipped": skipped, "skipped_steps": self.skipped_steps}
 
     def run(self, resume: bool) -> dict:
         if self.rank == 0:
@@ -205,15 +238,26 @@ class Trainer:
         self._barrier()
         if resume:
             self.load_latest_checkpoint()
+            if self.rank == 0:  # the steps after the checkpoint are trained again, and logged again
+                _truncate_log(self.out / TRAIN_LOG, self.step)
         losses = []
         log = open(self.out / TRAIN_LOG, "a", encoding="utf-8") if self.rank == 0 else None
         try:
             while self.step < self.total_steps:
                 record = self.train_step()
-                losses.append(record["loss"])
-                if log and (self.step % self.settings.log_every == 0 or self.step == self.total_steps):
+                if not record["skipped"]:
+                    losses.append(record["loss"])
+                if log and (record["skipped"] or self.step % self.settings.log_every == 0
+                            or self.step == self.total_steps):
                     log.write(json.dumps(record) + "\n")
                     log.flush()
+                if self.nonfinite_in_row >= self.settings.max_nonfinite_steps:
+                    first = self.step - self.nonfinite_in_row + 1
+                    raise TrainingError(
+                        f"steps {first}-{self.step}: the loss or gradient was not finite {self.nonfinite_in_row} "
+                        f"steps in a row (--max-nonfinite-steps {self.settings.max_nonfinite_steps}), so training "
+                        f"stopped; those steps were skipped and nothing non-finite was saved. Lower --lr and "
+                        f"start again without --resume")
                 if self.step % self.settings.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
         finally:
@@ -237,9 +281,23 @@ class Trainer:
                     meta["scalars"][f"{index}/{key}"] = value
         return tensors, meta
 
+    def _check_finite_state(self) -> None:
+        """Raise TrainingError on every replica if any replica's weights or optimizer state are not finite
+        (finite gradients can still overflow them); the flag is summed so that no replica waits alone."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        bad = [names[id(p)] for p in self.params if not torch.isfinite(p).all()]
+        bad += [f"optimizer state {key!r} of {names[id(p)]}" for p, state in self.optimizer.state.items()
+                for key, value in state.items()
+                if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+        if self._all_reduce(torch.tensor(float(len(bad)), device=self.device)).item() > 0:
+            raise TrainingError(f"step {self.step}: non-finite values in {_some(bad) or 'another replica'}; the "
+                                f"checkpoint was not saved. Lower --lr and start again without --resume")
+
     def save_checkpoint(self) -> None:
         """<output-model>/_checkpoints/step-N: trainable weights, optimizer and schedule (rank 0), and each
-        replica's RNG state. Written under .tmp and renamed when complete, so a kill never leaves half a one."""
+        replica's RNG state. Written under .tmp, fsynced and renamed when complete, so neither a kill nor a
+        power cut leaves half a one under the final name."""
+        self._check_finite_state()
         folder = self.out / CHECKPOINTS / f"step-{self.step:08d}"
         tmp = folder.with_name(folder.name + ".tmp")
         if self.rank == 0:
@@ -247,17 +305,23 @@ class Trainer:
             tmp.mkdir(parents=True)
             tensors, meta = self._checkpoint_tensors()
             save_file(tensors, tmp / "state.safetensors")
+            _fsync(tmp / "state.safetensors")
             meta.update(step=self.step, schedule=self.schedule.state_dict(), world=self.world,
-                        settings=self.settings.order_defining())
+                        settings=self.settings.order_defining(), skipped_steps=self.skipped_steps,
+                        nonfinite_in_row=self.nonfinite_in_row)
             (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
+            _fsync(tmp / "state.json")
         self._barrier()
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, tmp / f"rng-{self.rank}.safetensors")
+        _fsync(tmp / f"rng-{self.rank}.safetensors")
         self._barrier()
         if self.rank == 0:
+            _fsync(tmp)  # the folder's entries, before the rename publishes them
             os.replace(tmp, folder)
+            _fsync(folder.parent)  # the rename itself
             for old in sorted(p for p in (self.out / CHECKPOINTS).glob("step-*") if p.suffix != ".tmp")[:-2]:
                 shutil.rmtree(old, ignore_errors=True)
         self._barrier()
@@ -267,16 +331,10 @@ class Trainer:
             dist.barrier()
 
     def load_latest_checkpoint(self) -> None:
-        folders = sorted(p for p in (self.out / CHECKPOINTS).glob("step-*") if not p.name.endswith(".tmp"))
-        if not folders:
+        folder = latest_checkpoint(self.out)
+        if folder is None:
             return
-        folder = folders[-1]
-        meta = json.loads((folder / "state.json").read_text())
-        if meta["settings"] != json.loads(json.dumps(self.settings.order_defining(), default=str)):
-            raise ValueError(f"{folder}: --resume with other settings than the checkpoint's; "
-                             f"rerun with the same flags or start a new --output-model")
-        if meta["world"] != self.world:
-            raise ValueError(f"{folder}: written by {meta['world']} replicas; resume with --replicas {meta['world']}")
+        meta = check_resume(folder, self.settings, self.world)
         tensors = load_file(folder / "state.safetensors")
         named = dict(self.model.named_parameters())
         with torch.no_grad():
@@ -298,6 +356,70 @@ class Trainer:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
         self.step = meta["step"]
+        self.skipped_steps = meta.get("skipped_steps", 0)  # absent from checkpoints written before skipping
+        self.nonfinite_in_row = meta.get("nonfinite_in_row", 0)
+
+
+def latest_checkpoint(output: Path) -> Path | None:
+    """The newest complete checkpoint under <output-model>/_checkpoints, or None."""
+    folders = sorted(p for p in (Path(output) / CHECKPOINTS).glob("step-*") if not p.name.endswith(".tmp"))
+    return folders[-1] if folders else None
+
+
+def check_resume(folder: Path, settings: FinetuneSettings, world: int) -> dict:
+    """The checkpoint's state.json, if --resume with `settings` on `world` replicas continues its run;
+    otherwise an OutputError that names every flag that differs."""
+    meta = json.loads((folder / "state.json").read_text())
+    saved, now = meta["settings"], json.loads(json.dumps(settings.order_defining(), default=str))
+    differ = [f"--{key.replace('_', '-')} {saved.get(key)!r} (now {now.get(key)!r})"
+              for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+    if meta["world"] != world:
+        differ.append(f"--replicas {meta['world']} (now {world})")
+    if differ:
+        raise OutputError(f"{folder}: --resume must continue the run with the settings it was started with, and "
+                          f"this checkpoint was written with {'; '.join(differ)}. Rerun with the checkpoint's "
+                          f"values, or drop --resume to start a new run in --output-model")
+    return meta
+
+
+def _truncate_log(log: Path, step: int) -> None:
+    """Keep the log's lines up to `step`, the checkpoint a resumed run continues from; a line cut short by
+    the kill is dropped too. Rewritten whole and renamed, so a second kill leaves one log or the other."""
+    if not log.exists():
+        return
+    kept = []
+    for line in log.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] <= step:
+            kept.append(line)
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, log)
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+
+
+def _finite_or_none(value: float) -> float | None:
+    """JSON has no NaN or Infinity: the log writes null for them."""
+    return value if math.isfinite(value) else None
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's bytes, or a folder's entries, to the disk: a rename is durable only after both."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as err:
+        # Some network and FUSE file systems cannot sync a folder; their renames are still atomic.
+        if not (path.is_dir() and err.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
+            raise
+    finally:
+        os.close(fd)
 
 
 # --- before and after ----------------------------------------------------------------------------
@@ -325,6 +447,12 @@ def save_final(model, tokenizer, settings: FinetuneSettings, lora_config, *, wri
     """The Hugging Face layout that transformers and jobs/summarize.py load. Adapters are merged into the
     base (and saved apart under adapter/ too). Every replica merges, so all keep serving the same model."""
     out = Path(settings.output_model)
+    # Checked before anything is written, and on every replica (each holds the same weights), so that no
+    # replica goes on serving a broken model either.
+    bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingError(f"non-finite values in the trained {_some(bad)}; the final model was not saved. "
+                            f"Lower --lr and start again without --resume")
     if lora_config is not None:
         from model.lora import merge_lora, save_adapters
 

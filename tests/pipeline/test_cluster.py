@@ -61,6 +61,21 @@ def ray_processes(root: psutil.Process, title: str) -> list[psutil.Process]:
     return found
 
 
+def busy_replicas(root: psutil.Process, out: Path) -> list[psutil.Process]:
+    """Replica processes under `root` summarizing a unit of the output `out`: the unit's staging file is open
+    while its rows are summarized. (Not the process title: Ray sets it per call, and a replica's heartbeat,
+    answered beside its units, sets it back to `ray::Replica`.)"""
+    staging = os.path.realpath(out / "_lakesum" / "staging") + os.sep
+    found = []
+    for proc in ray_processes(root, "ray::Replica"):
+        try:
+            if any(f.path.startswith(staging) for f in proc.open_files()):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
 def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -44,6 +44,13 @@ def _plan(fs, root: str, rows_per_unit: int = 4, protocol: str = "", storage_opt
     return input_fs, plan_units(infos, rows_per_unit)
 
 
+def _plan_only(root: str) -> tuple[fsspec.AbstractFileSystem, list[WorkUnit]]:
+    input_fs, shards = list_shards(root)
+    infos, errors = inspect_shards(input_fs, shards)
+    assert not errors
+    return input_fs, plan_units(infos, 4)
+
+
 def _summarized(fs, unit: WorkUnit):
     """What the stages would emit for the unit: the input without its text, plus summary and error."""
     for batch in read_unit(fs, unit):
@@ -157,19 +164,116 @@ def test_prepare_sweeps_staging_left_by_killed_runs(lake):
     assert _data_files(out) == set()
 
 
-def test_input_that_lost_units_is_refused_but_added_files_resume(lake):
+def test_added_files_join_the_plan_and_resume(lake):
     fs, units, out = lake
     location = OutputLocation(str(out))
     location.prepare(SETTINGS, units=units[1:])
     _commit(location, fs, units[1:3])
 
-    location.prepare(SETTINGS, units=units)  # a new file arrived: its units are added to the plan
+    changes = location.prepare(SETTINGS, units=units)  # a new file arrived: its units are added to the plan
     assert [u["id"] for u in json.loads((out / "_lakesum" / "manifest.json").read_text())["units"]] == [
         u.id for u in units]
     assert set(location.committed_units()) == {u.id for u in units[1:3]}
+    assert [u["id"] for u in changes.skip] == [u.id for u in units[1:3]]
+    assert changes.remove == [] and changes.redo == []
 
-    with pytest.raises(OutputError, match=r"the input changed since this output was written: 1 unit\(s\)"):
-        location.prepare(SETTINGS, units=units[:-1])
+
+def _gone(relative):
+    return False
+
+
+def test_a_deleted_inputs_output_is_removed_only_once_the_input_is_confirmed_gone(lake):
+    fs, units, out = lake
+    location = OutputLocation(str(out))
+    location.prepare(SETTINGS, units=units)
+    _commit(location, fs, units)
+    arrow = [u for u in units if u.shard.format == "arrow"]  # date=2026-11-02/part-0.arrow, 18 rows in 5 units
+    rest = [u for u in units if u not in arrow]
+
+    # the listing left the file out, but it is still there: an incomplete listing; nothing is deleted
+    changes = location.prepare(SETTINGS, units=rest, input_exists=lambda relative: True)
+    assert [u["id"] for u in changes.missed] == [u.id for u in arrow] and changes.remove == []
+    assert {u.output_relative for u in arrow} <= _data_files(out)
+    assert set(location.committed_units()) == {u.id for u in units}
+
+    changes = location.prepare(SETTINGS, units=rest, input_exists=_gone)
+    assert [u["id"] for u in changes.remove] == [u.id for u in arrow]
+    assert _data_files(out) == {u.output_relative for u in rest}
+    assert set(location.committed_units()) == {u.id for u in rest}
+    assert [u["id"] for u in json.loads((out / "_lakesum" / "manifest.json").read_text())["units"]] == [
+        u.id for u in rest]
+
+
+def test_a_renamed_file_leaves_no_rows_under_its_old_name(tmp_path):
+    """Finding 1 of issue 12: a file renamed inside the selection was kept under its old name too."""
+    fs, units = _plan(LOCAL, f"{tmp_path}/lake")
+    out = tmp_path / "out"
+    location = OutputLocation(str(out))
+    location.prepare(SETTINGS, units=units)
+    _commit(location, fs, units)
+    LOCAL.mv(f"{tmp_path}/lake/date=2026-11-01/part-1.parquet", f"{tmp_path}/lake/date=2026-11-01/renamed.parquet")
+    fs, units = _plan_only(f"{tmp_path}/lake")
+
+    changes = location.prepare(SETTINGS, units=units, input_exists=lambda r: LOCAL.exists(f"{tmp_path}/lake/{r}"))
+    assert {u["relative"] for u in changes.remove} == {"date=2026-11-01/part-1.parquet"}
+    assert {u["relative"] for u in changes.run} == {"date=2026-11-01/renamed.parquet"}
+    _commit(location, fs, [u for u in units if u.id in changes.todo()])
+    ids = pa.concat_tables(pq.read_table(out / p).select(["id"]) for p in _data_files(out)).column("id").to_pylist()
+    assert sorted(ids) == list(range(30))
+
+
+def test_a_rewritten_file_is_redone_and_its_new_output_replaces_the_old(lake):
+    """Finding 4 of issue 12: a file rewritten in place with the same row groups kept its stale summaries."""
+    fs, units, out = lake
+    location = OutputLocation(str(out))
+    location.prepare(SETTINGS, units=units)
+    _commit(location, fs, units)
+    path = [u for u in units if u.shard.relative == "date=2026-11-01/part-1.parquet"][0].shard.path
+    write_parquet(LOCAL, path, documents(10, 2).set_column(1, "text", pa.array(["new text 10", "new text 11"])))
+    _, replanned = _plan_only(str(out.parent / "lake"))
+    assert [u.output_relative for u in replanned] == [u.output_relative for u in units]  # same layout
+
+    changes = location.prepare(SETTINGS, units=replanned, input_exists=_gone)
+    [redo] = changes.redo
+    assert redo["relative"] == "date=2026-11-01/part-1.parquet" and changes.run == []
+    assert [u["relative"] for u in changes.remove] == [redo["relative"]]
+    assert redo["output"] in _data_files(out)  # the old output stays until the new one replaces it
+    _commit(location, fs, [u for u in replanned if u.id == redo["id"]])
+    assert pq.read_table(out / redo["output"]).column("summary").to_pylist() == [
+        "summary of new text 10", "summary of new text 11"]
+    assert set(location.committed_units()) == {u.id for u in replanned}
+
+
+def test_units_outside_the_selection_are_kept_and_inside_it_mirror_the_input(lake):
+    fs, units, out = lake
+    location = OutputLocation(str(out))
+    location.prepare(SETTINGS, units=units)
+    _commit(location, fs, units)
+    first_day = [u for u in units if u.shard.relative.startswith("date=2026-11-01/")]
+    in_selection = lambda relative: relative.startswith("date=2026-11-02/")  # noqa: E731
+
+    changes = location.prepare(SETTINGS, units=[u for u in units if not u.shard.relative.startswith("date=2026-11-01/")
+                                                and u.shard.relative != "date=2026-11-02/empty.parquet"],
+                               in_selection=in_selection, input_exists=_gone)
+    assert {u["relative"] for u in changes.remove} == {"date=2026-11-02/empty.parquet"}
+    assert {u.output_relative for u in first_day} <= _data_files(out)
+    assert "date=2026-11-02/empty.parquet" not in _data_files(out)
+
+
+def test_markers_are_compacted_into_one_file_that_reads_back_the_same(lake):
+    fs, units, out = lake
+    location = OutputLocation(str(out))
+    location.prepare(SETTINGS, units=units)
+    _commit(location, fs, units[:4])
+    before = location.committed_units()
+    assert location.finish({}) is False
+    assert not list((out / "_lakesum" / "committed").glob("*.json"))
+    assert location.committed_units() == before
+    _commit(location, fs, units[4:])
+    assert location.finish({}) is True
+    assert set(json.loads((out / "_lakesum" / "committed.json").read_text())["units"]) == {u.id for u in units}
+    marker = location.committed_units()[units[0].id]
+    assert marker["input_identity"] == units[0].identity and ":footer:" in marker["input_identity"]
 
 
 def test_fresh_output_refuses_files_at_its_names_unless_overwrite(lake):

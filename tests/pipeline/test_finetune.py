@@ -1,4 +1,5 @@
-"""Fine-tuning on the replicas: data-parallel equals one big batch, a tiny model learns, resume, compatibility."""
+"""Fine-tuning on the replicas: data-parallel equals one big batch, a tiny model learns, resume, compatibility,
+and the guards (non-finite steps skipped, nothing non-finite saved, empty slices, checked resume, fsync)."""
 from __future__ import annotations
 
 import json
@@ -7,18 +8,22 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from safetensors.torch import load_file
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 
+from jobs.finetune import build_parser
 from model import MT5ForConditionalGeneration, MT5Tokenizer, ModelLoadError
 from pipeline.errors import InputError
 from pipeline.finetune import finetune
-from pipeline.train import TRAIN_LOG, FinetuneSettings, Trainer, load_examples, prepare_for_training
+from pipeline.train import (TRAIN_LOG, FinetuneSettings, Trainer, TrainingError, load_examples, prepare_for_training,
+                            save_final)
 from tests.fixtures.checkpoints import build_trainable_checkpoint
 from tests.fixtures.corpus import first_words_task
 
@@ -232,7 +237,7 @@ def test_killed_job_resumes_to_the_parameters_of_an_uninterrupted_run(base, data
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], atol=1e-6, rtol=1e-6, msg=key)
     steps = [json.loads(line)["step"] for line in (killed / TRAIN_LOG).read_text().splitlines()]
-    assert steps[-1] == 60 and 21 in steps
+    assert steps == list(range(1, 61))  # the resumed steps are logged once
 
 
 def test_bad_input_is_refused_before_any_replica_trains(ray_local, base, data, tmp_path):
@@ -261,3 +266,170 @@ def test_fp16_flag_exits_2_with_the_reason(base, data, tmp_path):
                            str(data / "train.parquet"), "--output-model", str(tmp_path / "o"), "--dtype", "float16"],
                           capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": "local"})
     assert done.returncode == 2 and "diverges in float16" in done.stderr
+
+
+# --- the guards, mostly on a Trainer in this process (one replica, CPU) -----------------------------------
+
+ROWS = [(r["text"], r["summary"]) for r in first_words_task(16, seed=1)]  # 12 rows: two steps of 8 per epoch
+
+
+def _trainer(base: Path, out: Path, rows: list = ROWS, rank: int = 0, world: int = 1, **changes) -> Trainer:
+    settings = FinetuneSettings(**{**TASK, "batch_size": 8, "warmup_steps": 0, "model": str(base),
+                                   "train": "rows given to the Trainer", "output_model": str(out), "lr": 0.1,
+                                   "optimizer": "sgd", **changes})
+    model = MT5ForConditionalGeneration.from_pretrained(base)
+    prepare_for_training(model, settings)
+    return Trainer(model, MT5Tokenizer.from_pretrained(base), settings, rows, rank, world, "cpu")
+
+
+def _poison(model, steps: set[int]) -> None:
+    """NaN logits in the forward passes numbered in `steps` (from 1; a step of one micro-batch is one pass)."""
+    calls = []
+
+    def hook(module, inputs, output):
+        calls.append(None)
+        return output * float("nan") if len(calls) in steps else None
+
+    model.lm_head.register_forward_hook(hook)
+
+
+def _log(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / TRAIN_LOG).read_text().splitlines()]
+
+
+def _checkpoint(out: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(out / "_checkpoints" / f"step-{step:08d}" / "state.safetensors")
+
+
+def test_a_nonfinite_step_is_skipped_and_counted_in_the_log(base, tmp_path):
+    trainer = _trainer(base, tmp_path, max_steps=3, save_every=1)
+    _poison(trainer.model, steps={2})
+    trainer.run(resume=False)
+
+    log = _log(tmp_path)
+    assert [(r["step"], r["skipped"], r["skipped_steps"]) for r in log] == [(1, False, 0), (2, True, 1), (3, False, 1)]
+    assert log[1]["loss"] is None and log[2]["loss"] > 0  # the log stays JSON: null, not NaN
+    one, two = _checkpoint(tmp_path, 1), _checkpoint(tmp_path, 2)
+    assert all(torch.equal(one[k], two[k]) for k in one if k.startswith("param/"))  # step 2 changed nothing
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert not all(torch.equal(two[f"param/{n}"], p) for n, p in trainer.model.named_parameters())  # step 3 trained
+
+
+def test_nonfinite_steps_in_a_row_stop_training_with_only_finite_checkpoints(base, tmp_path):
+    trainer = _trainer(base, tmp_path, max_steps=10, save_every=1, max_nonfinite_steps=3)
+    _poison(trainer.model, steps=set(range(2, 11)))
+    with pytest.raises(TrainingError, match=r"steps 2-4: .*3 steps in a row \(--max-nonfinite-steps 3\).*--lr"):
+        trainer.run(resume=False)
+
+    assert [(r["step"], r["skipped_steps"]) for r in _log(tmp_path)][-1] == (4, 3)
+    folders = sorted((tmp_path / "_checkpoints").iterdir())
+    assert [f.name for f in folders] == ["step-00000002", "step-00000003"]  # the newest two are kept
+    for folder in folders:
+        assert all(torch.isfinite(t).all() for t in load_file(folder / "state.safetensors").values()), folder
+
+
+def test_nonfinite_weights_are_never_saved(base, tmp_path):
+    trainer = _trainer(base, tmp_path, max_steps=2)
+    with torch.no_grad():
+        trainer.model.lm_head.weight[0, 0] = float("inf")  # what a finite but huge update can leave behind
+    trainer.step = 1
+    with pytest.raises(TrainingError, match=r"step 1: non-finite values in lm_head\.weight.*not saved"):
+        trainer.save_checkpoint()
+    assert not (tmp_path / "_checkpoints").exists()
+    with pytest.raises(TrainingError, match=r"lm_head\.weight; the final model was not saved"):
+        save_final(trainer.model, trainer.tokenizer, trainer.settings, None, write=True)
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_diverged_job_exits_1_with_the_reason_and_saves_no_model(base, data, tmp_path):
+    """An infinite learning rate makes every weight that has a gradient infinite after step 1, so every later
+    step is non-finite: the replica's TrainingError reaches the command line as one message, not a Ray traceback."""
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(REPO / "jobs/finetune.py"), "--model", str(base), "--train",
+                           str(data / "train.parquet"), "--output-model", str(out), "--max-steps", "10",
+                           "--optimizer", "sgd", "--lr", "inf", "--batch-size", "4", "--max-input-tokens", "32",
+                           "--max-target-tokens", "8", "--max-nonfinite-steps", "2"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"})
+    assert done.returncode == 1, done.stderr
+    assert "finetune.py: error: steps 2-3: the loss or gradient was not finite 2 steps in a row" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (out / "model.safetensors").exists()
+    assert [r["skipped"] for r in _log(out)] == [False, True, True]
+
+
+def _train_one_rank(rank: int, world: int, init_method: str, base: str, out: str, rows: list) -> None:
+    """One replica of a gloo process group, in a process of its own as a replica actor is."""
+    torch.set_num_threads(1)
+    # a timeout, so that a replica left waiting in a collective fails the test instead of hanging it
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        trainer = _trainer(Path(base), Path(out), rows, rank, world, max_steps=2, batch_size=4)
+        trainer.run(resume=False)
+        save_file({n: p.detach().contiguous() for n, p in trainer.model.named_parameters()},
+                  Path(out) / f"rank-{rank}.safetensors")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_replica_whose_slice_is_empty_trains_along_with_zero_gradient(base, tmp_path):
+    """3 rows and 2 replicas of 4 rows each: every step, replica 0 gets all 3 rows and replica 1 none."""
+    torch.multiprocessing.spawn(_train_one_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(base),
+                                                       str(tmp_path), ROWS[:3]), nprocs=2)
+    zero, one = load_file(tmp_path / "rank-0.safetensors"), load_file(tmp_path / "rank-1.safetensors")
+    initial = dict(MT5ForConditionalGeneration.from_pretrained(base).named_parameters())
+    assert all(torch.equal(zero[k], one[k]) for k in zero)  # the same summed gradient on both
+    assert not torch.equal(one["lm_head.weight"], initial["lm_head.weight"])  # replica 1 applied replica 0's
+    assert [r["step"] for r in _log(tmp_path)] == [1, 2]
+
+
+def test_resume_with_other_settings_or_replicas_exits_2_naming_each_difference(base, data, tmp_path):
+    out = tmp_path / "out"
+    flags = ["--model", str(base), "--train", str(data / "train.parquet"), "--output-model", str(out),
+             "--max-steps", "3", "--save-every", "1", "--batch-size", "4"]
+    started = vars(build_parser().parse_args(flags))  # the run as these flags start it, on one replica
+    _trainer(base, out, **{k: v for k, v in started.items() if k not in ("replicas", "cpus_per_replica", "resume")}
+             ).run(resume=False)
+    log_before = (out / TRAIN_LOG).read_text()
+    done = subprocess.run([sys.executable, str(REPO / "jobs/finetune.py"), *flags, "--lr", "0.01", "--replicas", "2",
+                           "--resume"], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"})
+    assert done.returncode == 2, done.stderr
+    assert "step-00000002: --resume must continue the run" in done.stderr
+    assert "--lr 0.0005 (now 0.01); --replicas 1 (now 2)" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert (out / TRAIN_LOG).read_text() == log_before  # nothing trained
+
+
+def test_resume_drops_the_log_lines_after_its_checkpoint(base, tmp_path):
+    _trainer(base, tmp_path, max_steps=4, save_every=2).run(resume=False)
+    with (tmp_path / TRAIN_LOG).open("a") as log:
+        log.write('{"step": 5, "lo')  # a line the kill cut short
+    _trainer(base, tmp_path, max_steps=4, save_every=2).run(resume=True)  # continues from step 2
+    assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_checkpoint_files_are_fsynced_before_the_rename_and_the_folder_after(base, tmp_path, monkeypatch):
+    events = []
+    fsync, replace = os.fsync, os.replace
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        fsync(fd)
+
+    def recording_replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr(os, "replace", recording_replace)
+    out = tmp_path.resolve()  # as /proc names the synced files
+    _trainer(base, out, max_steps=2, save_every=1).run(resume=False)
+
+    folder = out / "_checkpoints" / "step-00000001"
+    tmp = folder.with_name(folder.name + ".tmp")
+    rename = events.index(("replace", str(tmp), str(folder)))
+    synced = {path for kind, path, *_ in events[:rename] if kind == "fsync"}
+    assert {str(tmp / f.name) for f in folder.iterdir()} | {str(tmp)} <= synced, events
+    assert ("fsync", str(folder.parent)) in events[rename + 1:], events

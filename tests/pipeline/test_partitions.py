@@ -53,3 +53,47 @@ def test_nightly_runs_add_new_partitions_to_one_output(ray_local, tiny_checkpoin
     assert (out / "_SUCCESS").exists()
     with pytest.raises(InputError, match="matches --partition-filter"):
         run(settings, str(lake), str(out), replicas=1, partition_filter="date>=2027-01-01")
+
+
+def test_a_file_renamed_inside_the_selection_leaves_each_row_once(ray_local, tiny_checkpoint, tmp_path):
+    """Finding 1 of issue 12: a renamed (or compacted) file inside the filtered partitions doubled its rows, with
+    exit 0 and `_SUCCESS`."""
+    lake, out = tmp_path / "lake", tmp_path / "out"
+    (lake / "date=2026-11-01").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(documents(8, seed=3)), lake / "date=2026-11-01" / "a.parquet")
+    settings = SummarizeSettings(model=str(tiny_checkpoint), **SETTINGS)
+    assert run(settings, str(lake), str(out), replicas=1, partition_filter="date=2026-11-01").success
+    (lake / "date=2026-11-01" / "a.parquet").rename(lake / "date=2026-11-01" / "b.parquet")
+
+    again = run(settings, str(lake), str(out), replicas=1, partition_filter="date=2026-11-01")
+    assert again.success and again.removed == 1
+    table = pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
+    assert sorted(table.column("id").to_pylist()) == sorted(d["id"] for d in documents(8, seed=3))
+    assert sorted(p.name for p in (out / "date=2026-11-01").iterdir()) == ["b.parquet"]
+
+
+def test_the_partition_filter_prunes_the_listing_itself(tmp_path, monkeypatch):
+    """Only folders that may match are listed: the README promises --partition-filter limits the listing."""
+    from pipeline.shards import list_shards
+
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs, lake = MemoryFileSystem(), f"/lakesum-test-{tmp_path.name}"
+    for day in ["2026-11-01", "2026-11-02", "2026-11-03"]:
+        for lang in ["en", "hi"]:
+            with fs.open(f"{lake}/date={day}/lang={lang}/part-0.parquet", "wb") as f:
+                pq.write_table(pa.Table.from_pylist(documents(2, seed=1)), f)
+    listed = []
+    ls = MemoryFileSystem.ls
+
+    def recording_ls(self, path, detail=False, **kwargs):
+        listed.append(path.rstrip("/")[len(lake):].lstrip("/"))
+        return ls(self, path, detail=detail, **kwargs)
+
+    monkeypatch.setattr(MemoryFileSystem, "ls", recording_ls)
+    try:
+        _, shards = list_shards(f"memory://{lake}", conditions=parse_filter("date=2026-11-02,lang=hi"))
+    finally:
+        fs.rm(lake, recursive=True)
+    assert [s.relative for s in shards] == ["date=2026-11-02/lang=hi/part-0.parquet"]
+    assert sorted(listed) == ["", "date=2026-11-02", "date=2026-11-02/lang=hi"]

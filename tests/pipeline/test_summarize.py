@@ -260,3 +260,62 @@ def test_model_identity_is_its_bytes_not_its_file_times(tiny_checkpoint, tmp_pat
         f.seek(middle)
         f.write(bytes([byte ^ 1]))
     assert model_fingerprint(str(model))["model_hash"] != before
+
+
+def test_a_hub_id_is_pinned_to_one_commit_recorded_in_the_manifest_and_loaded_by_every_replica(
+        tiny_checkpoint, tmp_path):
+    """No hub is reachable here: an HF cache laid out as huggingface_hub writes it, read offline by the job and by
+    its replicas (a local Ray started by the job, so they share its environment)."""
+    commit, later = "0123456789abcdef0123456789abcdef01234567", "89abcdef0123456789abcdef0123456789abcdef"
+    repo = tmp_path / "hf_home" / "hub" / "models--lakesum-test--tiny-mt5"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / commit)
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    write_shards(corpus, documents(12, seed=4), files=2, row_group_size=6)
+    env = {**_job_env(), "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}
+    command = [sys.executable, str(REPO / "jobs/summarize.py"), "--model", "lakesum-test/tiny-mt5", "--input",
+               str(corpus), "--output", str(out), "--num-beams", "1", "--max-new-tokens", "4"]
+
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = json.loads((out / "_lakesum" / "manifest.json").read_text())
+    assert manifest["model_revision"] == commit and "model_revision" not in manifest["settings"]
+
+    # main moves to a commit with the same weights: the same model, so the output is resumed, not refused
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / later)
+    (repo / "refs" / "main").write_text(later)
+    again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((out / "_lakesum" / "manifest.json").read_text())["model_revision"] == later
+    assert read_output(out).num_rows == 12
+
+
+def _job_env() -> dict:
+    import os
+
+    return {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "HF_"))}
+
+
+def test_a_rerun_parses_only_the_footers_of_files_that_changed(ray_local, tiny_checkpoint, tmp_path, monkeypatch):
+    """Planning at lake scale: an unchanged file's units come from the manifest (its identity is read, its footer
+    not parsed), so a nightly rerun over a million files does not parse a million footers."""
+    import pipeline.driver
+
+    corpus, out = tmp_path / "corpus", tmp_path / "out"
+    paths = write_shards(corpus, documents(24, seed=6), files=3, row_group_size=4)
+    settings = SummarizeSettings(model=str(tiny_checkpoint), **dict(SETTINGS, num_beams=1, max_new_tokens=4))
+    inspected = []
+    real = pipeline.driver.inspect_shards
+    monkeypatch.setattr(pipeline.driver, "inspect_shards",
+                        lambda fs, shards: inspected.append([s.relative for s in shards]) or real(fs, shards))
+
+    assert run(settings, str(corpus), str(out), replicas=1).success
+    assert run(settings, str(corpus), str(out), replicas=1).success
+    rewritten = pq.read_table(paths[1])
+    pq.write_table(rewritten.set_column(2, "text", pa.array(["new text"] * rewritten.num_rows)), paths[1],
+                   row_group_size=4)
+    again = run(settings, str(corpus), str(out), replicas=1)
+    assert again.success and again.redone == 1 and again.stats.rows == 8
+    assert [len(x) for x in inspected] == [3, 0, 1] and inspected[2] == [paths[1].relative_to(corpus).as_posix()]
+    assert read_output(out).num_rows == 24

@@ -1,0 +1,120 @@
+"""Planning at lake scale: list, inspect and plan a lake of many small Parquet files, then resume over it.
+
+    .venv/bin/python benchmarks/planning.py --files 1000000 --partitions 10000 --out benchmarks/results/planning.json
+
+Each phase runs in its own process, so its peak RSS is its own: `plan` is a first run's planning (list, read
+every footer, make units, write the manifest); `resume` is the next night's, with every unit committed
+(markers compacted, as a run leaves them) and nothing to do; `filtered` is a --partition-filter run over one
+partition. The model is a tiny one (its fingerprint costs the same at any lake size). Prints a table, writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+def build_lake(root: Path, files: int, partitions: int) -> None:
+    """`files` copies of one small Parquet file (3 rows), spread over `partitions` Hive folders."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    marker = root / f"_built-{files}-{partitions}"
+    if marker.exists():
+        return
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"id": [1, 2, 3], "text": ["a document", "another", "a third"]}), buffer)
+    data = buffer.getvalue()
+    per_partition = -(-files // partitions)
+    written = 0
+    for p in range(partitions):
+        folder = root / f"date={p:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(min(per_partition, files - written)):
+            (folder / f"part-{i:04d}.parquet").write_bytes(data)
+        written += per_partition
+    marker.touch()
+
+
+def tiny_model(root: Path) -> Path:
+    """A tiny mT5 checkpoint: planning fingerprints the model, whose size does not change with the lake."""
+    from benchmarks.checkpoints import spiece_model
+    from tests.fixtures.checkpoints import TINY, build_checkpoint
+
+    model = root / "tiny-model"
+    if not (model / "config.json").exists():
+        build_checkpoint(model, TINY, spiece_model())
+    return model
+
+
+def phase(name: str, lake: str, out: str, model: str) -> dict:
+    """One phase in this process, as jobs/summarize.py plans and prepares (no lease, no replicas)."""
+    from pipeline.commit import OutputLocation
+    from pipeline.driver import plan
+    from pipeline.settings import SummarizeSettings
+
+    start = time.perf_counter()
+    location = OutputLocation(out)
+    work = plan(SummarizeSettings(model=model), lake, None, "date=00042" if name == "filtered" else None, location)
+    planned = time.perf_counter()
+    changes = location.prepare(work.manifest, units=work.units, **work.selection)
+    prepared = time.perf_counter()
+    if name == "plan":  # as if the run committed every unit: the markers it leaves, compacted (finish())
+        location._write_index({u.id: {"id": u.id, "num_rows": u.num_rows} for u in work.units})
+    seconds = {"plan": planned - start, "prepare": prepared - planned, "total": time.perf_counter() - start}
+    return {"phase": name, "files": len({u.shard.path for u in work.units}), "units": len(work.units),
+            "to_run": len(changes.run), "skipped": len(changes.skip),
+            "seconds": {k: round(v, 2) for k, v in seconds.items()},
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+
+
+def cpu() -> str:
+    from tests.environment import describe
+
+    return " | ".join(describe()[:2])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--files", type=int, default=1_000_000)
+    p.add_argument("--partitions", type=int, default=10_000)
+    p.add_argument("--root", default="/tmp/lakesum-planning")
+    p.add_argument("--out", default=None, help="write the results here as JSON")
+    p.add_argument("--phase", default=None, help=argparse.SUPPRESS)  # internal: run one phase and print it
+    args = p.parse_args()
+    root = Path(args.root)
+    lake, out = root / f"lake-{args.files}-{args.partitions}", root / f"out-{args.files}-{args.partitions}"
+    if args.phase:
+        print(json.dumps(phase(args.phase, str(lake), str(out), str(tiny_model(root)))))
+        return
+    step = time.perf_counter()
+    build_lake(lake, args.files, args.partitions)
+    print(f"lake: {args.files:,} files in {args.partitions:,} partitions ({time.perf_counter() - step:.0f} s to build)")
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    tiny_model(root)
+    results = []
+    for name in ("plan", "resume", "filtered"):
+        done = subprocess.run([sys.executable, __file__, "--files", str(args.files), "--partitions",
+                               str(args.partitions), "--root", args.root, "--phase", name],
+                              capture_output=True, text=True, check=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        r = results[-1]
+        print(f"{name:<9} {r['files']:>9,} files {r['units']:>9,} units  run {r['to_run']:>9,}  skip {r['skipped']:>9,}"
+              f"  {r['seconds']['total']:>7.1f} s  peak {r['peak_rss_mib']:>6,} MiB  {r['seconds']}")
+    report = {"command": " ".join(["benchmarks/planning.py", *sys.argv[1:]]), "cpu": cpu(),
+              "cores": os.cpu_count(), "python": platform.python_version(), "results": results}
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
