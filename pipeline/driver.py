@@ -228,7 +228,8 @@ def run(settings: SummarizeSettings, input_url, output_url: str, *, replicas: in
                       "output is kept as it was; run again")
             report.failed[relative] = reason
             location.record_failure(Shard(relative, relative, "parquet", 0), reason)
-        todo = deque(u for u in work.units if u.id in changes.todo())
+        to_run = changes.todo()
+        todo = deque(u for u in work.units if u.id in to_run)
         for unit in todo:  # a known unit whose marker went since planning (rare): its footer is read now
             if unit.shard.path not in work.schemas:
                 work.schemas[unit.shard.path] = inspect_shard(work.fs, unit.shard).schema
@@ -260,7 +261,8 @@ def run(settings: SummarizeSettings, input_url, output_url: str, *, replicas: in
 def _print_plan(changes: Changes, work: Plan, out) -> None:
     """--dry-run's answer: units and rows per action, the first few files of each, and one JSON line."""
     rows = lambda units: sum(u["num_rows"] for u in units)  # noqa: E731
-    kept = [u for u in changes.plan if u["id"] not in {w.id for w in work.units}]
+    current = {unit.id for unit in work.units}
+    kept = [u for u in changes.plan if u["id"] not in current]
     actions = [("run", changes.run, "new input"), ("redo", changes.redo, "input rewritten since it was summarized"),
                ("skip", changes.skip, "committed by an earlier run"),
                ("remove", changes.remove, "outputs of rewritten or deleted files"),

@@ -2,7 +2,8 @@
 a replica) and rerun until it finishes; then every current row exactly once, nothing of a deleted or replaced
 file, and summaries equal to an uninterrupted run's.
 
-Seeded (CHAOS_SEED, default 12), so a failure reproduces. It prints its figures (kills survived, rows checked,
+Seeded (CHAOS_SEED, default 12): the lake and the kill plan reproduce; when a kill lands depends on the
+machine's speed. It prints its figures (kills survived, rows checked,
 duplicates) on one line starting "chaos:", which the README's reliability section quotes.
 """
 from __future__ import annotations
@@ -101,25 +102,33 @@ def _night(lake: Lake, rng: random.Random, night: int) -> None:
 
 
 def _run_with_kills(head: RayHead, command: list[str], out: Path, rng: random.Random, log: Path) -> dict:
-    """Run the job, SIGKILLing it (driver or a replica) at random moments KILLS_PER_NIGHT times; then let it finish."""
+    """Run the job, SIGKILLing it (driver or a replica) at random moments KILLS_PER_NIGHT times; then let it finish.
+
+    A killed replica is restarted by Ray inside the same job, so the next kill may hit that job again; a killed
+    driver ends its job, which is started again once its lease lapses.
+    """
     kills = {"driver": 0, "replica": 0}
-    for attempt in range(KILLS_PER_NIGHT + 4):
+    # both kinds every night, in a random order; the rest of the kills chosen at random
+    victims = ["driver", "replica", *(rng.choice(["driver", "replica"]) for _ in range(KILLS_PER_NIGHT - 2))]
+    rng.shuffle(victims)
+    for _ in range(KILLS_PER_NIGHT + 4):
         with open(log, "ab") as f:
             job = subprocess.Popen(command, stdout=f, stderr=subprocess.STDOUT, env=head.client_env())
         try:
-            if attempt < KILLS_PER_NIGHT:
-                victim = rng.choice(["driver", "replica"])
-                deadline = time.monotonic() + rng.uniform(3.0, 12.0)
+            while victims and job.poll() is None:
+                deadline = time.monotonic() + rng.uniform(2.0, 7.0)
                 while time.monotonic() < deadline and job.poll() is None:
                     time.sleep(0.05)
-                if job.poll() is None:
-                    replicas = head.replicas()
-                    if victim == "replica" and replicas:
-                        rng.choice(replicas).send_signal(signal.SIGKILL)
-                        kills["replica"] += 1
-                    else:
-                        job.send_signal(signal.SIGKILL)
-                        kills["driver"] += 1
+                if job.poll() is not None:
+                    break
+                victim, replicas = victims.pop(0), head.replicas()
+                if victim == "replica" and replicas:
+                    rng.choice(replicas).send_signal(signal.SIGKILL)
+                    kills["replica"] += 1
+                else:
+                    job.send_signal(signal.SIGKILL)
+                    kills["driver"] += 1
+                    break
             status = job.wait(timeout=600)
         finally:
             if job.poll() is None:
@@ -132,7 +141,7 @@ def _run_with_kills(head: RayHead, command: list[str], out: Path, rng: random.Ra
             continue
         if status in (0, 1) and _only_the_corrupt_shard_failed(out):
             return kills
-    raise AssertionError(f"the job did not finish after {KILLS_PER_NIGHT + 4} attempts: {log.read_text()[-3000:]}")
+    raise AssertionError(f"the job did not finish after {KILLS_PER_NIGHT + 4} starts: {log.read_text()[-3000:]}")
 
 
 def _only_the_corrupt_shard_failed(out: Path) -> bool:
@@ -149,15 +158,16 @@ def _summaries(out: Path) -> pa.Table:
 @pytest.mark.slow
 def test_three_nights_of_kills_leave_every_current_row_once_as_an_uninterrupted_run_writes_it(tiny_checkpoint,
                                                                                                tmp_path, capsys):
-    rng = random.Random(SEED)
+    # two generators: the lake's content does not depend on how many kills a machine's speed let happen
+    lake_rng, kill_rng = random.Random(SEED), random.Random(SEED + 1)
     lake = Lake(tmp_path / "lake")
     out = tmp_path / "out"
     extra = ("--replicas", "2", "--rows-per-unit", "8", "--lease-timeout", str(LEASE_TIMEOUT))
     kills, rows_checked, duplicates = {"driver": 0, "replica": 0}, 0, 0
     with RayHead(num_cpus=2) as head:
         for night in range(3):
-            _night(lake, rng, night)
-            survived = _run_with_kills(head, job_command(tiny_checkpoint, lake.root, out, *extra), out, rng,
+            _night(lake, lake_rng, night)
+            survived = _run_with_kills(head, job_command(tiny_checkpoint, lake.root, out, *extra), out, kill_rng,
                                        tmp_path / f"night-{night}.log")
             kills = {k: kills[k] + survived[k] for k in kills}
             clean = tmp_path / f"clean-{night}"

@@ -97,3 +97,26 @@ def test_the_partition_filter_prunes_the_listing_itself(tmp_path, monkeypatch):
         fs.rm(lake, recursive=True)
     assert [s.relative for s in shards] == ["date=2026-11-02/lang=hi/part-0.parquet"]
     assert sorted(listed) == ["", "date=2026-11-02", "date=2026-11-02/lang=hi"]
+
+
+def test_dry_run_prints_what_would_change_and_touches_nothing(ray_local, tiny_checkpoint, tmp_path):
+    import io
+
+    lake, out = tmp_path / "lake", tmp_path / "out"
+    for day in ["2026-11-01", "2026-11-02"]:
+        (lake / f"date={day}").mkdir(parents=True)
+        pq.write_table(pa.Table.from_pylist(documents(4, seed=7)), lake / f"date={day}" / "a.parquet")
+    settings = SummarizeSettings(model=str(tiny_checkpoint), **SETTINGS)
+    assert run(settings, str(lake), str(out), replicas=1).success
+    (lake / "date=2026-11-01" / "a.parquet").rename(lake / "date=2026-11-01" / "b.parquet")
+    pq.write_table(pa.Table.from_pylist(documents(6, seed=8)), lake / "date=2026-11-03.parquet")
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+
+    printed = io.StringIO()
+    report = run(settings, str(lake), str(out), replicas=1, dry_run=True, out=printed)
+    assert report.success
+    plan = json.loads(printed.getvalue().strip().splitlines()[-1])
+    assert plan["run"] == {"units": 2, "rows": 10} and plan["skip"] == {"units": 1, "rows": 4}
+    assert plan["remove"] == {"units": 1, "rows": 4} and plan["redo"] == {"units": 0, "rows": 0}
+    assert "date=2026-11-01/a.parquet" in printed.getvalue()  # the files of each action are named
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before  # nothing written, no lease taken
