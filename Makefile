@@ -1,4 +1,4 @@
-# make test: set up .venv, install, run the tests.  make demo: set up, then summarize sample documents.
+# make test: set up .venv, install, lint, run the tests.  make demo: set up, then summarize sample documents.
 # make test-latest: the same tests in .venv-latest, with the newest releases that pyproject.toml allows.
 PYTHON ?= python3
 # The CPU wheel of torch; a GPU machine names the CUDA build it wants here (TORCH_SPEC='torch==2.13.0' ...).
@@ -8,7 +8,10 @@ LOCK := constraints.txt
 # More conditions on the installed torch for tests.environment: CI passes --cpu-only.
 TORCH_CHECK ?=
 
-.PHONY: test demo setup test-latest setup-latest lock clean
+# What ruff lints and checks the formatting of (its rules: [tool.ruff] in pyproject.toml).
+LINTED := model pipeline jobs synthetic benchmarks tests
+
+.PHONY: test lint demo setup test-latest setup-latest lock clean
 
 # $(call install,VENV,CONSTRAINTS): a venv with TORCH_SPEC first, then the project and its test extras, with the
 # torch just installed pinned by a constraint: without it the project's install has replaced the CPU torch
@@ -29,8 +32,12 @@ setup: .venv/.installed
 .venv/.installed: pyproject.toml $(LOCK)
 	$(call install,.venv,-c $(LOCK))
 
-test: setup
+test: setup lint
 	.venv/bin/python -m pytest -q tests
+
+lint: setup
+	.venv/bin/python -m ruff check $(LINTED)
+	.venv/bin/python -m ruff format --check $(LINTED)
 
 demo: setup
 	.venv/bin/python jobs/demo.py --output demo_out

@@ -11,6 +11,7 @@ The checkpoints are written by transformers' save_pretrained through the test fi
 shrinks lm_head rows past the tokenizer's real pieces and boosts EOS, so that outputs are real pieces
 of varied length rather than one arbitrary id repeated 64 times.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.fixtures.checkpoints import MT5_SMALL, build_checkpoint  # noqa: E402
-from tests.fixtures.corpus import documents as corpus_documents  # noqa: E402
-from tests.fixtures.spiece import build_spiece_model  # noqa: E402
+from synthetic.checkpoints import MT5_SMALL, build_checkpoint  # noqa: E402
+from synthetic.corpus import documents as corpus_documents  # noqa: E402
+from synthetic.spiece import build_spiece_model  # noqa: E402
 
 CACHE = Path(__file__).resolve().parent / ".cache"
 

@@ -5,6 +5,7 @@ ids and return generated token ids: everything after the decoder start token, up
 when the model emitted one (padding dropped). The pipeline runners get the documents' text, as a user's
 job would, and return summary text.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -24,6 +25,7 @@ EOS, PAD = 1, 0
 @dataclass(frozen=True)
 class Decoding:
     """One decoding setting, shared by every engine. XL-Sum's: no_repeat_ngram_size 2, length_penalty 0.6."""
+
     name: str
     num_beams: int
     max_new_tokens: int = 64
@@ -33,21 +35,30 @@ class Decoding:
 
     def hf_settings(self) -> dict:
         """generate() keywords for ours and transformers: no forced minimum length."""
-        return dict(max_new_tokens=self.max_new_tokens, num_beams=self.num_beams, do_sample=False,
-                    no_repeat_ngram_size=self.no_repeat_ngram_size, length_penalty=self.length_penalty,
-                    early_stopping=self.early_stopping)
+        return dict(
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            do_sample=False,
+            no_repeat_ngram_size=self.no_repeat_ngram_size,
+            length_penalty=self.length_penalty,
+            early_stopping=self.early_stopping,
+        )
 
 
 # beam4 is transformers' default rule (early_stopping=False: a source is done when no running beam can
 # beat its worst finished one). CTranslate2 has one rule, a source is done once num_beams hypotheses have
 # finished (patience 1), which is transformers' early_stopping=True: beam4-early compares like with like.
-DECODINGS = {"greedy": Decoding("greedy", 1), "beam4": Decoding("beam4", 4),
-             "beam4-early": Decoding("beam4-early", 4, early_stopping=True)}
+DECODINGS = {
+    "greedy": Decoding("greedy", 1),
+    "beam4": Decoding("beam4", 4),
+    "beam4-early": Decoding("beam4-early", 4, early_stopping=True),
+}
 
 
 @dataclass
 class Context:
     """What every engine is built from: the checkpoint, the device, the batches."""
+
     shape: str
     checkpoint: Path
     device: str
@@ -85,8 +96,11 @@ class TorchEngine:
         for batch in self.ctx.batches:
             input_ids, mask = padded([docs[i]["ids"] for i in batch])
             with torch.inference_mode():
-                result = self.model.generate(input_ids=input_ids.to(self.ctx.device),
-                                             attention_mask=mask.to(self.ctx.device), **decoding.hf_settings())
+                result = self.model.generate(
+                    input_ids=input_ids.to(self.ctx.device),
+                    attention_mask=mask.to(self.ctx.device),
+                    **decoding.hf_settings(),
+                )
             for i, row in zip(batch, result.cpu().tolist()):
                 out[i] = generated_ids(row)
         return out
@@ -96,12 +110,12 @@ class TorchEngine:
 
 
 class ContinuousEngine(TorchEngine):
-    """Our model with continuous batching (model/continuous.py), as the pipeline runs it: the documents
+    """Our model with continuous batching (model/decode.py), as the pipeline runs it: the documents
     stream in, in the batches' order, at most batch_size documents at once, and a finished document's
     slot takes the next one."""
 
     def run(self, docs: list[dict], decoding: Decoding) -> list[list[int]]:
-        from model.continuous import generate_stream
+        from model.decode import generate_stream
 
         config = self.model.generation_config.updated(**decoding.hf_settings())
         stream = ((i, docs[i]["ids"]) for batch in self.ctx.batches for i in batch)
@@ -113,23 +127,17 @@ class ContinuousEngine(TorchEngine):
         return out
 
 
-def ours(ctx: Context, dtype: str = "float32", quantization: str = "none",
-         vocabulary: int | None = None) -> TorchEngine:
+def ours(
+    ctx: Context, dtype: str = "float32", quantization: str = "none", vocabulary: int | None = None
+) -> TorchEngine:
     """Our model as a job loads it; `vocabulary`: keep only that many output ids (see RESTRICTED_VOCAB)."""
-    from model import MT5ForConditionalGeneration
-    from model.packed import pack_head_for_cpu
-    from model.quantize import quantize
-    from model.vocabulary import restrict_vocabulary
+    from model import load_for_inference
 
-    if vocabulary is None:
-        model = MT5ForConditionalGeneration.from_pretrained(ctx.checkpoint, dtype=dtype, device=ctx.device,
-                                                           quantization=quantization)
-    else:  # restricted first, so that int8-dynamic quantizes the smaller head, as pipeline/replica.py does
-        model = MT5ForConditionalGeneration.from_pretrained(ctx.checkpoint, dtype=dtype, device=ctx.device)
-        restrict_vocabulary(model, range(vocabulary))
-        quantize(model, quantization)
-    pack_head_for_cpu(model)  # as pipeline/replica.py does; a quantized or GPU head is left as it is
-    return TorchEngine(ctx, model)
+    kept = None if vocabulary is None else range(vocabulary)
+    return TorchEngine(
+        ctx,
+        load_for_inference(ctx.checkpoint, dtype=dtype, device=ctx.device, quantization=quantization, kept_ids=kept),
+    )
 
 
 # The restricted output vocabulary of the `…-vocab32k` engines: the first 32,768 ids stand in for "the
@@ -157,8 +165,13 @@ class CTranslate2Engine:
         self.ctx = ctx
         folder = ct2_model(ctx.shape)
         device = "cuda" if ctx.device.startswith("cuda") else "cpu"
-        self.translator = ctranslate2.Translator(str(folder), device=device, compute_type=compute_type,
-                                                 inter_threads=1, intra_threads=ctx.threads if device == "cpu" else 0)
+        self.translator = ctranslate2.Translator(
+            str(folder),
+            device=device,
+            compute_type=compute_type,
+            inter_threads=1,
+            intra_threads=ctx.threads if device == "cpu" else 0,
+        )
         # The converter writes the vocabulary in id order; ids past the real pieces repeat extra ids, so the
         # reverse map keeps each token's first id (generation never reaches those padding rows).
         self.vocab = json.loads((folder / "shared_vocabulary.json").read_text(encoding="utf-8"))
@@ -172,9 +185,15 @@ class CTranslate2Engine:
             # Our ids already end with </s>; CTranslate2 adds nothing to a T5 source (add_source_eos false).
             source = [[self.vocab[t] for t in docs[i]["ids"]] for i in batch]
             results = self.translator.translate_batch(
-                source, beam_size=decoding.num_beams, length_penalty=decoding.length_penalty,
-                no_repeat_ngram_size=decoding.no_repeat_ngram_size, max_decoding_length=decoding.max_new_tokens,
-                min_decoding_length=0, return_end_token=True, return_scores=False)
+                source,
+                beam_size=decoding.num_beams,
+                length_penalty=decoding.length_penalty,
+                no_repeat_ngram_size=decoding.no_repeat_ngram_size,
+                max_decoding_length=decoding.max_new_tokens,
+                min_decoding_length=0,
+                return_end_token=True,
+                return_scores=False,
+            )
             for i, result in zip(batch, results):
                 out[i] = [self.ids[t] for t in result.hypotheses[0]]
         return out
@@ -190,20 +209,25 @@ class PipelineEngine:
     output = "text"
 
     def __init__(self, ctx: Context, model=None):
-        from model import MT5ForConditionalGeneration, MT5Tokenizer
+        from model import MT5Tokenizer
 
         self.ctx = ctx
-        self.model = model or MT5ForConditionalGeneration.from_pretrained(ctx.checkpoint, device=ctx.device)
+        self.model = model or ours(ctx).model
         self.tokenizer = MT5Tokenizer.from_pretrained(ctx.checkpoint)
 
     def settings(self, decoding: Decoding):
         from pipeline.settings import SummarizeSettings
 
         # float32 everywhere, so that end-to-end compares with ours-fp32 (the job's auto is bfloat16 on GPU)
-        return SummarizeSettings(model=str(self.ctx.checkpoint), dtype="float32",
-                                 max_new_tokens=decoding.max_new_tokens, num_beams=decoding.num_beams,
-                                 no_repeat_ngram_size=decoding.no_repeat_ngram_size,
-                                 length_penalty=decoding.length_penalty, batch_size=self.ctx.batch_size)
+        return SummarizeSettings(
+            model=str(self.ctx.checkpoint),
+            dtype="float32",
+            max_new_tokens=decoding.max_new_tokens,
+            num_beams=decoding.num_beams,
+            no_repeat_ngram_size=decoding.no_repeat_ngram_size,
+            length_penalty=decoding.length_penalty,
+            batch_size=self.ctx.batch_size,
+        )
 
     def run(self, docs: list[dict], decoding: Decoding) -> list[str]:
         import pyarrow as pa
@@ -238,8 +262,14 @@ class RayPipelineEngine(PipelineEngine):
         self.runs = 0
         self.startup: list[float] = []
         if not ray.is_initialized():  # a Ray of its own, even where another one runs on this machine
-            ray.init(address="local", num_cpus=ctx.threads, num_gpus=1 if ctx.device.startswith("cuda") else 0,
-                     include_dashboard=False, logging_level="error", log_to_driver=False)
+            ray.init(
+                address="local",
+                num_cpus=ctx.threads,
+                num_gpus=1 if ctx.device.startswith("cuda") else 0,
+                include_dashboard=False,
+                logging_level="error",
+                log_to_driver=False,
+            )
 
     def run(self, docs: list[dict], decoding: Decoding) -> list[str]:
         import pyarrow as pa
@@ -250,12 +280,20 @@ class RayPipelineEngine(PipelineEngine):
         self.runs += 1
         source = self.workdir / f"input-{self.runs}"
         source.mkdir()
-        pq.write_table(pa.table({"id": [d["id"] for d in docs], "text": [d["text"] for d in docs]}),
-                       source / "docs.parquet")
+        pq.write_table(
+            pa.table({"id": [d["id"] for d in docs], "text": [d["text"] for d in docs]}), source / "docs.parquet"
+        )
         output = self.workdir / f"output-{self.runs}"
         with open(os.devnull, "w") as quiet:
-            report = run(self.settings(decoding), str(source), str(output), replicas=1,
-                         cpus_per_replica=self.ctx.threads, progress_every=3600.0, out=quiet)
+            report = run(
+                self.settings(decoding),
+                str(source),
+                str(output),
+                replicas=1,
+                cpus_per_replica=self.ctx.threads,
+                progress_every=3600.0,
+                out=quiet,
+            )
         if not report.success:
             raise RuntimeError(f"the pipeline failed: {report.failed}")
         table = pq.read_table(output / "docs.parquet")
@@ -274,9 +312,15 @@ class RayPipelineEngine(PipelineEngine):
         pq.write_table(pa.table({"id": ["x"], "text": ["x"]}), source / "docs.parquet")
         start = time.perf_counter()
         with open(os.devnull, "w") as quiet:
-            run(self.settings(Decoding("startup", 1, max_new_tokens=1)), str(source),
-                str(self.workdir / f"output-{self.runs}"), replicas=1, cpus_per_replica=self.ctx.threads,
-                progress_every=3600.0, out=quiet)
+            run(
+                self.settings(Decoding("startup", 1, max_new_tokens=1)),
+                str(source),
+                str(self.workdir / f"output-{self.runs}"),
+                replicas=1,
+                cpus_per_replica=self.ctx.threads,
+                progress_every=3600.0,
+                out=quiet,
+            )
         return time.perf_counter() - start
 
     def peak_device_bytes(self) -> int | None:
@@ -289,14 +333,26 @@ ENGINES = {
     "ours-bf16": (("cuda",), lambda ctx, shared: ours(ctx, dtype="bfloat16")),
     "ours-int8-dynamic": (("cpu",), lambda ctx, shared: ours(ctx, quantization="int8-dynamic")),
     "ours-fp32-vocab32k": (("cpu", "cuda"), lambda ctx, shared: ours(ctx, vocabulary=RESTRICTED_VOCAB)),
-    "ours-int8-dynamic-vocab32k": (("cpu",), lambda ctx, shared: ours(ctx, quantization="int8-dynamic",
-                                                                       vocabulary=RESTRICTED_VOCAB)),
-    "ours-fp32-continuous": (("cpu", "cuda"), lambda ctx, shared: ContinuousEngine(
-        ctx, shared["ours-fp32"].model if "ours-fp32" in shared else ours(ctx).model)),
-    "ours-int8-dynamic-continuous": (("cpu",), lambda ctx, shared: ContinuousEngine(
-        ctx, ours(ctx, quantization="int8-dynamic").model)),
-    "ours-int8-dynamic-vocab32k-continuous": (("cpu",), lambda ctx, shared: ContinuousEngine(
-        ctx, ours(ctx, quantization="int8-dynamic", vocabulary=RESTRICTED_VOCAB).model)),
+    "ours-int8-dynamic-vocab32k": (
+        ("cpu",),
+        lambda ctx, shared: ours(ctx, quantization="int8-dynamic", vocabulary=RESTRICTED_VOCAB),
+    ),
+    "ours-fp32-continuous": (
+        ("cpu", "cuda"),
+        lambda ctx, shared: ContinuousEngine(
+            ctx, shared["ours-fp32"].model if "ours-fp32" in shared else ours(ctx).model
+        ),
+    ),
+    "ours-int8-dynamic-continuous": (
+        ("cpu",),
+        lambda ctx, shared: ContinuousEngine(ctx, ours(ctx, quantization="int8-dynamic").model),
+    ),
+    "ours-int8-dynamic-vocab32k-continuous": (
+        ("cpu",),
+        lambda ctx, shared: ContinuousEngine(
+            ctx, ours(ctx, quantization="int8-dynamic", vocabulary=RESTRICTED_VOCAB).model
+        ),
+    ),
     "ours-bnb-int8": (("cpu", "cuda"), lambda ctx, shared: ours(ctx, quantization="int8")),
     "ours-bnb-nf4": (("cpu", "cuda"), lambda ctx, shared: ours(ctx, quantization="nf4")),
     "transformers-fp32": (("cpu", "cuda"), lambda ctx, shared: transformers_engine(ctx)),
@@ -305,8 +361,10 @@ ENGINES = {
     "ct2-int8": (("cpu",), lambda ctx, shared: CTranslate2Engine(ctx, "int8")),
     "ct2-bf16": (("cuda",), lambda ctx, shared: CTranslate2Engine(ctx, "bfloat16")),
     "ct2-int8-bf16": (("cuda",), lambda ctx, shared: CTranslate2Engine(ctx, "int8_bfloat16")),
-    "pipeline": (("cpu", "cuda"), lambda ctx, shared: PipelineEngine(
-        ctx, shared["ours-fp32"].model if "ours-fp32" in shared else None)),
+    "pipeline": (
+        ("cpu", "cuda"),
+        lambda ctx, shared: PipelineEngine(ctx, shared["ours-fp32"].model if "ours-fp32" in shared else None),
+    ),
     "pipeline-ray": (("cpu", "cuda"), lambda ctx, shared: RayPipelineEngine(ctx)),
 }
 
@@ -336,8 +394,9 @@ def expand(names: list[str], device: str) -> list[str]:
                 raise SystemExit(f"engine {name!r} does not run on {device}")
             members = [name]
         else:
-            raise SystemExit(f"unknown engine {name!r}; use a group ({', '.join(GROUPS)}) "
-                             f"or one of {', '.join(ENGINES)}")
+            raise SystemExit(
+                f"unknown engine {name!r}; use a group ({', '.join(GROUPS)}) or one of {', '.join(ENGINES)}"
+            )
         out += [m for m in members if m not in out]
     if "ours-fp32" not in out:  # the reference of token agreement
         out.insert(0, "ours-fp32")

@@ -7,6 +7,7 @@ every footer, make units, write the manifest); `resume` is the next night's, wit
 (markers compacted, as a run leaves them) and nothing to do; `filtered` is a --partition-filter run over one
 partition. The model is a tiny one (its fingerprint costs the same at any lake size). Prints a table, writes JSON.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
 
 def build_lake(root: Path, files: int, partitions: int) -> None:
     """`files` copies of one small Parquet file (3 rows), spread over `partitions` Hive folders."""
@@ -48,7 +50,7 @@ def build_lake(root: Path, files: int, partitions: int) -> None:
 def tiny_model(root: Path) -> Path:
     """A tiny mT5 checkpoint: planning fingerprints the model, whose size does not change with the lake."""
     from benchmarks.checkpoints import spiece_model
-    from tests.fixtures.checkpoints import TINY, build_checkpoint
+    from synthetic.checkpoints import TINY, build_checkpoint
 
     model = root / "tiny-model"
     if not (model / "config.json").exists():
@@ -58,7 +60,7 @@ def tiny_model(root: Path) -> Path:
 
 def phase(name: str, lake: str, out: str, model: str) -> dict:
     """One phase in this process, as jobs/summarize.py plans and prepares (no lease, no replicas)."""
-    from pipeline.commit import OutputLocation
+    from pipeline.commit import OutputLocation, _unit_record
     from pipeline.driver import plan
     from pipeline.settings import SummarizeSettings
 
@@ -69,18 +71,35 @@ def phase(name: str, lake: str, out: str, model: str) -> dict:
     changes = location.prepare(work.manifest, units=work.units, **work.selection)
     prepared = time.perf_counter()
     if name == "plan":  # as if the run committed every unit: the markers it leaves, compacted (finish())
-        location._write_index({u.id: {"id": u.id, "num_rows": u.num_rows} for u in work.units})
+        location._write_index(
+            {
+                u.id: {
+                    **_unit_record(u)._asdict(),
+                    "attempt": "a1",
+                    "generation": 1,
+                    "committed_at": "2026-11-30T00:00:00+00:00",
+                }
+                for u in work.units
+            }
+        )
     seconds = {"plan": planned - start, "prepare": prepared - planned, "total": time.perf_counter() - start}
-    return {"phase": name, "files": len({u.shard.path for u in work.units}), "units": len(work.units),
-            "to_run": len(changes.run), "skipped": len(changes.skip),
-            "seconds": {k: round(v, 2) for k, v in seconds.items()},
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return {
+        "phase": name,
+        "files": len({u.shard.path for u in work.units}),
+        "units": len(work.units),
+        "to_run": len(changes.run),
+        "skipped": len(changes.skip),
+        "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
 
 
 def cpu() -> str:
-    from tests.environment import describe
+    """The machine, as benchmarks/run.py records it for every benchmark."""
+    from benchmarks.run import machine
 
-    return " | ".join(describe()[:2])
+    m = machine(argparse.Namespace(threads=1, device="cpu"))
+    return f"cpu: {m['cpu']}; simd: {' '.join(m['simd'])} | python {m['python']}; torch {m['torch']}"
 
 
 def main() -> None:
@@ -103,15 +122,36 @@ def main() -> None:
     tiny_model(root)
     results = []
     for name in ("plan", "resume", "filtered"):
-        done = subprocess.run([sys.executable, __file__, "--files", str(args.files), "--partitions",
-                               str(args.partitions), "--root", args.root, "--phase", name],
-                              capture_output=True, text=True, check=True)
+        done = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--files",
+                str(args.files),
+                "--partitions",
+                str(args.partitions),
+                "--root",
+                args.root,
+                "--phase",
+                name,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         r = results[-1]
-        print(f"{name:<9} {r['files']:>9,} files {r['units']:>9,} units  run {r['to_run']:>9,}  skip {r['skipped']:>9,}"
-              f"  {r['seconds']['total']:>7.1f} s  peak {r['peak_rss_mib']:>6,} MiB  {r['seconds']}")
-    report = {"command": " ".join(["benchmarks/planning.py", *sys.argv[1:]]), "cpu": cpu(),
-              "cores": os.cpu_count(), "python": platform.python_version(), "results": results}
+        print(
+            f"{name:<9} {r['files']:>9,} files {r['units']:>9,} units  run {r['to_run']:>9,}  skip {r['skipped']:>9,}"
+            f"  {r['seconds']['total']:>7.1f} s  peak {r['peak_rss_mib']:>6,} MiB  {r['seconds']}"
+        )
+    report = {
+        "command": " ".join(["benchmarks/planning.py", *sys.argv[1:]]),
+        "cpu": cpu(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "results": results,
+    }
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
 

@@ -1,11 +1,12 @@
 """A bar chart of generated tokens/s per engine and decoding, one PNG per results file.
 
-    python benchmarks/plot.py benchmarks/results/cpu-mt5-small-greedy.json [more.json ...]
+    python benchmarks/plot.py benchmarks/results/cpu-mt5-small.json [more.json ...]
 
 Writes each file's chart beside it (same name, .png). Each bar is labelled with its tokens/s and its
 ratio to the CTranslate2 reference of that run (int8 on CPU, bfloat16 on GPU), the issue's target.
 Needs matplotlib (pip install matplotlib); it is not a dependency of the project.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,13 @@ def plot(path: Path) -> Path:
         ax.tick_params(axis="y", labelsize=8)
     m, s = report["machine"], report["setup"]
     where = m["accelerator"] or f"{m['cpu']}, {m['threads']} thread(s)"
-    fig.suptitle(f"mt5-{s['shape']} (random weights), batch {s['batch_size']}, {s['documents']} docs of "
-                 f"{s['input_tokens']['min']}-{s['input_tokens']['max']} tokens, "
-                 f"max {next(iter(s['decodings'].values()))['max_new_tokens']} new tokens\n"
-                 f"{where}, torch {m['torch']}, {report['date'][:10]}", fontsize=9)
+    fig.suptitle(
+        f"mt5-{s['shape']} (random weights), batch {s['batch_size']}, {s['documents']} docs of "
+        f"{s['input_tokens']['min']}-{s['input_tokens']['max']} tokens, "
+        f"max {next(iter(s['decodings'].values()))['max_new_tokens']} new tokens\n"
+        f"{where}, torch {m['torch']}, {report['date'][:10]}",
+        fontsize=9,
+    )
     fig.tight_layout()
     out = path.with_suffix(".png")
     fig.savefig(out, dpi=110)

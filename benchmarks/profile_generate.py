@@ -9,6 +9,7 @@ The operator table shows which kernels cost (lm_head's matmul, log_softmax over 
 ban, cache reordering); the Python table shows where they are called from. Time in the encoder and in
 each decode step is printed apart with record_function markers (monkeypatched here, not in model/).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,45 +31,34 @@ from benchmarks.engines import DECODINGS, Decoding, padded  # noqa: E402
 
 
 def label_phases() -> None:
-    """Wrap the encoder, decoder step, logits and beam bookkeeping in named profiler ranges."""
-    from model import generate as g
+    """Wrap the encoder, decoder step, lm_head, logits processors and cache reordering in named profiler ranges."""
+    from model.decode_batch import DecodeBatch, StepBuffers
+    from model.logits import LogitsProcessor
 
-    encode = g.DecodeState.__init__
-    step = g.DecodeState.step
-    reorder = g.DecodeState.reorder
-    process = g.LogitsProcessor.__call__
+    def labelled(owner, name: str, label: str) -> None:
+        original = getattr(owner, name)
 
-    def init(self, *a, **k):
-        with torch.profiler.record_function("phase: encoder + cross k/v"):
-            encode(self, *a, **k)
+        def wrapper(*args, **kwargs):
+            with torch.profiler.record_function(label):
+                return original(*args, **kwargs)
 
-    def timed_step(self, tokens, pos):
-        with torch.profiler.record_function("phase: decoder stack"):
-            hidden = self.model.decoder(self.model.shared(tokens[:, None]), self.cross_kv, self.encoder_mask,
-                                        caches=self.caches, pos=pos)
-        with torch.profiler.record_function("phase: lm_head"):
-            return self.buffers.logits(self.model, hidden[:, -1])
+        setattr(owner, name, wrapper)
 
-    def timed_reorder(self, index):
-        with torch.profiler.record_function("phase: cache reorder"):
-            reorder(self, index)
-
-    def timed_process(self, sequences, scores, lengths=None):
-        with torch.profiler.record_function("phase: logits processors"):
-            return process(self, sequences, scores, lengths)
-
-    g.DecodeState.__init__, g.DecodeState.step = init, timed_step
-    g.DecodeState.reorder, g.LogitsProcessor.__call__ = timed_reorder, timed_process
-    del step
+    labelled(DecodeBatch, "_encode", "phase: encoder + cross k/v")
+    labelled(DecodeBatch, "logits", "phase: decoder step (stack + lm_head)")
+    labelled(StepBuffers, "logits", "phase: lm_head")
+    labelled(DecodeBatch, "reorder_rows", "phase: cache reorder")
+    labelled(LogitsProcessor, "__call__", "phase: logits processors")
 
 
 def split_continuous(model, docs: list[dict], settings: dict, rows: int) -> None:
     """Time continuous batching over `docs` (longest first, as benchmarks/run.py streams them), split
     into encoding new sources and decode steps (decoder stack + lm_head)."""
-    from model import continuous as c
+    from model.decode import generate_stream
+    from model.decode_batch import DecodeBatch
 
     spent = {"encode": 0.0, "step": 0.0, "steps": 0, "rows": 0}
-    encode, logits = c.Slots._encode, c.Slots._logits
+    encode, logits = DecodeBatch._encode, DecodeBatch.logits
 
     def timed_encode(self, rows_):
         start = time.perf_counter()
@@ -84,18 +74,21 @@ def split_continuous(model, docs: list[dict], settings: dict, rows: int) -> None
         finally:
             spent["step"] += time.perf_counter() - start
             spent["steps"] += 1
-            spent["rows"] += len(self.lengths) * self.beams
+            spent["rows"] += len(self.lengths)
 
-    c.Slots._encode, c.Slots._logits = timed_encode, timed_logits
+    DecodeBatch._encode, DecodeBatch.logits = timed_encode, timed_logits
     ordered = sorted(range(len(docs)), key=lambda i: -len(docs[i]["ids"]))
     config = model.generation_config.updated(**settings)
     start = time.perf_counter()
     with torch.inference_mode():
-        out = list(c.generate_stream(model, ((i, docs[i]["ids"]) for i in ordered), config, max_rows=rows))
+        out = list(generate_stream(model, ((i, docs[i]["ids"]) for i in ordered), config, max_rows=rows))
     total = time.perf_counter() - start
-    print(f"continuous: {total:.1f}s for {len(out)} documents ({sum(len(d['ids']) for d in docs)} source tokens): "
-          f"encoding {spent['encode']:.1f}s, {spent['steps']} decode steps {spent['step']:.1f}s "
-          f"(mean {spent['rows'] / max(spent['steps'], 1):.1f} rows), the rest {total - spent['encode'] - spent['step']:.1f}s")
+    rest = total - spent["encode"] - spent["step"]
+    print(
+        f"continuous: {total:.1f}s for {len(out)} documents ({sum(len(d['ids']) for d in docs)} source tokens): "
+        f"encoding {spent['encode']:.1f}s, {spent['steps']} decode steps {spent['step']:.1f}s "
+        f"(mean {spent['rows'] / max(spent['steps'], 1):.1f} rows), the rest {rest:.1f}s"
+    )
 
 
 def main() -> None:
@@ -107,34 +100,37 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--rows", type=int, default=25, help="rows of each table")
     p.add_argument("--quantization", default="none", help="as jobs/summarize.py's --quantization, e.g. int8-dynamic")
-    p.add_argument("--continuous", action="store_true",
-                   help="instead: time continuous batching over --docs documents, encoding vs decode steps")
+    p.add_argument(
+        "--continuous",
+        action="store_true",
+        help="instead: time continuous batching over --docs documents, encoding vs decode steps",
+    )
     p.add_argument("--docs", type=int, default=48, help="documents for --continuous")
     args = p.parse_args()
 
-    from model import MT5ForConditionalGeneration, MT5Tokenizer
-    from model.packed import pack_head_for_cpu
+    from model import MT5Tokenizer, load_for_inference
 
     torch.set_num_threads(args.threads)
     path = checkpoints.checkpoint(args.shape)
     tokenizer = MT5Tokenizer.from_pretrained(path)
-    model = MT5ForConditionalGeneration.from_pretrained(path, quantization=args.quantization)
-    pack_head_for_cpu(model)  # as a replica does
+    model = load_for_inference(path, dtype="float32", quantization=args.quantization)  # as a replica loads it
     d = DECODINGS[args.decoding]
     settings = Decoding(d.name, d.num_beams, args.max_new_tokens, early_stopping=d.early_stopping).hf_settings()
     if args.continuous:
         split_continuous(model, checkpoints.documents(args.docs, tokenizer), settings, args.batch * d.num_beams)
         return
     docs = checkpoints.documents(64, tokenizer)  # the benchmark's documents; take a median-length batch
-    docs = sorted(docs, key=lambda d: len(d["ids"]))[24: 24 + args.batch]
+    docs = sorted(docs, key=lambda d: len(d["ids"]))[24 : 24 + args.batch]
     input_ids, mask = padded([d["ids"] for d in docs])
     with torch.inference_mode():
         model.generate(input_ids=input_ids[:2, :32], attention_mask=mask[:2, :32], **dict(settings, max_new_tokens=4))
         label_phases()
         start = time.perf_counter()
         out = model.generate(input_ids=input_ids, attention_mask=mask, **settings)
-        print(f"plain generate: {time.perf_counter() - start:.2f}s, output {list(out.shape)}, "
-              f"input {list(input_ids.shape)}")
+        print(
+            f"plain generate: {time.perf_counter() - start:.2f}s, output {list(out.shape)}, "
+            f"input {list(input_ids.shape)}"
+        )
 
         profiler = cProfile.Profile()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

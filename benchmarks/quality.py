@@ -15,6 +15,7 @@ The restricted output vocabulary is derived from the training targets' text (wha
 
   python benchmarks/quality.py --docs 2000 --out benchmarks/results/quality-first-words.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,16 +36,42 @@ import torch  # noqa: E402
 CACHE = ROOT / "benchmarks" / ".cache"
 
 # The demo's recipe (jobs/demo.py finetune_walkthrough) with more data and steps, on one CPU thread (about 4 min).
-RECIPE = dict(train_rows=20000, train_seed=1, words=2, d_model=128, model_seed=0,
-              finetune=["--method", "full", "--max-steps", "3000", "--lr", "3e-3", "--optimizer", "adamw",
-                        "--batch-size", "32", "--max-input-tokens", "32", "--max-target-tokens", "8",
-                        "--label-smoothing", "0", "--warmup-steps", "20", "--log-every", "50",
-                        "--save-every", "1000"])
+RECIPE = dict(
+    train_rows=20000,
+    train_seed=1,
+    words=2,
+    d_model=128,
+    model_seed=0,
+    finetune=[
+        "--method",
+        "full",
+        "--max-steps",
+        "3000",
+        "--lr",
+        "3e-3",
+        "--optimizer",
+        "adamw",
+        "--batch-size",
+        "32",
+        "--max-input-tokens",
+        "32",
+        "--max-target-tokens",
+        "8",
+        "--label-smoothing",
+        "0",
+        "--warmup-steps",
+        "20",
+        "--log-every",
+        "50",
+        "--save-every",
+        "1000",
+    ],
+)
 HELD_OUT_SEED = 9
 
 
 def training_rows() -> list[dict]:
-    from tests.fixtures.corpus import first_words_task
+    from synthetic.corpus import first_words_task
 
     return first_words_task(RECIPE["train_rows"], seed=RECIPE["train_seed"], words=RECIPE["words"])
 
@@ -55,8 +82,8 @@ def trained_model() -> Path:
     import pyarrow.parquet as pq
 
     from jobs.finetune import main as finetune
-    from tests.fixtures.checkpoints import build_trainable_checkpoint
-    from tests.fixtures.spiece import build_spiece_model
+    from synthetic.checkpoints import build_trainable_checkpoint
+    from synthetic.spiece import build_spiece_model
 
     key = hashlib.sha256(json.dumps(RECIPE, sort_keys=True).encode()).hexdigest()[:12]
     root = CACHE / f"quality-{key}"
@@ -64,23 +91,37 @@ def trained_model() -> Path:
     if (tuned / "model.safetensors").exists() and (tuned / "eval.json").exists():
         return tuned
     base = root / "base"
-    build_trainable_checkpoint(base, build_spiece_model(root / "spiece"), d_model=RECIPE["d_model"],
-                               seed=RECIPE["model_seed"])
+    build_trainable_checkpoint(
+        base, build_spiece_model(root / "spiece"), d_model=RECIPE["d_model"], seed=RECIPE["model_seed"]
+    )
     pq.write_table(pa.Table.from_pylist(training_rows()), root / "train.parquet")
     # a small evaluation set for eval.json; the benchmark's own held-out set is scored below
-    from tests.fixtures.corpus import first_words_task
-    pq.write_table(pa.Table.from_pylist(first_words_task(40, seed=HELD_OUT_SEED + 1, words=RECIPE["words"])),
-                   root / "eval.parquet")
+    from synthetic.corpus import first_words_task
+
+    pq.write_table(
+        pa.Table.from_pylist(first_words_task(40, seed=HELD_OUT_SEED + 1, words=RECIPE["words"])), root / "eval.parquet"
+    )
     start = time.perf_counter()
     os.environ["RAY_ADDRESS"] = "local"  # a Ray of its own, even where another one runs on this machine
-    status = finetune(["--model", str(base), "--train", str(root / "train.parquet"), "--eval",
-                       str(root / "eval.parquet"), "--output-model", str(tuned), "--cpus-per-replica", "1",
-                       *RECIPE["finetune"]])
+    status = finetune(
+        [
+            "--model",
+            str(base),
+            "--train",
+            str(root / "train.parquet"),
+            "--eval",
+            str(root / "eval.parquet"),
+            "--output-model",
+            str(tuned),
+            "--cpus-per-replica",
+            "1",
+            *RECIPE["finetune"],
+        ]
+    )
     if status != 0:
         raise SystemExit(f"fine-tuning failed (exit {status})")
     print(f"trained in {time.perf_counter() - start:.0f} s: {tuned}", file=sys.stderr)
     return tuned
-
 
 
 # --- the settings compared ----------------------------------------------------------------------------
@@ -90,30 +131,32 @@ MAX_NEW_TOKENS = 8  # the recipe's --max-target-tokens
 
 
 def build(checkpoint: Path, setting: str, kept: set[int]):
-    """The model for one setting, loaded fresh (quantization and restriction change it in place)."""
-    from model import MT5ForConditionalGeneration
+    """The model for one setting, loaded as a job loads it (model.load_for_inference)."""
+    from model import load_for_inference
     from model import quantize as quantization
-    from model.quantize import quantize
-    from model.vocabulary import restrict_vocabulary
 
-    model = MT5ForConditionalGeneration.from_pretrained(checkpoint)
-    if setting.startswith("vocab"):
-        restrict_vocabulary(model, kept)  # before quantizing: int8-dynamic then quantizes the smaller head
-    if setting.endswith("int8-dynamic"):
-        quantize(model, "int8-dynamic")
-    elif setting == "int8-dynamic+wo":  # the measurement behind model/quantize.py's DYNAMIC_KEEP_UNQUANTIZED
-        with patched(quantization, "DYNAMIC_KEEP_UNQUANTIZED", ()):
-            quantize(model, "int8-dynamic")
-    elif setting == "int8-dynamic-head-kept":
-        quantize(model, "int8-dynamic", skip=("lm_head",))
-    elif setting in ("bnb-int8", "bnb-nf4"):
-        quantize(model, setting.removeprefix("bnb-"))
-    return model
+    method = {"fp32": "none", "vocab": "none", "bnb-int8": "int8", "bnb-nf4": "nf4"}.get(setting, "int8-dynamic")
+    kept_ids = kept if setting.startswith("vocab") else None
+    # What int8-dynamic leaves in float32: int8-dynamic+wo is the measurement behind model/quantize.py's
+    # DYNAMIC_KEEP_UNQUANTIZED; int8-dynamic-head-kept keeps lm_head too (as quantize's skip=("lm_head",)).
+    keep = {"int8-dynamic+wo": (), "int8-dynamic-head-kept": ("wo", "lm_head")}.get(
+        setting, quantization.DYNAMIC_KEEP_UNQUANTIZED
+    )
+    with patched(quantization, "DYNAMIC_KEEP_UNQUANTIZED", keep):
+        return load_for_inference(checkpoint, dtype="float32", quantization=method, kept_ids=kept_ids)
 
 
 # int8-dynamic+wo and int8-dynamic-head-kept: what quantizing `wo` too, or keeping lm_head in float32, changes.
-SETTINGS = ("fp32", "int8-dynamic", "int8-dynamic+wo", "int8-dynamic-head-kept", "bnb-int8", "bnb-nf4", "vocab",
-            "vocab+int8-dynamic")
+SETTINGS = (
+    "fp32",
+    "int8-dynamic",
+    "int8-dynamic+wo",
+    "int8-dynamic-head-kept",
+    "bnb-int8",
+    "bnb-nf4",
+    "vocab",
+    "vocab+int8-dynamic",
+)
 
 
 @contextlib.contextmanager
@@ -130,8 +173,9 @@ def generate(model, tokenizer, texts: list[str], decoding: dict, batch_size: int
     """Generated ids per document: after the decoder start, up to and including </s>."""
     out = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start:start + batch_size], max_length=32, truncation=True, padding=True,
-                          return_tensors="pt")
+        batch = tokenizer(
+            texts[start : start + batch_size], max_length=32, truncation=True, padding=True, return_tensors="pt"
+        )
         with torch.inference_mode():
             rows = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, **decoding).tolist()
         for row in rows:
@@ -145,21 +189,27 @@ def scores(ids: list[list[int]], reference_ids: list[list[int]], texts: list[str
 
     matched = sum(sum(a == b for a, b in zip(o, r)) for o, r in zip(ids, reference_ids))
     total = sum(max(len(o), len(r)) for o, r in zip(ids, reference_ids))
-    return {"sequence_agreement": sum(o == r for o, r in zip(ids, reference_ids)) / len(ids),
-            "token_agreement": matched / max(total, 1),
-            **{k: round(v, 2) for k, v in rouge(texts, references).items()},
-            "exact_match": round(100 * sum(t.strip() == r.strip() for t, r in zip(texts, references)) / len(texts), 2)}
+    return {
+        "sequence_agreement": sum(o == r for o, r in zip(ids, reference_ids)) / len(ids),
+        "token_agreement": matched / max(total, 1),
+        **{k: round(v, 2) for k, v in rouge(texts, references).items()},
+        "exact_match": round(100 * sum(t.strip() == r.strip() for t, r in zip(texts, references)) / len(texts), 2),
+    }
 
 
 def main(argv=None) -> None:
     from benchmarks.run import machine, write_report
     from model import MT5Tokenizer
     from model.vocabulary import kept_ids_from_text
-    from tests.fixtures.corpus import first_words_task
+    from synthetic.corpus import first_words_task
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--docs", type=int, default=500, help="held-out documents generated (Chinese and Japanese "
-                                                             "ones are dropped: no words to take)")
+    parser.add_argument(
+        "--docs",
+        type=int,
+        default=500,
+        help="held-out documents generated (Chinese and Japanese ones are dropped: no words to take)",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="results JSON, e.g. benchmarks/results/quality-first-words.json")
@@ -183,27 +233,37 @@ def main(argv=None) -> None:
             seconds = time.perf_counter() - start
             reference.setdefault(name, ids)
             summaries = tokenizer.batch_decode(ids, skip_special_tokens=True)
-            row = {"setting": setting, "decoding": name, **scores(ids, reference[name], summaries, references),
-                   "seconds": round(seconds, 2)}
+            row = {
+                "setting": setting,
+                "decoding": name,
+                **scores(ids, reference[name], summaries, references),
+                "seconds": round(seconds, 2),
+            }
             results.append(row)
-            print(f"[quality] {setting:22} {name:6} " + "  ".join(f"{k} {v}" for k, v in row.items()
-                                                                   if k not in ("setting", "decoding")),
-                  file=sys.stderr)
+            print(
+                f"[quality] {setting:22} {name:6} "
+                + "  ".join(f"{k} {v}" for k, v in row.items() if k not in ("setting", "decoding")),
+                file=sys.stderr,
+            )
         del model
 
     report = {
         "benchmark": "lakesum quality of int8-dynamic, bitsandbytes and output-vocabulary restriction",
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)]
-                                        + (argv if argv is not None else sys.argv[1:])),
+        "command": "python "
+        + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
         "date": started.isoformat(timespec="seconds"),
         "machine": machine(argparse.Namespace(threads=args.threads, device="cpu")),
-        "setup": {"recipe": RECIPE, "held_out": {"documents": len(texts), "seed": HELD_OUT_SEED},
-                  "training_eval": json.loads((checkpoint / "eval.json").read_text()),
-                  "vocab_size": json.loads((checkpoint / "config.json").read_text())["vocab_size"],
-                  "restricted_vocabulary": len(kept | {0, 1}), "max_new_tokens": MAX_NEW_TOKENS,
-                  "decodings": DECODINGS,
-                  "agreement": "with fp32 under the same decoding; tokens: same id at the same position, over the "
-                               "longer sequence"},
+        "setup": {
+            "recipe": RECIPE,
+            "held_out": {"documents": len(texts), "seed": HELD_OUT_SEED},
+            "training_eval": json.loads((checkpoint / "eval.json").read_text()),
+            "vocab_size": json.loads((checkpoint / "config.json").read_text())["vocab_size"],
+            "restricted_vocabulary": len(kept | {0, 1}),
+            "max_new_tokens": MAX_NEW_TOKENS,
+            "decodings": DECODINGS,
+            "agreement": "with fp32 under the same decoding; tokens: same id at the same position, over the "
+            "longer sequence",
+        },
         "results": results,
     }
     print_table(report)
@@ -212,15 +272,21 @@ def main(argv=None) -> None:
 
 def print_table(report: dict) -> None:
     setup = report["setup"]
-    print(f"\n{report['command']}\n{report['machine']['cpu']}, {report['machine']['threads']} thread(s), "
-          f"torch {report['machine']['torch']}, {report['date']}")
-    print(f"{setup['held_out']['documents']} held-out documents; vocabulary {setup['vocab_size']}, restricted to "
-          f"{setup['restricted_vocabulary']} (the training targets' pieces)\n")
+    print(
+        f"\n{report['command']}\n{report['machine']['cpu']}, {report['machine']['threads']} thread(s), "
+        f"torch {report['machine']['torch']}, {report['date']}"
+    )
+    print(
+        f"{setup['held_out']['documents']} held-out documents; vocabulary {setup['vocab_size']}, restricted to "
+        f"{setup['restricted_vocabulary']} (the training targets' pieces)\n"
+    )
     print("| setting | decoding | same sequence as fp32 | same tokens as fp32 | ROUGE-1 | ROUGE-L | exact match |")
     print("|---|---|---|---|---|---|---|")
     for r in report["results"]:
-        print(f"| {r['setting']} | {r['decoding']} | {100 * r['sequence_agreement']:.1f}% | "
-              f"{100 * r['token_agreement']:.1f}% | {r['rouge1']:.1f} | {r['rougeL']:.1f} | {r['exact_match']:.1f} |")
+        print(
+            f"| {r['setting']} | {r['decoding']} | {100 * r['sequence_agreement']:.1f}% | "
+            f"{100 * r['token_agreement']:.1f}% | {r['rouge1']:.1f} | {r['rougeL']:.1f} | {r['exact_match']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

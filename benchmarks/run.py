@@ -9,6 +9,7 @@ shared with other work slows them alike. Figures are medians over repeats; ratio
 per-repeat ratios. Peak memory is measured apart, one subprocess per engine (see `probe`).
 Prints a table and writes a JSON results file; it never asserts a time.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,9 +40,12 @@ WARMUP_DOCS, WARMUP_TOKENS = 4, 8
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(checkpoints.SHAPES), default="small")
-    p.add_argument("--engines", default="ours,transformers,ct2",
-                   help="comma-separated engines or groups: ours, vocab, bnb, transformers, ct2, pipeline, or "
-                        "single names such as ours-fp32, ct2-int8, pipeline-ray (ours-fp32 is always included)")
+    p.add_argument(
+        "--engines",
+        default="ours,transformers,ct2",
+        help="comma-separated engines or groups: ours, vocab, bnb, transformers, ct2, pipeline, or "
+        "single names such as ours-fp32, ct2-int8, pipeline-ray (ours-fp32 is always included)",
+    )
     p.add_argument("--decoding", default="greedy,beam4", help=f"comma-separated: {', '.join(DECODINGS)}")
     p.add_argument("--docs", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
@@ -50,8 +54,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every engine")
     p.add_argument("--no-memory", action="store_true", help="skip the per-engine peak-memory subprocesses")
-    p.add_argument("--memory-only", nargs="+", type=Path, metavar="RESULTS",
-                   help="only measure peak memory, and add it to the rows of these earlier results files")
+    p.add_argument(
+        "--memory-only",
+        nargs="+",
+        type=Path,
+        metavar="RESULTS",
+        help="only measure peak memory, and add it to the rows of these earlier results files",
+    )
     p.add_argument("--out", type=Path, help="results JSON (a table is printed either way)")
     p.add_argument("--probe", help=argparse.SUPPRESS)  # internal: measure one engine's peak memory
     return p.parse_args(argv)
@@ -66,15 +75,18 @@ def setup(args) -> tuple[Context, list[dict], list[Decoding]]:
     docs = checkpoints.documents(args.docs, tokenizer)
     # Batches of similar length, longest first (what the pipeline's length bucketing does within a window).
     order = sorted(range(len(docs)), key=lambda i: -len(docs[i]["ids"]))
-    batches = [order[i: i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+    batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
     ctx = Context(args.shape, path, args.device, args.threads, batches, args.batch_size)
     decodings = []
     for name in args.decoding.split(","):
         if name not in DECODINGS:
             raise SystemExit(f"unknown decoding {name!r}; use {', '.join(DECODINGS)}")
         d = DECODINGS[name]
-        decodings.append(Decoding(d.name, d.num_beams, args.max_new_tokens, d.no_repeat_ngram_size, d.length_penalty,
-                                  d.early_stopping))
+        decodings.append(
+            Decoding(
+                d.name, d.num_beams, args.max_new_tokens, d.no_repeat_ngram_size, d.length_penalty, d.early_stopping
+            )
+        )
     return ctx, docs, decodings
 
 
@@ -117,9 +129,26 @@ def probe(args) -> None:
 def measure_memory(args, engines: list[str]) -> dict[str, dict]:
     results = {}
     for name in engines:
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--probe", name, "--shape", args.shape,
-               "--decoding", args.decoding, "--docs", str(args.docs), "--batch-size", str(args.batch_size),
-               "--max-new-tokens", str(args.max_new_tokens), "--device", args.device, "--threads", str(args.threads)]
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--probe",
+            name,
+            "--shape",
+            args.shape,
+            "--decoding",
+            args.decoding,
+            "--docs",
+            str(args.docs),
+            "--batch-size",
+            str(args.batch_size),
+            "--max-new-tokens",
+            str(args.max_new_tokens),
+            "--device",
+            args.device,
+            "--threads",
+            str(args.threads),
+        ]
         print(f"[bench] peak memory of {name} (subprocess)", file=sys.stderr, flush=True)
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -186,10 +215,15 @@ def machine(args) -> dict:
             if line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
                 break
-    out = {"cpu": cpu, "cores": os.cpu_count(), "threads": args.threads,
-           "simd": sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")),
-           "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-           "python": platform.python_version(), "torch": torch.__version__}
+    out = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "simd": sorted(f for f in flags if f.startswith(("avx", "amx")) or f in ("fma", "f16c")),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     for package in ("transformers", "ctranslate2", "bitsandbytes", "ray"):
         try:
             out[package] = __import__(package).__version__
@@ -218,17 +252,21 @@ def main(argv=None) -> None:
 
     tokenizer = MT5Tokenizer.from_pretrained(ctx.checkpoint)
     lengths = sorted(len(d["ids"]) for d in docs)
-    print(f"[bench] mt5-{args.shape}, {len(docs)} documents of {lengths[0]}-{lengths[-1]} tokens "
-          f"(median {statistics.median(lengths)}), batches of {args.batch_size}, engines {', '.join(engines)}",
-          file=sys.stderr, flush=True)
+    print(
+        f"[bench] mt5-{args.shape}, {len(docs)} documents of {lengths[0]}-{lengths[-1]} tokens "
+        f"(median {statistics.median(lengths)}), batches of {args.batch_size}, engines {', '.join(engines)}",
+        file=sys.stderr,
+        flush=True,
+    )
 
     loaded, load_seconds = {}, {}
     for name in engines:
         start = time.perf_counter()
         loaded[name] = build(name, ctx, loaded)
         load_seconds[name] = time.perf_counter() - start
-        print(f"[bench] loaded {name} in {load_seconds[name]:.1f}s (RSS {rss_mib():.0f} MiB)", file=sys.stderr,
-              flush=True)
+        print(
+            f"[bench] loaded {name} in {load_seconds[name]:.1f}s (RSS {rss_mib():.0f} MiB)", file=sys.stderr, flush=True
+        )
 
     warm_ctx_batches = ctx.batches
     warm_docs = sorted(docs, key=lambda d: len(d["ids"]))[:WARMUP_DOCS]
@@ -244,7 +282,7 @@ def main(argv=None) -> None:
     outputs: dict[tuple[str, str], list] = {}
     nondeterministic = set()
     for r in range(args.repeats):
-        order = engines[r % len(engines):] + engines[: r % len(engines)]
+        order = engines[r % len(engines) :] + engines[: r % len(engines)]
         for d in decodings:
             for name in order:
                 start = time.perf_counter()
@@ -254,30 +292,45 @@ def main(argv=None) -> None:
                 if (name, d.name) in outputs and outputs[(name, d.name)] != out:
                     nondeterministic.add((name, d.name))
                 outputs.setdefault((name, d.name), out)
-                print(f"[bench] repeat {r + 1}/{args.repeats} {d.name:7s} {name:32s} {elapsed:7.1f}s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"[bench] repeat {r + 1}/{args.repeats} {d.name:7s} {name:32s} {elapsed:7.1f}s",
+                    file=sys.stderr,
+                    flush=True,
+                )
         if "pipeline-ray" in loaded:
             startup.append(loaded["pipeline-ray"].measure_startup())
     del loaded
 
     memory = {} if args.no_memory else measure_memory(args, engines)
-    results = summarize(args, engines, decodings, docs, outputs, seconds, load_seconds, memory, nondeterministic,
-                        startup, tokenizer)
+    results = summarize(
+        args, engines, decodings, docs, outputs, seconds, load_seconds, memory, nondeterministic, startup, tokenizer
+    )
     report = {
         "benchmark": "lakesum generate vs transformers vs CTranslate2",
-        "command": "python " + " ".join([os.path.relpath(__file__, ROOT)]
-                                        + (argv if argv is not None else sys.argv[1:])),
+        "command": "python "
+        + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
         "date": started.isoformat(timespec="seconds"),
         # other jobs on a shared machine: the 1-minute load average when the run started and ended
         "machine": {**machine(args), "load_average": [round(load_at_start[0], 2), round(os.getloadavg()[0], 2)]},
-        "setup": {"shape": args.shape, "shape_config": checkpoints.SHAPES[args.shape], "device": args.device,
-                  "documents": len(docs), "input_tokens": {"min": lengths[0], "median": statistics.median(lengths),
-                                                           "max": lengths[-1], "total": sum(lengths)},
-                  "batch_size": args.batch_size, "repeats": args.repeats,
-                  "decodings": {d.name: d.hf_settings() for d in decodings},
-                  "baselines": dict(zip(("transformers", "ctranslate2"),
-                                        BASELINES["cuda" if args.device.startswith("cuda") else "cpu"])),
-                  "pipeline_ray_startup_seconds": [round(s, 2) for s in startup]},
+        "setup": {
+            "shape": args.shape,
+            "shape_config": checkpoints.SHAPES[args.shape],
+            "device": args.device,
+            "documents": len(docs),
+            "input_tokens": {
+                "min": lengths[0],
+                "median": statistics.median(lengths),
+                "max": lengths[-1],
+                "total": sum(lengths),
+            },
+            "batch_size": args.batch_size,
+            "repeats": args.repeats,
+            "decodings": {d.name: d.hf_settings() for d in decodings},
+            "baselines": dict(
+                zip(("transformers", "ctranslate2"), BASELINES["cuda" if args.device.startswith("cuda") else "cpu"])
+            ),
+            "pipeline_ray_startup_seconds": [round(s, 2) for s in startup],
+        },
         "results": results,
     }
     print_table(report)
@@ -292,31 +345,40 @@ def write_report(report: dict, out: Path | None, tag: str) -> None:
         print(f"[{tag}] wrote {out}", file=sys.stderr)
 
 
-def summarize(args, engines, decodings, docs, outputs, seconds, load_seconds, memory, nondeterministic, startup,
-              tokenizer) -> list[dict]:
+def summarize(
+    args, engines, decodings, docs, outputs, seconds, load_seconds, memory, nondeterministic, startup, tokenizer
+) -> list[dict]:
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     hf_ref, ct2_ref = BASELINES[kind]
     results = []
     for d in decodings:
         ref_ids = outputs[("ours-fp32", d.name)]
         ref_texts = tokenizer.batch_decode(ref_ids, skip_special_tokens=True)
-        tokens = {e: sum(generated_count(o, r, t, tokenizer)
-                         for o, r, t in zip(outputs[(e, d.name)], ref_ids, ref_texts)) for e in engines}
+        tokens = {
+            e: sum(generated_count(o, r, t, tokenizer) for o, r, t in zip(outputs[(e, d.name)], ref_ids, ref_texts))
+            for e in engines
+        }
         # tokens/s per repeat, so that ratios compare engines that ran side by side
         rates = {e: [tokens[e] / s for s in seconds[(e, d.name)]] for e in engines}
         for e in engines:
             times = seconds[(e, d.name)]
-            row = {"engine": e, "decoding": d.name, "seconds": [round(s, 3) for s in times],
-                   "median_seconds": round(statistics.median(times), 3),
-                   "docs_per_second": round(len(docs) / statistics.median(times), 3),
-                   "generated_tokens": tokens[e], "tokens_per_second": round(statistics.median(rates[e]), 2),
-                   "load_seconds": round(load_seconds[e], 2)}
+            row = {
+                "engine": e,
+                "decoding": d.name,
+                "seconds": [round(s, 3) for s in times],
+                "median_seconds": round(statistics.median(times), 3),
+                "docs_per_second": round(len(docs) / statistics.median(times), 3),
+                "generated_tokens": tokens[e],
+                "tokens_per_second": round(statistics.median(rates[e]), 2),
+                "load_seconds": round(load_seconds[e], 2),
+            }
             for label, ref in (("vs_transformers", hf_ref), ("vs_ct2", ct2_ref), ("vs_ours_fp32", "ours-fp32")):
                 if ref in rates:
                     row[label] = round(statistics.median(a / b for a, b in zip(rates[e], rates[ref])), 3)
             if e.startswith("pipeline"):  # end-to-end vs engine-only is a question of documents per second
-                row["docs_per_second_vs_ours_fp32"] = round(statistics.median(
-                    a / b for a, b in zip(seconds[("ours-fp32", d.name)], times)), 3)
+                row["docs_per_second_vs_ours_fp32"] = round(
+                    statistics.median(a / b for a, b in zip(seconds[("ours-fp32", d.name)], times)), 3
+                )
             if e == "pipeline-ray" and startup:
                 steady = statistics.median(times) - statistics.median(startup)
                 row["docs_per_second_without_startup"] = round(len(docs) / steady, 3)
@@ -338,30 +400,48 @@ def summarize(args, engines, decodings, docs, outputs, seconds, load_seconds, me
 def print_table(report: dict) -> None:
     ref_hf, ref_ct2 = report["setup"]["baselines"].values()
     width = max(len(r["engine"]) for r in report["results"])
-    head = (f"{'decoding':8s} {'engine':{width}s} {'docs/s':>7s} {'tok/s':>7s} {'tokens':>6s} "
-            f"{'x ' + ref_hf:>20s} {'x ' + ref_ct2:>11s} {'x ours':>6s} {'same seq':>8s} {'same tok':>8s} "
-            f"{'peak MiB':>8s}")
-    print(f"\n{report['command']}\n{report['machine']['cpu']}, {report['machine']['threads']} threads, "
-          f"torch {report['machine']['torch']}, {report['date']}")
+    head = (
+        f"{'decoding':8s} {'engine':{width}s} {'docs/s':>7s} {'tok/s':>7s} {'tokens':>6s} "
+        f"{'x ' + ref_hf:>20s} {'x ' + ref_ct2:>11s} {'x ours':>6s} {'same seq':>8s} {'same tok':>8s} "
+        f"{'peak MiB':>8s}"
+    )
+    print(
+        f"\n{report['command']}\n{report['machine']['cpu']}, {report['machine']['threads']} threads, "
+        f"torch {report['machine']['torch']}, {report['date']}"
+    )
     print(head)
     print("-" * len(head))
     for row in report["results"]:
         agree = row["agreement_with_ours_fp32"]
         tok = "" if agree["tokens"] is None else f"{agree['tokens']:.3f}"
-        print(f"{row['decoding']:8s} {row['engine']:{width}s} {row['docs_per_second']:7.2f} "
-              f"{row['tokens_per_second']:7.1f} "
-              f"{row['generated_tokens']:6d} {row.get('vs_transformers', float('nan')):20.2f} "
-              f"{row.get('vs_ct2', float('nan')):11.2f} {row.get('vs_ours_fp32', float('nan')):6.2f} "
-              f"{agree['sequences']:8.3f} {tok:>8s} "
-              f"{row.get('peak_rss_mib', ''):>8}")
-    notes = [f"{r['decoding']} ours-fp32 token-identical to {ref_hf}: {r['identical_to_transformers']}"
-             for r in report["results"] if "identical_to_transformers" in r]
-    notes += [f"{r['decoding']} {r['engine']}: end-to-end docs/s = {r['docs_per_second_vs_ours_fp32']:.2f} x ours-fp32"
-              + (f" ({r['docs_per_second_without_startup']:.2f} docs/s without replica start)"
-                 if "docs_per_second_without_startup" in r else "")
-              for r in report["results"] if "docs_per_second_vs_ours_fp32" in r]
-    notes += [f"{r['decoding']} {r['engine']}: outputs differ between repeats" for r in report["results"]
-              if r.get("nondeterministic")]
+        print(
+            f"{row['decoding']:8s} {row['engine']:{width}s} {row['docs_per_second']:7.2f} "
+            f"{row['tokens_per_second']:7.1f} "
+            f"{row['generated_tokens']:6d} {row.get('vs_transformers', float('nan')):20.2f} "
+            f"{row.get('vs_ct2', float('nan')):11.2f} {row.get('vs_ours_fp32', float('nan')):6.2f} "
+            f"{agree['sequences']:8.3f} {tok:>8s} "
+            f"{row.get('peak_rss_mib', ''):>8}"
+        )
+    notes = [
+        f"{r['decoding']} ours-fp32 token-identical to {ref_hf}: {r['identical_to_transformers']}"
+        for r in report["results"]
+        if "identical_to_transformers" in r
+    ]
+    notes += [
+        f"{r['decoding']} {r['engine']}: end-to-end docs/s = {r['docs_per_second_vs_ours_fp32']:.2f} x ours-fp32"
+        + (
+            f" ({r['docs_per_second_without_startup']:.2f} docs/s without replica start)"
+            if "docs_per_second_without_startup" in r
+            else ""
+        )
+        for r in report["results"]
+        if "docs_per_second_vs_ours_fp32" in r
+    ]
+    notes += [
+        f"{r['decoding']} {r['engine']}: outputs differ between repeats"
+        for r in report["results"]
+        if r.get("nondeterministic")
+    ]
     for note in notes:
         print(note)
 

@@ -3,6 +3,7 @@
   ray job submit --working-dir . -- python jobs/finetune.py --model google/mt5-small \\
       --train s3://lake/train/ --eval s3://lake/dev/ --output-model /shared/models/mt5-news --replicas 4
   python jobs/finetune.py ...         # connects to RAY_ADDRESS, or starts a local Ray
+  lakesum-finetune ...                # the same: the console script `pip install .` puts on PATH
 
 The final model is a Hugging Face checkpoint (config.json, model.safetensors, generation_config.json,
 spiece.model, tokenizer_config.json) that transformers and jobs/summarize.py load. The output folder
@@ -12,85 +13,78 @@ targets, no files, a --resume whose settings or --replicas differ from the check
 fails, among them a diverged run (--max-nonfinite-steps skipped steps in a row, or non-finite weights;
 nothing non-finite is saved).
 """
+
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
+from functools import partial
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from jobs import cli
+from jobs.ray_address import joined_ray
+from model.errors import ModelLoadError
+from pipeline.errors import InputError, OutputError
+from pipeline.finetune import finetune
+from pipeline.optim import OPTIMIZERS
+from pipeline.train import METHODS, FinetuneSettings, TrainingError
 
-from model.errors import ModelLoadError  # noqa: E402
-from pipeline.errors import InputError, OutputError  # noqa: E402
-from pipeline.optim import OPTIMIZERS  # noqa: E402
-from pipeline.train import METHODS, FinetuneSettings, TrainingError  # noqa: E402
 
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="finetune.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True, help="base checkpoint: directory, fsspec URI or hub id")
-    p.add_argument("--train", required=True, help="training shards (directory, glob or file) with text and summary")
-    p.add_argument("--eval", help="evaluation shards: summarized after training, ROUGE to <output-model>/eval.json")
-    p.add_argument("--output-model", required=True, help="where the fine-tuned checkpoint is written")
-    p.add_argument("--replicas", type=int, default=1)
-    p.add_argument("--cpus-per-replica", type=int, default=1)
-    p.add_argument("--method", choices=METHODS, default="full")
-    p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--max-steps", type=int, default=None, help="overrides --epochs")
-    p.add_argument("--lr", type=float, default=5e-4)
-    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adafactor")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--batch-size", type=int, default=8, help="per replica and micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--warmup-steps", type=int, default=0)
-    p.add_argument("--max-grad-norm", type=float, default=1.0)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--max-input-tokens", type=int, default=512)
-    p.add_argument("--max-target-tokens", type=int, default=84)
-    p.add_argument("--text-column", default="text")
-    p.add_argument("--summary-column", default="summary")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 autocast on GPU, float32 on CPU), float32, bfloat16")
-    p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-alpha", type=float, default=16.0)
-    p.add_argument("--lora-dropout", type=float, default=0.05)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--save-every", type=int, default=100, help="steps between resumable checkpoints")
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--max-nonfinite-steps", type=int, default=8,
-                   help="a step with a non-finite loss or gradient is skipped; this many in a row stop the run")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-model")
+def build_parser():
+    p = cli.parser(__doc__)
+    setting = partial(cli.add_flag, p, source=FinetuneSettings)  # a flag for a field of the settings
+    setting("--model", help="base checkpoint: directory, fsspec URI or hub id")
+    setting("--train", help="training shards (directory, glob or file) with text and summary")
+    setting("--eval", help="evaluation shards: summarized after training, ROUGE to <output-model>/eval.json")
+    setting("--output-model", help="where the fine-tuned checkpoint is written")
+    cli.add_replica_flags(p, finetune)
+    setting("--method", choices=METHODS)
+    setting("--epochs")
+    setting("--max-steps", help="overrides --epochs")
+    setting("--lr")
+    setting("--optimizer", choices=OPTIMIZERS)
+    setting("--weight-decay")
+    setting("--batch-size", help="per replica and micro-batch")
+    setting("--grad-accum")
+    setting("--warmup-steps")
+    setting("--max-grad-norm")
+    setting("--label-smoothing")
+    setting("--max-input-tokens")
+    setting("--max-target-tokens")
+    setting("--text-column")
+    setting("--summary-column")
+    setting("--dtype", help="auto (bf16 autocast on GPU, float32 on CPU), float32, bfloat16")
+    setting("--gradient-checkpointing")
+    setting("--lora-rank")
+    setting("--lora-alpha")
+    setting("--lora-dropout")
+    setting("--seed")
+    setting("--save-every", help="steps between resumable checkpoints")
+    setting("--log-every")
+    setting(
+        "--max-nonfinite-steps",
+        help="a step with a non-finite loss or gradient is skipped; this many in a row stop the run",
+    )
+    cli.add_flag(p, "--resume", finetune, help="continue from the latest checkpoint in --output-model")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    fields = {k: v for k, v in vars(args).items() if k not in ("replicas", "cpus_per_replica", "resume")}
+    parser = build_parser()
+    args = parser.parse_args(argv)
     try:
-        settings = FinetuneSettings(**fields)
-        if args.replicas < 1:
-            raise ValueError("--replicas must be >= 1")
+        settings = cli.settings_from(FinetuneSettings, args)
     except ValueError as err:
-        print(f"finetune.py: error: {err}", file=sys.stderr)
-        return 2
+        cli.error(parser, err)
+        return cli.USAGE
 
-    import ray
-
-    from jobs.ray_address import ray_address
-    from pipeline.finetune import finetune
-
-    ray.init(address=ray_address(), logging_level="warning")
-    try:
-        finetune(settings, replicas=args.replicas, resume=args.resume, cpus_per_replica=args.cpus_per_replica)
-    except (InputError, ModelLoadError, OutputError) as err:
-        print(f"finetune.py: error: {err}", file=sys.stderr)
-        return 2
-    except TrainingError as err:
-        print(f"finetune.py: error: {err}", file=sys.stderr)
-        return 1
-    finally:
-        ray.shutdown()
+    with joined_ray():
+        try:
+            finetune(settings, **cli.arguments_for(finetune, args))
+        except (InputError, ModelLoadError, OutputError) as err:
+            cli.error(parser, err)
+            return cli.USAGE
+        except TrainingError as err:
+            cli.error(parser, err)
+            return cli.FAILED
     return 0
 
 

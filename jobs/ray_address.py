@@ -1,16 +1,19 @@
 """Which Ray a job joins: RAY_ADDRESS (`ray job submit` sets it), else the cluster `ray start` runs on
-this machine, else a local Ray of the job's own.
+this machine, else a local Ray of the job's own. The job owns Ray's lifecycle: it joins in joined_ray() and
+leaves at its end; library functions take what they need and never call ray.init().
 
 ray.init() with no address joins the cluster recorded in Ray's temp folder (`ray_current_cluster`)
 even when that cluster is gone (a crashed head, a container restarted with the folder kept): it then
 retries for minutes before failing. The job checks the record first and starts a local Ray instead.
 """
+
 from __future__ import annotations
 
 import os
 import socket
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 REACHABLE_WITHIN_SECONDS = 2.0
@@ -34,6 +37,21 @@ def ray_address() -> str | None:
     except FileNotFoundError:
         return "local"
     except (OSError, ValueError):
-        print(f"note: the Ray cluster recorded in {record} does not answer; starting a local Ray "
-              "(set RAY_ADDRESS to join a cluster)", file=sys.stderr)
+        print(
+            f"note: the Ray cluster recorded in {record} does not answer; starting a local Ray "
+            "(set RAY_ADDRESS to join a cluster)",
+            file=sys.stderr,
+        )
         return "local"
+
+
+@contextmanager
+def joined_ray():
+    """Ray joined at ray_address() for the block, and shut down after it, whatever ends it."""
+    import ray
+
+    ray.init(address=ray_address(), logging_level="warning")
+    try:
+        yield
+    finally:
+        ray.shutdown()

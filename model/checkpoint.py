@@ -25,7 +25,6 @@ import os
 import posixpath
 import re
 import struct
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -47,7 +46,7 @@ from huggingface_hub.utils import (
 from safetensors.torch import save_file
 
 from .errors import ModelLoadError
-from .redact import redact_url, scrub, url_secrets
+from .storage import PARTIAL_SUFFIX, atomic_path, open_filesystem, redact_url, scrub, url_secrets
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +67,6 @@ _SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 _UNSAFE_WEIGHT_PATTERNS = ("*.bin", "tf_model.h5", "flax_model.msgpack")
 _MANIFEST_NAME = ".lakesum_source.json"
 _LOCK_NAME = ".lakesum_lock"
-_PARTIAL_SUFFIX = ".partial"
 # safetensors refuses headers above 100 MB; a larger length means the first 8 bytes are not a safetensors header.
 _MAX_HEADER_BYTES = 100_000_000
 # Keys that fsspec backends put in info() and that change when an object's content does: s3 ETag/LastModified,
@@ -188,13 +186,9 @@ def _copy_from_uri(uri: str, cache_dir: str | os.PathLike | None, storage_option
     if cache_dir is None:
         cache_dir = Path(os.environ.get("LAKESUM_CACHE") or "~/.cache/lakesum") / "checkpoints"
     local = Path(cache_dir).expanduser() / hashlib.sha256(uri.rstrip("/").encode()).hexdigest()
+    fs, root = open_filesystem(uri, storage_options, error=ModelLoadError)
     try:
-        fs, root = fsspec.core.url_to_fs(uri, **storage_options)
-    except (ImportError, ValueError) as e:
-        # an unknown protocol, or one whose package is missing: fsspec's message names the package to install
-        raise ModelLoadError(f"cannot open {shown}: {scrub(str(e), secrets)}") from None
-    try:
-        wanted = _list_checkpoint_files(fs, root.rstrip("/"), shown)
+        wanted = _list_checkpoint_files(fs, root, shown)
         _sync_directory(fs, wanted, local, shown)
     except OSError as e:
         detail = scrub(f"{type(e).__name__}: {e}", secrets)
@@ -274,7 +268,7 @@ def _is_cached(path: Path, recorded: dict | None, fingerprint: dict) -> bool:
 
 
 def _download(fs: fsspec.AbstractFileSystem, remote_path: str, target: Path, size: int | None, shown: str) -> None:
-    with _atomic_path(target) as tmp:
+    with atomic_path(target) as tmp:
         fs.get_file(remote_path, str(tmp))
         copied = tmp.stat().st_size
         if size is not None and copied != size:
@@ -294,7 +288,7 @@ def _read_manifest(local: Path) -> dict:
 
 def _write_manifest(local: Path, shown: str, files: dict) -> None:
     text = json.dumps({"source": shown, "files": files}, indent=2, sort_keys=True)
-    with _atomic_path(local / _MANIFEST_NAME) as tmp:
+    with atomic_path(local / _MANIFEST_NAME) as tmp:
         tmp.write_text(text)
 
 
@@ -311,24 +305,6 @@ def _locked(directory: Path) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextlib.contextmanager
-def _atomic_path(target: Path) -> Iterator[Path]:
-    """Yields a temporary path beside `target`; once the block succeeds, the file is synced and renamed onto target.
-
-    A reader therefore sees the old file or the complete new one, never half a file under the real name, even if the
-    process is killed mid-write. The temporary name starts with a dot and ends in .partial, so no glob for
-    *.safetensors picks it up.
-    """
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}{_PARTIAL_SUFFIX}")
-    try:
-        yield tmp
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -589,7 +565,7 @@ def save_tensors(
     for file_name, shard in zip(names, shards, strict=True):
         # moved to the host one shard at a time, so saving a GPU model needs at most one shard of host memory
         tensors_to_write = {name: _storable(tensors[name], seen_storages) for name in shard}
-        with _atomic_path(out_dir / file_name) as tmp:
+        with atomic_path(out_dir / file_name) as tmp:
             save_file(tensors_to_write, tmp, metadata=file_metadata)
         written.append(out_dir / file_name)
         del tensors_to_write
@@ -599,14 +575,14 @@ def save_tensors(
             "metadata": {"total_size": sum(sizes.values())},
             "weight_map": {name: file_name for file_name, shard in zip(names, shards, strict=True) for name in shard},
         }
-        with _atomic_path(out_dir / SAFE_INDEX_NAME) as tmp:
+        with atomic_path(out_dir / SAFE_INDEX_NAME) as tmp:
             # the same text transformers writes, so diffs against its output are empty
             tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
     keep = set(names) | ({SAFE_INDEX_NAME} if len(shards) > 1 else set())
     for path in out_dir.iterdir():
         is_weight_file = path.name in (SAFE_WEIGHTS_NAME, SAFE_INDEX_NAME) or _SHARD_NAME.fullmatch(path.name)
-        is_orphan = path.name.startswith(".model") and path.name.endswith(_PARTIAL_SUFFIX)
+        is_orphan = path.name.startswith(".model") and path.name.endswith(PARTIAL_SUFFIX)
         if (is_weight_file and path.name not in keep) or is_orphan:
             path.unlink()
     return written

@@ -1,10 +1,9 @@
 """MT5Config: the fields of a Hugging Face mT5 `config.json`, parsed once and checked."""
+
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from .errors import ConfigError
 
@@ -48,8 +47,17 @@ class MT5Config:
                 f"config.json: feed_forward_proj={self.feed_forward_proj!r} is not supported; "
                 f"use one of {', '.join(FEED_FORWARD_KINDS)}"
             )
-        for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_decoder_layers", "num_heads",
-                     "relative_attention_num_buckets", "relative_attention_max_distance"):
+        for name in (
+            "vocab_size",
+            "d_model",
+            "d_kv",
+            "d_ff",
+            "num_layers",
+            "num_decoder_layers",
+            "num_heads",
+            "relative_attention_num_buckets",
+            "relative_attention_max_distance",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ConfigError(f"config.json: {name} must be a positive integer, got {value!r}")
@@ -86,8 +94,11 @@ class MT5Config:
         if model_type not in (None, "mt5", "t5"):
             raise ConfigError(f"{source}: model_type={model_type!r}, expected 'mt5' (or 't5')")
         # Old T5 configs say n_positions etc.; transformers maps these aliases too.
-        for alias, name in (("hidden_size", "d_model"), ("num_attention_heads", "num_heads"),
-                            ("num_hidden_layers", "num_layers")):
+        for alias, name in (
+            ("hidden_size", "d_model"),
+            ("num_attention_heads", "num_heads"),
+            ("num_hidden_layers", "num_layers"),
+        ):
             if alias in raw and name not in raw:
                 raw[name] = raw.pop(alias)
         eos = raw.get("eos_token_id")
@@ -102,10 +113,6 @@ class MT5Config:
             raise ConfigError(str(err).replace("config.json", source, 1)) from None
         except TypeError as err:
             raise ConfigError(f"{source}: {err}") from None
-
-    @classmethod
-    def from_json_file(cls, path: str | Path) -> "MT5Config":
-        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")), source=str(path))
 
     def to_dict(self) -> dict:
         """The config.json that transformers reads back as the same model."""

@@ -14,6 +14,7 @@ the base weights (a quantized base is dequantized first: the QLoRA recipe merges
 weights), so that save_pretrained writes a checkpoint transformers loads; it cannot save an unmerged
 model.
 """
+
 from __future__ import annotations
 
 import json
@@ -70,8 +71,9 @@ class LoraLinear(nn.Module):
     in distribution, not bit for bit during training; identical in eval).
     """
 
-    def __init__(self, base: nn.Module, parts: list[tuple[str, int]], adapted: list[str], config: LoraConfig,
-                 dtype: torch.dtype):
+    def __init__(
+        self, base: nn.Module, parts: list[tuple[str, int]], adapted: list[str], config: LoraConfig, dtype: torch.dtype
+    ):
         super().__init__()
         self.base = base
         self.parts = parts
@@ -82,11 +84,15 @@ class LoraLinear(nn.Module):
         device = base.weight.device
         rows = dict(parts)
         # ParameterDict sorts the keys of a plain dict: the parts' order is self.adapted, never .values().
-        self.lora_A = nn.ParameterDict({
-            name: nn.Parameter(torch.empty(config.rank, base.in_features, dtype=dtype, device=device))
-            for name in adapted})
-        self.lora_B = nn.ParameterDict({
-            name: nn.Parameter(torch.zeros(rows[name], config.rank, dtype=dtype, device=device)) for name in adapted})
+        self.lora_A = nn.ParameterDict(
+            {
+                name: nn.Parameter(torch.empty(config.rank, base.in_features, dtype=dtype, device=device))
+                for name in adapted
+            }
+        )
+        self.lora_B = nn.ParameterDict(
+            {name: nn.Parameter(torch.zeros(rows[name], config.rank, dtype=dtype, device=device)) for name in adapted}
+        )
         for a in self.lora_A.values():
             # PEFT's (and nn.Linear's) init; with B = 0 the model is unchanged until the first step.
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
@@ -120,8 +126,13 @@ class LoraLinear(nn.Module):
         if len(self.adapted) == len(self.parts):
             return y + torch.cat([deltas[name] for name, _ in self.parts], dim=-1).to(y.dtype)
         pieces = y.split([rows for _, rows in self.parts], dim=-1)
-        return torch.cat([piece + deltas[name].to(y.dtype) if name in deltas else piece
-                          for (name, _), piece in zip(self.parts, pieces)], dim=-1)
+        return torch.cat(
+            [
+                piece + deltas[name].to(y.dtype) if name in deltas else piece
+                for (name, _), piece in zip(self.parts, pieces)
+            ],
+            dim=-1,
+        )
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
@@ -133,13 +144,14 @@ class LoraLinear(nn.Module):
         start = 0
         for name, rows in self.parts:
             if name in self.lora_A:
-                total[start:start + rows] += self.scaling * (self.lora_B[name].float() @ self.lora_A[name].float())
+                total[start : start + rows] += self.scaling * (self.lora_B[name].float() @ self.lora_A[name].float())
             start += rows
         if not quantized:
             self.base.weight.copy_(total)
             return self.base
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.base.bias is not None,
-                          device=weight.device, dtype=self.dtype)
+        layer = nn.Linear(
+            self.in_features, self.out_features, bias=self.base.bias is not None, device=weight.device, dtype=self.dtype
+        )
         layer.weight = nn.Parameter(total.to(self.dtype), requires_grad=False)
         if self.base.bias is not None:
             layer.bias = nn.Parameter(self.base.bias.detach().to(self.dtype), requires_grad=False)
@@ -180,8 +192,10 @@ def _hf_modules(model: nn.Module, path: str, layer: nn.Module) -> list[tuple[str
     """The HF module path and row count of each part stacked in one of our projections, in output order.
     weights.py owns the name mapping; it is asked with a meta tensor of the layer's shape."""
     meta = torch.empty(layer.out_features, layer.in_features, device="meta")
-    return [(key.removesuffix(".weight"), part.shape[0])
-            for key, part in weights.ours_to_hf(f"{path}.weight", meta, model.config.is_gated)]
+    return [
+        (key.removesuffix(".weight"), part.shape[0])
+        for key, part in weights.ours_to_hf(f"{path}.weight", meta, model.config.is_gated)
+    ]
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
@@ -222,8 +236,9 @@ def add_lora(model: nn.Module, config: LoraConfig, *, dtype: torch.dtype | None 
 
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The adapters' parameters, in add_lora's order (for an optimizer after load_adapters)."""
-    return [p for _, layer in _wrappers(model) for name in layer.adapted
-            for p in (layer.lora_A[name], layer.lora_B[name])]
+    return [
+        p for _, layer in _wrappers(model) for name in layer.adapted for p in (layer.lora_A[name], layer.lora_B[name])
+    ]
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -250,8 +265,10 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 def _check_matches(model: nn.Module, config: LoraConfig, where: str) -> None:
     for path, layer in _wrappers(model):
         if layer.rank != config.rank or not math.isclose(layer.scaling, config.scaling):
-            raise ValueError(f"{where}: rank {config.rank} and alpha {config.alpha} do not match the model's adapters "
-                             f"(rank {layer.rank}, scaling {layer.scaling} at {path})")
+            raise ValueError(
+                f"{where}: rank {config.rank} and alpha {config.alpha} do not match the model's adapters "
+                f"(rank {layer.rank}, scaling {layer.scaling} at {path})"
+            )
 
 
 def save_adapters(model: nn.Module, out_dir: Path, config: LoraConfig) -> None:
@@ -266,12 +283,24 @@ def save_adapters(model: nn.Module, out_dir: Path, config: LoraConfig) -> None:
     adapted = {name for _, layer in _wrappers(model) for name in layer.adapted}
     task = "SEQ_2_SEQ_LM" if type(model).__name__ == "MT5ForConditionalGeneration" else None
     peft_config = {
-        "peft_type": "LORA", "task_type": task, "base_model_name_or_path": None, "inference_mode": True,
-        "r": config.rank, "lora_alpha": config.alpha, "lora_dropout": config.dropout,
+        "peft_type": "LORA",
+        "task_type": task,
+        "base_model_name_or_path": None,
+        "inference_mode": True,
+        "r": config.rank,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
         "target_modules": [t for t in config.targets if t in adapted],
-        "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_rslora": False,
-        "use_dora": False, "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {},
-        "layers_to_transform": None, "layers_pattern": None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": None,
+        "layers_pattern": None,
     }
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -285,19 +314,38 @@ def read_adapter_config(adapter_dir: Path) -> LoraConfig:
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ModelLoadError(f"{path} is missing: an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+        raise ModelLoadError(
+            f"{path} is missing: an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}"
+        ) from None
     except json.JSONDecodeError as err:
         raise ModelLoadError(f"{path} is not valid JSON: {err}") from err
-    unsupported = [key for key in ("use_dora", "use_rslora", "fan_in_fan_out", "modules_to_save", "rank_pattern",
-                                   "alpha_pattern", "layers_to_transform") if raw.get(key)]
+    unsupported = [
+        key
+        for key in (
+            "use_dora",
+            "use_rslora",
+            "fan_in_fan_out",
+            "modules_to_save",
+            "rank_pattern",
+            "alpha_pattern",
+            "layers_to_transform",
+        )
+        if raw.get(key)
+    ]
     if raw.get("bias", "none") != "none":
         unsupported.append("bias")
     if raw.get("peft_type") != "LORA" or not isinstance(raw.get("target_modules"), list) or unsupported:
-        raise ModelLoadError(f"{path}: only plain LoRA with a list of target_modules is supported "
-                             f"(peft_type {raw.get('peft_type')!r}, unsupported options {unsupported})")
+        raise ModelLoadError(
+            f"{path}: only plain LoRA with a list of target_modules is supported "
+            f"(peft_type {raw.get('peft_type')!r}, unsupported options {unsupported})"
+        )
     try:
-        return LoraConfig(rank=raw["r"], alpha=float(raw["lora_alpha"]), dropout=float(raw.get("lora_dropout", 0.0)),
-                          targets=tuple(raw["target_modules"]))
+        return LoraConfig(
+            rank=raw["r"],
+            alpha=float(raw["lora_alpha"]),
+            dropout=float(raw.get("lora_dropout", 0.0)),
+            targets=tuple(raw["target_modules"]),
+        )
     except (KeyError, ValueError) as err:
         raise ModelLoadError(f"{path}: {err}") from err
 
@@ -320,11 +368,13 @@ def load_adapters(model: nn.Module, adapter_dir: Path) -> None:
     expected = lora_state_dict(model)
     missing, unexpected = sorted(set(expected) - set(stored)), sorted(set(stored) - set(expected))
     if missing or unexpected:
-        raise ModelLoadError(f"{path} does not match the model's adapters: missing {missing[:4]}, "
-                             f"unexpected {unexpected[:4]}")
+        raise ModelLoadError(
+            f"{path} does not match the model's adapters: missing {missing[:4]}, unexpected {unexpected[:4]}"
+        )
     with torch.no_grad():
         for key, target in expected.items():
             if stored[key].shape != target.shape:
-                raise ModelLoadError(f"{path}: {key} has shape {list(stored[key].shape)}, the model's adapter "
-                                     f"{list(target.shape)}")
+                raise ModelLoadError(
+                    f"{path}: {key} has shape {list(stored[key].shape)}, the model's adapter {list(target.shape)}"
+                )
             target.copy_(stored[key])

@@ -3,6 +3,7 @@
 Parameter names here are ours (fused q/k/v, fused wi_0/wi_1); model/weights.py maps them to and from
 the Hugging Face layout, so nothing here knows the file format.
 """
+
 from __future__ import annotations
 
 import math
@@ -48,8 +49,9 @@ def gated_gelu(gate: torch.Tensor, linear: torch.Tensor) -> torch.Tensor:
     return out.mul_(gate).mul_(0.5).mul_(linear)
 
 
-def relative_position_bucket(relative_position: torch.Tensor, bidirectional: bool, num_buckets: int,
-                             max_distance: int) -> torch.Tensor:
+def relative_position_bucket(
+    relative_position: torch.Tensor, bidirectional: bool, num_buckets: int, max_distance: int
+) -> torch.Tensor:
     """Mesh TensorFlow's bucketing: exact buckets for small distances, log-spaced ones up to max_distance."""
     buckets = torch.zeros_like(relative_position)
     if bidirectional:
@@ -77,18 +79,13 @@ class RelativePositionBias(nn.Module):
         self.num_buckets = config.relative_attention_num_buckets
         self.max_distance = config.relative_attention_max_distance
 
-    def forward(self, query_positions: torch.Tensor, key_length: int) -> torch.Tensor:
-        memory = torch.arange(key_length, device=query_positions.device)
-        relative = memory[None, :] - query_positions[:, None]  # [q_len, k_len]
-        buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
-        return self.embedding(buckets).permute(2, 0, 1).unsqueeze(0)  # [1, heads, q_len, k_len]
-
-    def per_row(self, positions: torch.Tensor, key_length: int) -> torch.Tensor:
-        """One query per row, each at its own position (continuous batching): [rows, heads, 1, k_len]."""
+    def forward(self, positions: torch.Tensor, key_length: int) -> torch.Tensor:
+        """The bias of queries at `positions` [rows, q_len] (rows may be 1, shared by the batch) over keys at
+        0..key_length-1: [rows, heads, q_len, k_len]."""
         memory = torch.arange(key_length, device=positions.device)
-        relative = memory[None, :] - positions[:, None]  # [rows, k_len]
+        relative = memory[None, None, :] - positions[:, :, None]  # [rows, q_len, k_len]
         buckets = relative_position_bucket(relative, self.bidirectional, self.num_buckets, self.max_distance)
-        return self.embedding(buckets).permute(0, 2, 1).unsqueeze(2)
+        return self.embedding(buckets).permute(0, 3, 1, 2)
 
 
 def mask_to_bias(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -109,18 +106,13 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(batch, heads, max_len, d_kv, dtype=dtype, device=device))
         self.register_buffer("v", torch.zeros(batch, heads, max_len, d_kv, dtype=dtype, device=device))
 
-    def update(self, pos: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [rows, heads, len, d_kv] at pos..pos+len and return the keys and values so far; with
-        `pos` a tensor [rows] (one token per row, each at its own position), the whole cache."""
-        if isinstance(pos, torch.Tensor):
-            rows = torch.arange(k.shape[0], device=k.device)
-            self.k[rows, :, pos] = k[:, :, 0]
-            self.v[rows, :, pos] = v[:, :, 0]
-            return self.k, self.v
-        end = pos + k.shape[2]
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [rows, heads, len, d_kv] at `positions` [rows, len] (each row at its own) and return
+        the whole cache: the attention bias masks what lies past a row's positions."""
+        rows = torch.arange(k.shape[0], device=k.device)[:, None]
+        self.k[rows, :, positions] = k.transpose(1, 2)  # indexed: [rows, len, heads, d_kv]
+        self.v[rows, :, positions] = v.transpose(1, 2)
+        return self.k, self.v
 
     def select(self, index: torch.Tensor) -> None:
         """Row i continues from row index[i] (beam search); rows left out are dropped (finished work),
@@ -142,12 +134,14 @@ class SelfAttention(nn.Module):
         self.o = nn.Linear(self.inner, config.d_model, bias=False)
         self.dropout = config.dropout_rate
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, cache: KVCache | None = None, pos: int = 0):
+    def forward(
+        self, x: torch.Tensor, bias: torch.Tensor, cache: KVCache | None = None, positions: torch.Tensor | None = None
+    ):
         batch, length, _ = x.shape
         qkv = self.qkv(x).view(batch, length, 3, self.heads, self.d_kv).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each [batch, heads, length, d_kv]
         if cache is not None:
-            k, v = cache.update(pos, k, v)
+            k, v = cache.update(positions, k, v)
         out = attend(q, k, v, bias, self.dropout if self.training else 0.0)
         return self.o(out.transpose(1, 2).reshape(batch, length, self.inner))
 
@@ -237,8 +231,17 @@ class DecoderBlock(nn.Module):
         self.ff = FeedForward(config)
         self.dropout = nn.Dropout(config.dropout_rate)
 
-    def forward(self, x, self_bias, cross_k, cross_v, cross_bias, cache: KVCache | None = None, pos: int = 0):
-        x = clamp_fp16(x + self.dropout(self.self_attn(self.self_attn_norm(x), self_bias, cache, pos)))
+    def forward(
+        self,
+        x,
+        self_bias,
+        cross_k,
+        cross_v,
+        cross_bias,
+        cache: KVCache | None = None,
+        positions: torch.Tensor | None = None,
+    ):
+        x = clamp_fp16(x + self.dropout(self.self_attn(self.self_attn_norm(x), self_bias, cache, positions)))
         x = clamp_fp16(x + self.dropout(self.cross_attn(self.cross_attn_norm(x), cross_k, cross_v, cross_bias)))
         return clamp_fp16(x + self.dropout(self.ff(self.ff_norm(x))))
 
@@ -257,7 +260,7 @@ class Encoder(nn.Module):
     def forward(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = self.dropout(embeds)
         length = embeds.shape[1]
-        bias = self.relative_bias(torch.arange(length, device=x.device), length)  # [1, heads, len, len]
+        bias = self.relative_bias(torch.arange(length, device=x.device)[None, :], length)  # [1, heads, len, len]
         if attention_mask is not None:
             bias = bias + mask_to_bias(attention_mask, bias.dtype)  # [batch, heads, len, len]
         for block in self.blocks:
@@ -283,27 +286,27 @@ class Decoder(nn.Module):
         """Each layer's cross-attention keys and values: computed once per source, reused every step."""
         return [block.cross_attn.project_kv(encoder_states) for block in self.blocks]
 
-    def forward(self, embeds: torch.Tensor, cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
-                encoder_mask: torch.Tensor | None, decoder_mask: torch.Tensor | None = None,
-                caches: list[KVCache] | None = None, pos: int | torch.Tensor = 0) -> torch.Tensor:
-        """Run `embeds` [rows, len, d_model] at positions pos..pos+len. With caches, earlier positions come
-        from them. encoder_mask is [sources, src_len]; rows may be a multiple of sources (beams).
-
-        `pos` may be a tensor [rows] instead: one token per row, each at its own position, over the whole
-        preallocated caches (continuous batching, where rows joined the batch at different steps)."""
+    def forward(
+        self,
+        embeds: torch.Tensor,
+        cross_kv: list[tuple[torch.Tensor, torch.Tensor]],
+        encoder_mask: torch.Tensor | None,
+        decoder_mask: torch.Tensor | None = None,
+        caches: list[KVCache] | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run `embeds` [rows, len, d_model] at `positions` [rows, len], each row at its own (by default the
+        whole sequence, 0..len-1). With caches, the keys and values of earlier positions come from them, and
+        these are written in. encoder_mask is [sources, src_len]; rows may be a multiple of sources (beams)."""
         x = self.dropout(embeds)
         length = embeds.shape[1]
-        if isinstance(pos, torch.Tensor):
-            key_length = caches[0].k.shape[2]
-            self_bias = self.relative_bias.per_row(pos, key_length)  # [rows, heads, 1, key_len]
-            future = torch.arange(key_length, device=x.device)[None, :] > pos[:, None]  # and stale cache entries
-            self_bias = self_bias.masked_fill(future[:, None, None, :], torch.finfo(self_bias.dtype).min)
-        else:
-            key_length = pos + length
-            positions = torch.arange(pos, key_length, device=x.device)
-            self_bias = self.relative_bias(positions, key_length)  # [1, heads, len, key_len]
-            causal = positions[:, None] >= torch.arange(key_length, device=x.device)[None, :]
-            self_bias = self_bias.masked_fill(~causal, torch.finfo(self_bias.dtype).min)
+        if positions is None:
+            positions = torch.arange(length, device=x.device)[None, :]
+        key_length = caches[0].k.shape[2] if caches is not None else length
+        self_bias = self.relative_bias(positions, key_length)  # [rows or 1, heads, len, key_len]
+        # A query sees the keys at its position and before: causal, and blind to a cache's stale entries.
+        future = torch.arange(key_length, device=x.device)[None, None, :] > positions[:, :, None]
+        self_bias = self_bias.masked_fill(future[:, None], torch.finfo(self_bias.dtype).min)
         if decoder_mask is not None:
             self_bias = self_bias + mask_to_bias(decoder_mask[:, :key_length], self_bias.dtype)
         dtype = cross_kv[0][0].dtype if cross_kv else x.dtype
@@ -317,5 +320,5 @@ class Decoder(nn.Module):
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, self_bias, k, v, cross_bias, use_reentrant=False)
             else:
-                x = block(x, self_bias, k, v, cross_bias, cache, pos)
+                x = block(x, self_bias, k, v, cross_bias, cache, positions)
         return self.dropout(self.final_norm(x))

@@ -1,4 +1,5 @@
 """The six mT5 model classes of the transformers docs, on one shared encoder/decoder implementation."""
+
 from __future__ import annotations
 
 import json
@@ -12,14 +13,20 @@ from torch import nn
 
 from . import checkpoint, weights
 from .config import MT5Config
-from .quantize import METHODS as QUANTIZATIONS, is_quantized, quantize
-from .vocabulary import RestrictedHead
 from .modules import CrossAttention, Decoder, Encoder, FeedForward, RelativePositionBias, RMSNorm, SelfAttention
+from .quantize import METHODS as QUANTIZATIONS
+from .quantize import is_quantized, quantize
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
@@ -35,6 +42,7 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 @dataclass
 class ModelOutput:
     """What a forward returns; each head fills the fields the transformers docs give it."""
+
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     last_hidden_state: torch.Tensor | None = None
@@ -51,9 +59,16 @@ class MT5PreTrainedModel(nn.Module):
         self.config = config
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, *, dtype: torch.dtype | str = torch.float32,
-                        device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
-                        quantization: str = "none", revision: str | None = None):
+    def from_pretrained(
+        cls,
+        source: str | Path,
+        *,
+        dtype: torch.dtype | str = torch.float32,
+        device: str | torch.device = "cpu",
+        cache_dir: str | Path | None = None,
+        quantization: str = "none",
+        revision: str | None = None,
+    ):
         """Load a Hugging Face mT5 checkpoint: a directory, an fsspec URI or a hub id.
 
         The model is built on the meta device and its parameters are assigned straight from the
@@ -68,12 +83,12 @@ class MT5PreTrainedModel(nn.Module):
         model.eval()
         quantize(model, quantization)  # after eval(): the new layers copy the training flag
         model._after_load(directory)
-        model._lay_out_for_cpu()
         return model
 
     @classmethod
-    def check_pretrained(cls, source: str | Path, *, cache_dir: str | Path | None = None,
-                         revision: str | None = None) -> Path:
+    def check_pretrained(
+        cls, source: str | Path, *, cache_dir: str | Path | None = None, revision: str | None = None
+    ) -> Path:
         """What from_pretrained checks, from config.json and the safetensors headers alone: no weight is
         read. Returns the local checkpoint directory. For failing fast before a cluster does any work."""
         model, directory = cls._on_meta(source, cache_dir, revision)
@@ -83,41 +98,30 @@ class MT5PreTrainedModel(nn.Module):
     @classmethod
     def _on_meta(cls, source, cache_dir, revision=None):
         directory = checkpoint.resolve_checkpoint(source, cache_dir=cache_dir, revision=revision)
-        config = MT5Config.from_dict(checkpoint.read_json(directory, "config.json", required=True),
-                                     source=str(directory / "config.json"))
+        config = MT5Config.from_dict(
+            checkpoint.read_json(directory, "config.json", required=True), source=str(directory / "config.json")
+        )
         with torch.device("meta"):
             return cls(config), directory
 
     def _after_load(self, directory: Path) -> None:
         """Hook for what a class reads beside the weights (generation_config.json)."""
 
-    def _lay_out_for_cpu(self) -> None:
-        """Store an untied float lm_head column-major on CPU: F.linear then runs a plain GEMM on it rather
-        than a transposed-B one, 1.3-1.5x faster at the few rows of a decode step (MKL, AVX2; measured at
-        4 and 16 rows on mt5-small's [250112, 512] head). Results agree to float32 rounding (bit-identical
-        on one thread; on several the GEMM may split the sum otherwise). The logical [vocab, d_model]
-        shape, the state dict and the saved file are unchanged."""
-        head = getattr(self, "lm_head", None)
-        if (type(head) is not nn.Linear or self.config.tie_word_embeddings or head.weight.device.type != "cpu"
-                or not head.weight.is_floating_point()):
-            return
-        head.weight = nn.Parameter(head.weight.detach().t().contiguous().t(), requires_grad=head.weight.requires_grad)
-
     def save_pretrained(self, out_dir: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write config.json and safetensors in the Hugging Face layout, loadable by transformers."""
         if is_quantized(self):
-            raise ValueError("save_pretrained writes full-precision checkpoints: save the model before quantizing it "
-                             "(quantization is applied at load time with from_pretrained(..., quantization=...))")
-        if isinstance(getattr(self, "lm_head", None), RestrictedHead):
-            raise ValueError("save_pretrained writes full checkpoints: save the model before restricting its output "
-                             "vocabulary (restrict_vocabulary is applied after loading)")
+            raise ValueError(
+                "save_pretrained writes full-precision checkpoints: save the model before quantizing it "
+                "(quantization is applied at load time with from_pretrained(..., quantization=...))"
+            )
+        tensors = weights.to_hf_state_dict(self)  # before any file: a restricted head refuses (model/vocabulary.py)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         config = self.config.to_dict()
         config["architectures"] = [type(self).__name__]
         config["torch_dtype"] = str(self.shared.weight.dtype if hasattr(self, "shared") else torch.float32)[6:]
         (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        checkpoint.save_tensors(weights.to_hf_state_dict(self), out_dir, max_shard_bytes=max_shard_bytes)
+        checkpoint.save_tensors(tensors, out_dir, max_shard_bytes=max_shard_bytes)
 
     @property
     def device(self) -> torch.device:
@@ -141,25 +145,25 @@ class MT5PreTrainedModel(nn.Module):
             if isinstance(module, RMSNorm):
                 module.weight.fill_(f)
             elif isinstance(module, RelativePositionBias):
-                module.embedding.weight.normal_(0.0, f * c.d_model ** -0.5)
+                module.embedding.weight.normal_(0.0, f * c.d_model**-0.5)
             elif isinstance(module, SelfAttention):
                 q, kv = module.qkv.weight.split([c.inner_dim, 2 * c.inner_dim])
                 q.normal_(0.0, f * (c.d_model * c.d_kv) ** -0.5)
-                kv.normal_(0.0, f * c.d_model ** -0.5)
-                module.o.weight.normal_(0.0, f * c.inner_dim ** -0.5)
+                kv.normal_(0.0, f * c.d_model**-0.5)
+                module.o.weight.normal_(0.0, f * c.inner_dim**-0.5)
             elif isinstance(module, CrossAttention):
                 module.q.weight.normal_(0.0, f * (c.d_model * c.d_kv) ** -0.5)
-                module.kv.weight.normal_(0.0, f * c.d_model ** -0.5)
-                module.o.weight.normal_(0.0, f * c.inner_dim ** -0.5)
+                module.kv.weight.normal_(0.0, f * c.d_model**-0.5)
+                module.o.weight.normal_(0.0, f * c.inner_dim**-0.5)
             elif isinstance(module, FeedForward):
-                module.wi.weight.normal_(0.0, f * c.d_model ** -0.5)
-                module.wo.weight.normal_(0.0, f * c.d_ff ** -0.5)
+                module.wi.weight.normal_(0.0, f * c.d_model**-0.5)
+                module.wo.weight.normal_(0.0, f * c.d_ff**-0.5)
         shared = self.shared if hasattr(self, "shared") else self.transformer.shared
         shared.weight.normal_(0.0, f)
         for name in ("lm_head", "qa_outputs", "classifier"):
             head = getattr(self, name, None)
             if head is not None and not (name == "lm_head" and c.tie_word_embeddings):
-                head.weight.normal_(0.0, f if name == "lm_head" else f * c.d_model ** -0.5)
+                head.weight.normal_(0.0, f if name == "lm_head" else f * c.d_model**-0.5)
                 if head.bias is not None:
                     head.bias.zero_()
         return self
@@ -190,8 +194,9 @@ class _EncoderDecoder(MT5PreTrainedModel):
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.encoder(self.shared(input_ids), attention_mask)
 
-    def run(self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-            encoder_outputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def run(
+        self, input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """(decoder hidden states, encoder hidden states) for a whole target sequence (no cache)."""
         if encoder_outputs is None:
             encoder_outputs = self.encode(input_ids, attention_mask)
@@ -203,10 +208,17 @@ class _EncoderDecoder(MT5PreTrainedModel):
 
 
 class MT5Model(_EncoderDecoder):
-    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                encoder_outputs=None) -> ModelOutput:
-        hidden, encoded = self.run(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-                                   encoder_outputs)
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        encoder_outputs=None,
+    ) -> ModelOutput:
+        hidden, encoded = self.run(
+            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs
+        )
         return ModelOutput(last_hidden_state=hidden, encoder_last_hidden_state=encoded)
 
 
@@ -217,10 +229,12 @@ class MT5ForConditionalGeneration(_EncoderDecoder):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.shared.weight
         from .generate import GenerationConfig
+
         self.generation_config = GenerationConfig.from_model_config(config)
 
     def _after_load(self, directory: Path) -> None:
         from .generate import GenerationConfig
+
         raw = checkpoint.read_json(directory, "generation_config.json", required=False)
         if raw is not None:
             self.generation_config = GenerationConfig.from_dict(raw, self.config)
@@ -230,25 +244,39 @@ class MT5ForConditionalGeneration(_EncoderDecoder):
         self.generation_config.save(Path(out_dir))
 
     def lm_logits(self, hidden: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits of `hidden` [..., d_model]; for hidden [rows, d_model], `out` [rows, vocab] may receive
-        them (a plain head writes into it; quantized or restricted heads return their own tensor)."""
+        """Logits [..., vocab_size] of `hidden` [..., d_model].
+
+        Every output head (nn.Linear, packed, quantized, restricted) maps hidden to scores over the ids it
+        covers: `kept_ids` names them when it has some (model/vocabulary.py), and otherwise it covers the
+        whole vocabulary in order. Ids a head does not cover get -inf, written into `out` [..., vocab_size]
+        when given (decode steps reuse it: a fresh vocabulary-sized tensor per step costs page faults)."""
         if self.config.tie_word_embeddings:
             # Tied T5 rescales before the shared embedding; real (untied) mT5 checkpoints do not.
-            hidden = hidden * self.config.d_model ** -0.5
-        head = self.lm_head
-        if (out is not None and type(head) is nn.Linear and head.bias is None and hidden.dim() == 2
-                and out.dtype == hidden.dtype == head.weight.dtype):
-            return torch.mm(hidden, head.weight.t(), out=out)  # what F.linear computes, into `out`
-        if isinstance(head, RestrictedHead):
-            return head(hidden, out=out)
-        return head(hidden)
+            hidden = hidden * self.config.d_model**-0.5
+        scores = self.lm_head(hidden)  # [..., ids the head covers]
+        ids = getattr(self.lm_head, "kept_ids", None)
+        if ids is None:
+            return scores
+        if out is None or out.dtype != scores.dtype:
+            out = scores.new_empty((*scores.shape[:-1], self.config.vocab_size))
+        logits = out.fill_(float("-inf"))  # [..., vocab]
+        logits[..., ids] = scores
+        return logits
 
-    def forward(self, input_ids=None, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                labels=None, encoder_outputs=None) -> ModelOutput:
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        labels=None,
+        encoder_outputs=None,
+    ) -> ModelOutput:
         if labels is not None and decoder_input_ids is None:
             decoder_input_ids = self.shift_right(labels)
-        hidden, encoded = self.run(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask,
-                                   encoder_outputs)
+        hidden, encoded = self.run(
+            input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, encoder_outputs
+        )
         logits = self.lm_logits(hidden)
         loss = None
         if labels is not None:
@@ -256,8 +284,9 @@ class MT5ForConditionalGeneration(_EncoderDecoder):
         return ModelOutput(loss=loss, logits=logits, encoder_last_hidden_state=encoded)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **settings):
-        """transformers-style generate: greedy, beam search or sampling; see model/generate.py."""
+        """transformers-style generate: greedy, beam search or sampling; see model/generate.py and model/decode.py."""
         from .generate import generate
+
         return generate(self, input_ids, attention_mask, self.generation_config.updated(**settings))
 
 
@@ -281,8 +310,9 @@ class MT5ForSequenceClassification(MT5PreTrainedModel):
         self.transformer = MT5Model(config)
         self.classification_head = ClassificationHead(config)
 
-    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                labels=None) -> ModelOutput:
+    def forward(
+        self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None, labels=None
+    ) -> ModelOutput:
         if decoder_input_ids is None:
             decoder_input_ids = self.shift_right(input_ids)
         hidden, _ = self.transformer.run(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, None)
@@ -336,8 +366,15 @@ class MT5ForQuestionAnswering(_EncoderDecoder):
         super().__init__(config)
         self.qa_outputs = nn.Linear(config.d_model, config.num_labels)
 
-    def forward(self, input_ids, attention_mask=None, decoder_input_ids=None, decoder_attention_mask=None,
-                start_positions=None, end_positions=None) -> ModelOutput:
+    def forward(
+        self,
+        input_ids,
+        attention_mask=None,
+        decoder_input_ids=None,
+        decoder_attention_mask=None,
+        start_positions=None,
+        end_positions=None,
+    ) -> ModelOutput:
         if decoder_input_ids is None:
             decoder_input_ids = self.shift_right(input_ids)
         hidden, encoded = self.run(input_ids, attention_mask, decoder_input_ids, decoder_attention_mask, None)
@@ -349,7 +386,10 @@ class MT5ForQuestionAnswering(_EncoderDecoder):
             ignored = start_logits.shape[1]
             start = start_positions.reshape(-1).clamp(0, ignored)
             end = end_positions.reshape(-1).clamp(0, ignored)
-            loss = (F.cross_entropy(start_logits, start, ignore_index=ignored)
-                    + F.cross_entropy(end_logits, end, ignore_index=ignored)) / 2
-        return ModelOutput(loss=loss, start_logits=start_logits, end_logits=end_logits,
-                           encoder_last_hidden_state=encoded)
+            loss = (
+                F.cross_entropy(start_logits, start, ignore_index=ignored)
+                + F.cross_entropy(end_logits, end, ignore_index=ignored)
+            ) / 2
+        return ModelOutput(
+            loss=loss, start_logits=start_logits, end_logits=end_logits, encoder_last_hidden_state=encoded
+        )

@@ -2,18 +2,19 @@
 
 At the few rows of a decode step, mT5's [250112, d_model] float32 head is more than half of the step's
 time on CPU. oneDNN, given the weight reordered once into its blocked layout for a small row count, runs
-that GEMM faster than MKL does on the plain layout, strided either way (on mt5-small's head at 16 rows
-on one AVX2 core: 87-100 ms against 118-140 ms; `benchmarks/run.py` gives the end-to-end figures).
-The logits agree to float32 rounding, not bit for bit: oneDNN sums in another order.
+that GEMM faster than MKL does on the plain layout, row- or column-major, from 4 rows up
+(benchmarks/README.md has the figures). It is the one CPU layout of the head. The logits agree to float32
+rounding, not bit for bit: oneDNN sums in another order.
 
 pack_head_for_cpu(model) replaces the head's float nn.Linear (lm_head itself, or the one inside a
 restricted head) with a PackedLinear, in place. The packed copy replaces the plain weight, so memory does
 not grow. It is for inference: the packed weight takes no gradient, and training a packed model fails
 with a clear error; unpack_head(model) puts the plain nn.Linear back first (pipeline/train.py does, as
 a replica fine-tunes the model it serves). state_dict() and save_pretrained unpack it, so a packed
-model saves the same checkpoint as before. Pack after restricting the vocabulary, and instead of quantizing the head
-(a quantized head is left as it is).
+model saves the same checkpoint as before. model.load_for_inference packs after restricting the vocabulary
+and quantizing (a quantized head is left as it is).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,11 @@ ROWS_HINT = 16
 
 def can_pack() -> bool:
     """Whether this torch has oneDNN's prepacked linear (CPU builds with MKL-DNN have it)."""
-    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-            and hasattr(torch.ops.mkldnn, "_reorder_linear_weight"))
+    return (
+        torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    )
 
 
 class PackedLinear(nn.Module):
@@ -47,8 +51,9 @@ class PackedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
-            raise RuntimeError("a packed output head is for inference only: train a model loaded without "
-                               "pack_head_for_cpu()")
+            raise RuntimeError(
+                "a packed output head is for inference only: train a model loaded without pack_head_for_cpu()"
+            )
         rows = x.reshape(-1, self.in_features).contiguous()
         out = torch.ops.mkldnn._linear_pointwise(rows, self.packed, None, "none", [], "")
         return out.view(*x.shape[:-1], self.out_features)
@@ -56,16 +61,19 @@ class PackedLinear(nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight"] = self.weight
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         key = prefix + "weight"
         if key not in state_dict:
             missing_keys.append(key)
             return
         weight = state_dict[key].detach().to(torch.float32)
         if tuple(weight.shape) != (self.out_features, self.in_features):
-            error_msgs.append(f"{key}: shape {tuple(weight.shape)} in the state dict, "
-                              f"{(self.out_features, self.in_features)} in the model")
+            error_msgs.append(
+                f"{key}: shape {tuple(weight.shape)} in the state dict, "
+                f"{(self.out_features, self.in_features)} in the model"
+            )
             return
         self.packed = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), self.rows_hint)
 
@@ -74,14 +82,18 @@ class PackedLinear(nn.Module):
 
 
 def _head_slot(model: nn.Module) -> tuple[nn.Module, str]:
-    """(module, attribute) holding the head's linear: lm_head, or the kept rows of a restricted head."""
+    """(module, attribute) holding the head's linear: lm_head, or the kept rows of a head over kept ids."""
     head = getattr(model, "lm_head", None)
-    return (head, "kept") if hasattr(head, "kept") else (model, "lm_head")
+    return (head, "kept") if getattr(head, "kept_ids", None) is not None else (model, "lm_head")
 
 
 def _packable(linear) -> bool:
-    return (type(linear) is nn.Linear and linear.bias is None and linear.weight.device.type == "cpu"
-            and linear.weight.dtype == torch.float32)
+    return (
+        type(linear) is nn.Linear
+        and linear.bias is None
+        and linear.weight.device.type == "cpu"
+        and linear.weight.dtype == torch.float32
+    )
 
 
 def pack_head_for_cpu(model: nn.Module, rows_hint: int = ROWS_HINT) -> bool:

@@ -22,6 +22,7 @@ matmul of each decoding step. That is where most of its disagreement with float3
 ROUGE (benchmarks/quality.py: 89% of sequences identical with the head kept, skip=("lm_head",), 74% with
 it quantized; ROUGE-L 46.0 and 46.3 against float32's 46.2). CPU and float32 only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -86,7 +87,8 @@ def _bitsandbytes():
     except ImportError as err:
         raise ImportError(
             "quantization needs bitsandbytes, which runs int8, nf4 and fp4 on CPU and CUDA from 0.46 on: "
-            "pip install 'bitsandbytes>=0.46'") from err
+            "pip install 'bitsandbytes>=0.46'"
+        ) from err
     return bitsandbytes
 
 
@@ -127,22 +129,47 @@ def _quantized_layer(bnb, layer: nn.Linear, method: str, compute_dtype: torch.dt
     bias = layer.bias is not None
     if method == "int8":
         # Built on meta so that no throwaway float weight is allocated; the real one is assigned below.
-        new = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=bias, has_fp16_weights=False,
-                                  threshold=INT8_THRESHOLD, device="meta")
+        new = bnb.nn.Linear8bitLt(
+            layer.in_features,
+            layer.out_features,
+            bias=bias,
+            has_fp16_weights=False,
+            threshold=INT8_THRESHOLD,
+            device="meta",
+        )
         # Row-wise absmax int8, what Int8Params does on .to(device). Called directly because Int8Params
         # quantizes only when it leaves the CPU, and a weight already on the GPU never does.
         codes, row_scales, _ = bnb.functional.int8_vectorwise_quant(weight.to(torch.float16))
         new.weight = bnb.nn.Int8Params(codes, requires_grad=False, has_fp16_weights=False, CB=codes, SCB=row_scales)
     else:
-        new = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=bias, compute_dtype=compute_dtype,
-                                compress_statistics=True, quant_type=method, device="meta")
+        new = bnb.nn.Linear4bit(
+            layer.in_features,
+            layer.out_features,
+            bias=bias,
+            compute_dtype=compute_dtype,
+            compress_statistics=True,
+            quant_type=method,
+            device="meta",
+        )
         # What Params4bit.to(device) does on its first move, done where the weight is.
-        packed, state = bnb.functional.quantize_4bit(weight.contiguous(), blocksize=BLOCKSIZE_4BIT,
-                                                     compress_statistics=True, quant_type=method,
-                                                     quant_storage=torch.uint8)
-        new.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=BLOCKSIZE_4BIT,
-                                       compress_statistics=True, quant_type=method, quant_storage=torch.uint8,
-                                       module=new, bnb_quantized=True)
+        packed, state = bnb.functional.quantize_4bit(
+            weight.contiguous(),
+            blocksize=BLOCKSIZE_4BIT,
+            compress_statistics=True,
+            quant_type=method,
+            quant_storage=torch.uint8,
+        )
+        new.weight = bnb.nn.Params4bit(
+            packed,
+            requires_grad=False,
+            quant_state=state,
+            blocksize=BLOCKSIZE_4BIT,
+            compress_statistics=True,
+            quant_type=method,
+            quant_storage=torch.uint8,
+            module=new,
+            bnb_quantized=True,
+        )
         new.quant_state = state
         # On CPUs with AVX-512 BF16, bitsandbytes (0.50) runs an eval-mode 4-bit layer through a kernel that
         # casts the activations and the block scales to bfloat16 whatever compute_dtype says, and that fails
@@ -168,7 +195,8 @@ def _check_runs(bnb, method: str, device: torch.device, compute_dtype: torch.dty
         raise RuntimeError(
             f"bitsandbytes {getattr(bnb, '__version__', '?')} cannot run {method} on {device}: {err}. "
             "`python -m bitsandbytes` diagnoses the install; bitsandbytes>=0.46 runs on CPU and CUDA, and "
-            "its CUDA build must match torch's CUDA version.") from err
+            "its CUDA build must match torch's CUDA version."
+        ) from err
 
 
 def _dynamic_int8_layer(layer: nn.Linear) -> nn.Module:
@@ -190,20 +218,27 @@ def _dynamic_int8_layer(layer: nn.Linear) -> nn.Module:
 def _check_dynamic_int8(device: torch.device, dtype: torch.dtype) -> None:
     """int8-dynamic runs where torch's quantized CPU engine runs, on float32 inputs; say so before any layer changes."""
     if device.type != "cpu":
-        raise ValueError(f"quantization 'int8-dynamic' runs on CPU only, and the model is on {device}: "
-                         "on GPUs use int8, nf4 or fp4 (bitsandbytes), or bfloat16 without quantization")
+        raise ValueError(
+            f"quantization 'int8-dynamic' runs on CPU only, and the model is on {device}: "
+            "on GPUs use int8, nf4 or fp4 (bitsandbytes), or bfloat16 without quantization"
+        )
     if dtype != torch.float32:
-        raise ValueError(f"quantization 'int8-dynamic' computes in float32, and the model is in {dtype}: "
-                         "load it with dtype=float32 (--dtype float32, or auto on CPU)")
+        raise ValueError(
+            f"quantization 'int8-dynamic' computes in float32, and the model is in {dtype}: "
+            "load it with dtype=float32 (--dtype float32, or auto on CPU)"
+        )
     try:
         _dynamic_int8_layer(nn.Linear(64, 64, bias=False))(torch.ones(2, 64))
     except (RuntimeError, NotImplementedError) as err:
-        raise RuntimeError(f"torch {torch.__version__} cannot run int8-dynamic with its quantized engine "
-                           f"{torch.backends.quantized.engine!r}: {err}") from err
+        raise RuntimeError(
+            f"torch {torch.__version__} cannot run int8-dynamic with its quantized engine "
+            f"{torch.backends.quantized.engine!r}: {err}"
+        ) from err
 
 
-def quantize(model: nn.Module, method: str, *, compute_dtype: torch.dtype | None = None,
-             skip: tuple[str, ...] | None = None) -> nn.Module:
+def quantize(
+    model: nn.Module, method: str, *, compute_dtype: torch.dtype | None = None, skip: tuple[str, ...] | None = None
+) -> nn.Module:
     """Replace the stacks' projections of `model` with quantized layers, in place; returns `model`.
 
     method: "none" (the model as it is), "int8" (LLM.int8: row-wise int8 weights; activation columns
@@ -254,8 +289,7 @@ def is_quantized(model: nn.Module) -> bool:
     holds no full-precision copy of those weights and cannot be saved as a checkpoint."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    return any(type(m).__module__.startswith("bitsandbytes") or isinstance(m, DynamicLinear)
-               for m in model.modules())
+    return any(type(m).__module__.startswith("bitsandbytes") or isinstance(m, DynamicLinear) for m in model.modules())
 
 
 def quantized_bytes(model: nn.Module) -> int:

@@ -3,6 +3,7 @@
 This is the only module that knows HF key names. Fused tensors (q|k|v, cross k|v, wi_0|wi_1) are
 concatenated along the output dimension on load and split again on save.
 """
+
 from __future__ import annotations
 
 import re
@@ -19,15 +20,31 @@ _DECODER = r"(?P<pre>(?:transformer\.)?)(?P<stack>decoder)\.block\.(?P<i>\d+)\.l
 
 # (HF key pattern, our key template, part index in the fused tensor, number of parts)
 _RULES: list[tuple[re.Pattern, str, int, int]] = [
-    (re.compile(r"(?P<pre>(?:transformer\.)?)(?P<stack>encoder|decoder)\.block\.0\.layer\.0\.SelfAttention"
-                r"\.relative_attention_bias\.weight"), "{pre}{stack}.relative_bias.embedding.weight", 0, 1),
-    *[(re.compile(_STACK + rf"\.0\.SelfAttention\.{p}\.weight"), "{pre}{stack}.blocks.{i}.self_attn.qkv.weight",
-       n, 3) for n, p in enumerate("qkv")],
+    (
+        re.compile(
+            r"(?P<pre>(?:transformer\.)?)(?P<stack>encoder|decoder)\.block\.0\.layer\.0\.SelfAttention"
+            r"\.relative_attention_bias\.weight"
+        ),
+        "{pre}{stack}.relative_bias.embedding.weight",
+        0,
+        1,
+    ),
+    *[
+        (re.compile(_STACK + rf"\.0\.SelfAttention\.{p}\.weight"), "{pre}{stack}.blocks.{i}.self_attn.qkv.weight", n, 3)
+        for n, p in enumerate("qkv")
+    ],
     (re.compile(_STACK + r"\.0\.SelfAttention\.o\.weight"), "{pre}{stack}.blocks.{i}.self_attn.o.weight", 0, 1),
     (re.compile(_STACK + r"\.0\.layer_norm\.weight"), "{pre}{stack}.blocks.{i}.self_attn_norm.weight", 0, 1),
     (re.compile(_DECODER + r"\.1\.EncDecAttention\.q\.weight"), "{pre}{stack}.blocks.{i}.cross_attn.q.weight", 0, 1),
-    *[(re.compile(_DECODER + rf"\.1\.EncDecAttention\.{p}\.weight"), "{pre}{stack}.blocks.{i}.cross_attn.kv.weight",
-       n, 2) for n, p in enumerate("kv")],
+    *[
+        (
+            re.compile(_DECODER + rf"\.1\.EncDecAttention\.{p}\.weight"),
+            "{pre}{stack}.blocks.{i}.cross_attn.kv.weight",
+            n,
+            2,
+        )
+        for n, p in enumerate("kv")
+    ],
     (re.compile(_DECODER + r"\.1\.EncDecAttention\.o\.weight"), "{pre}{stack}.blocks.{i}.cross_attn.o.weight", 0, 1),
     (re.compile(_DECODER + r"\.1\.layer_norm\.weight"), "{pre}{stack}.blocks.{i}.cross_attn_norm.weight", 0, 1),
 ]
@@ -35,19 +52,27 @@ _RULES: list[tuple[re.Pattern, str, int, int]] = [
 for _stack, _ff in (("encoder", 1), ("decoder", 2)):
     _FF = rf"(?P<pre>(?:transformer\.)?)(?P<stack>{_stack})\.block\.(?P<i>\d+)\.layer\.{_ff}"
     _RULES += [
-        *[(re.compile(_FF + rf"\.DenseReluDense\.wi_{n}\.weight"), "{pre}{stack}.blocks.{i}.ff.wi.weight", n, 2)
-          for n in range(2)],
+        *[
+            (re.compile(_FF + rf"\.DenseReluDense\.wi_{n}\.weight"), "{pre}{stack}.blocks.{i}.ff.wi.weight", n, 2)
+            for n in range(2)
+        ],
         (re.compile(_FF + r"\.DenseReluDense\.wi\.weight"), "{pre}{stack}.blocks.{i}.ff.wi.weight", 0, 1),
         (re.compile(_FF + r"\.DenseReluDense\.wo\.weight"), "{pre}{stack}.blocks.{i}.ff.wo.weight", 0, 1),
         (re.compile(_FF + r"\.layer_norm\.weight"), "{pre}{stack}.blocks.{i}.ff_norm.weight", 0, 1),
     ]
 _RULES += [
-    (re.compile(r"(?P<pre>(?:transformer\.)?)(?P<stack>encoder|decoder)\.final_layer_norm\.weight"),
-     "{pre}{stack}.final_norm.weight", 0, 1),
+    (
+        re.compile(r"(?P<pre>(?:transformer\.)?)(?P<stack>encoder|decoder)\.final_layer_norm\.weight"),
+        "{pre}{stack}.final_norm.weight",
+        0,
+        1,
+    ),
 ]
 
 # Keys transformers writes or tolerates that carry nothing we need.
-_IGNORED = re.compile(r"(?:transformer\.)?decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight")
+_IGNORED = re.compile(
+    r"(?:transformer\.)?decoder\.block\.0\.layer\.1\.EncDecAttention\.relative_attention_bias\.weight"
+)
 # The stacks' embed_tokens alias shared.weight (older checkpoints store all three).
 _EMBED_ALIAS = re.compile(r"(?P<pre>(?:transformer\.)?)(?:encoder|decoder)\.embed_tokens\.weight")
 
@@ -154,7 +179,8 @@ def check(model: nn.Module, checkpoint_dir: Path) -> dict[str, str]:
         if tuple(header[stored][0]) != expected[name]:
             raise ModelLoadError(
                 f"{where}: {stored} has shape {list(header[stored][0])}, but config.json implies "
-                f"{list(expected[name])}; the config does not match the weights")
+                f"{list(expected[name])}; the config does not match the weights"
+            )
 
     return source
 
@@ -167,8 +193,10 @@ def load_into(model: nn.Module, checkpoint_dir: Path, *, dtype: torch.dtype, dev
     pending: dict[str, dict[int, torch.Tensor]] = {}
     state: dict[str, torch.Tensor] = {}
     for stored, tensor in checkpoint.load_tensors(
-            checkpoint_dir, device=device,
-            dtype_for=lambda stored, _: _target_dtype(hf_to_ours(wanted.get(stored, stored))[0], dtype)):
+        checkpoint_dir,
+        device=device,
+        dtype_for=lambda stored, _: _target_dtype(hf_to_ours(wanted.get(stored, stored))[0], dtype),
+    ):
         if stored not in wanted:
             continue  # ignored keys, or a duplicate embedding alias
         ours, part, parts = hf_to_ours(wanted[stored])

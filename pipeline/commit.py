@@ -5,10 +5,11 @@ Layout (everything that is not data starts with `_`, so Spark, DuckDB and pyarro
     <output>/<unit.output_relative>               the data: one Parquet file per work unit
     <output>/_SUCCESS                             empty; written only when every planned unit has committed
     <output>/_lakesum/manifest.json               the run's settings and its unit plan (ids, ranges, row counts,
-                                                  input identities)
+                                                  input identities), one list a field (UnitRecord)
     <output>/_lakesum/lease.json                  the running job's lease: one writer at a time (lease.py)
     <output>/_lakesum/committed/<unit id>.json    commit markers: the unit's output is complete and final
-    <output>/_lakesum/committed.json              the markers of earlier runs, compacted into one file
+    <output>/_lakesum/committed.json              the markers of earlier runs, compacted into one file (their
+                                                  COMMIT_FIELDS, one list a field)
     <output>/_lakesum/failed/<id>.json            units (or unreadable shards) that failed in the latest run
     <output>/_lakesum/staging/                    outputs being written
     <output>/_lakesum/report.json                 the latest run's report
@@ -16,7 +17,7 @@ Layout (everything that is not data starts with `_`, so Spark, DuckDB and pyarro
 A unit is written to `staging/<unit id>.<attempt>.parquet`, moved to its final, deterministic name, and
 only then marked committed. Whatever dies wherever, a rerun of the unit writes the same final name, so a
 row can be written twice but never appear twice; a final file without a marker is simply rewritten, and a
-unit with a marker is skipped. A unit's id includes its input file's identity (shards.py), so a file
+unit with a marker is skipped. A unit's id includes its input file's identity (footers.py), so a file
 rewritten since is a new unit: its output is replaced, and earlier units of rewritten or deleted files are
 removed (`reconcile`), so that the output mirrors the input.
 
@@ -25,6 +26,7 @@ staging folder sits inside the output, so it always is); on object stores (s3://
 an object appears whole or not at all when its upload completes, so fsspec's copy-then-delete `mv`
 publishes atomically, and small JSON files are written with one PUT.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -32,25 +34,25 @@ import json
 import os
 import posixpath
 import re
-import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
-from model.redact import redact_url
+from model.storage import is_local, open_filesystem, redact_url, sync_file, write_atomically
 
 from .errors import OutputError
 from .lease import DEFAULT_TIMEOUT as DEFAULT_LEASE_TIMEOUT
 from .lease import LEASE, Lease
-
-from .shards import Shard, WorkUnit, open_filesystem
+from .listing import Shard
+from .units import WorkUnit
 
 # 2: unit ids include the input's identity (version 1 outputs are refused: pass --overwrite once)
-MANIFEST_VERSION = 2
+# 3: units and compacted markers are stored one list a field (version 2 outputs are refused likewise)
+MANIFEST_VERSION = 3
 META = "_lakesum"
 INDEX = "committed.json"  # compacted commit markers
 SUCCESS = "_SUCCESS"
@@ -67,7 +69,7 @@ class OutputLocation:
         self.url = redact_url(url)  # for messages
         self.fs, self.root = open_filesystem(url, storage_options, error=OutputError)
         # a local rename is atomic, so local files are written aside and renamed into place
-        self.local = isinstance(self.fs, LocalFileSystem)
+        self.local = is_local(self.fs)
         # the lease generation this location writes under (a replica's, given by its driver), or None when
         # it writes without a lease (tests of the protocol itself)
         self.generation = generation
@@ -78,10 +80,17 @@ class OutputLocation:
 
     # --- the run -------------------------------------------------------------------------------------
 
-    def reconcile(self, settings: dict, *, units: Sequence[WorkUnit] = (), overwrite: bool = False,
-                  listed: set[str] | None = None, unreadable: set[str] = frozenset(),
-                  in_selection: Callable[[str], bool] | None = None,
-                  input_exists: Callable[[str], bool] | None = None) -> Changes:
+    def reconcile(
+        self,
+        settings: dict,
+        *,
+        units: Sequence[WorkUnit] = (),
+        overwrite: bool = False,
+        listed: set[str] | None = None,
+        unreadable: set[str] = frozenset(),
+        in_selection: Callable[[str], bool] | None = None,
+        input_exists: Callable[[str], bool] | None = None,
+    ) -> Changes:
         """What this run will do to the output, or why it must not run; reads the output, changes nothing.
 
         - No manifest: a fresh output. Files already at the names this run would write are refused
@@ -109,33 +118,46 @@ class OutputLocation:
                 self._refuse_foreign_files(plan)
             return Changes(settings, plan, run=plan, fresh=True, previous=old)
         self._check_same_settings(old["settings"], settings)
-        listed = {u["relative"] for u in plan} if listed is None else listed
-        current = {u["id"] for u in plan}
+        listed = {u.relative for u in plan} if listed is None else listed
+        current = {u.id for u in plan}
         kept, replaced, unlisted = [], [], []
-        for unit in old["units"]:
-            relative = unit["relative"]
-            if unit["id"] in current:
-                continue
+        # only the earlier units that are not in this plan become records (usually a few of a million)
+        for unit in (UnitRecord(*row) for row in _rows(old["units"], UnitRecord._fields) if row[0] not in current):
+            relative = unit.relative
             if relative in unreadable or (in_selection is not None and not in_selection(relative)):
                 kept.append(unit)
             elif relative in listed:
                 replaced.append(unit)  # the file was rewritten: new identity or new row groups
             else:
                 unlisted.append(unit)
-        exists = {relative: input_exists is None or input_exists(relative)
-                  for relative in {u["relative"] for u in unlisted}}
-        missed = [u for u in unlisted if exists[u["relative"]]]
-        gone = [u for u in unlisted if not exists[u["relative"]]]
-        committed = self.committed_units()
-        rewritten = {u["relative"] for u in replaced}
-        todo = [u for u in plan if u["id"] not in committed]
-        return Changes(settings, kept + missed + plan, skip=[u for u in plan if u["id"] in committed],
-                       run=[u for u in todo if u["relative"] not in rewritten],
-                       redo=[u for u in todo if u["relative"] in rewritten], remove=replaced + gone,
-                       missed=missed, generation=old.get("generation", 0))
+        exists = {
+            relative: input_exists is None or input_exists(relative) for relative in {u.relative for u in unlisted}
+        }
+        missed = [u for u in unlisted if exists[u.relative]]
+        gone = [u for u in unlisted if not exists[u.relative]]
+        committed = self.committed_ids()
+        rewritten = {u.relative for u in replaced}
+        todo = [u for u in plan if u.id not in committed]
+        return Changes(
+            settings,
+            kept + missed + plan,
+            skip=[u for u in plan if u.id in committed],
+            run=[u for u in todo if u.relative not in rewritten],
+            redo=[u for u in todo if u.relative in rewritten],
+            remove=replaced + gone,
+            missed=missed,
+            generation=old.get("generation", 0),
+        )
 
-    def prepare(self, settings: dict, *, units: Sequence[WorkUnit] = (), overwrite: bool = False,
-                recorded: dict | None = None, **selection) -> Changes:
+    def prepare(
+        self,
+        settings: dict,
+        *,
+        units: Sequence[WorkUnit] = (),
+        overwrite: bool = False,
+        recorded: dict | None = None,
+        **selection,
+    ) -> Changes:
         """Make the location ready for this run (see `reconcile`, which takes the same arguments), or refuse.
 
         Outputs and markers of removed units go first and the manifest is written last, so a run killed
@@ -151,11 +173,18 @@ class OutputLocation:
         else:
             self._remove_tree(self._path(META, "staging"))
             self._remove_tree(self._path(META, "failed"))
-            self._remove_units(changes.remove, keep_outputs={u["output"] for u in changes.plan})
-        self._put_json(self._path(META, "manifest.json"),
-                       {"lakesum": MANIFEST_VERSION, "settings": changes.settings, "units": changes.plan,
-                        "generation": self.generation or changes.generation, "written_at": _now(),
-                        **_redacted(recorded or {})})
+            self._remove_units(changes.remove, keep_outputs={u.output for u in changes.plan})
+        self._put_json(
+            self._path(META, "manifest.json"),
+            {
+                "lakesum": MANIFEST_VERSION,
+                "settings": changes.settings,
+                "units": _columns(changes.plan, UnitRecord._fields),
+                "generation": self.generation or changes.generation,
+                "written_at": _now(),
+                **_redacted(recorded or {}),
+            },
+        )
         self._remove_stale_success(changes.plan)
         return changes
 
@@ -173,7 +202,7 @@ class OutputLocation:
         self._lease = lease
         return lease
 
-    def committed_files(self, settings: dict) -> dict[str, list[dict]]:
+    def committed_files(self, settings: dict) -> dict[str, tuple[UnitRecord, ...]]:
         """Input file (relative) -> its unit records, for each file all of whose units committed under these same
         settings: planning takes an unchanged file's units from here rather than read its footer again."""
         try:
@@ -182,18 +211,39 @@ class OutputLocation:
             return {}
         if old is None or old["settings"] != _json_round_trip(_redacted(settings)):
             return {}
-        committed = self.committed_units()
-        by_file: dict[str, list[dict]] = {}
-        for unit in old["units"]:
-            by_file.setdefault(unit["relative"], []).append(unit)
-        return {relative: units for relative, units in by_file.items() if all(u["id"] in committed for u in units)}
+        committed = self.committed_ids()
+        by_file: dict[str, tuple[UnitRecord, ...]] = {}  # tuples: most files are one unit
+        for row in _rows(old["units"], UnitRecord._fields):
+            unit = UnitRecord(*row)
+            by_file[unit.relative] = by_file.get(unit.relative, ()) + (unit,)
+        for relative in [r for r, units in by_file.items() if not all(u.id in committed for u in units)]:
+            del by_file[relative]
+        return by_file
 
     def committed_units(self) -> dict[str, dict]:
         """Unit id -> its commit marker (num_rows, output, input identity, attempt, generation, committed_at).
 
-        The markers that runs compacted into `committed.json`, plus those written since, one file a unit.
+        The markers that runs compacted into `committed.json` (with the unit's record from the manifest), plus
+        those written since, one file a unit.
         """
-        return {**self._read_index(), **self._read_records(self._path(META, "committed"))}
+        index = self._read_index()
+        manifest = self._read_manifest() if index else None
+        if manifest is not None:
+            records = {u.id: u._asdict() for u in manifest_units(manifest) if u.id in index}
+            index = {unit_id: {**records.get(unit_id, {}), **facts} for unit_id, facts in index.items()}
+        return {**index, **self._read_records(self._path(META, "committed"))}
+
+    def committed_ids(self) -> set[str]:
+        """The ids of committed_units(), read without them: a marker is written whole (aside, then renamed, or one
+        PUT), so its name says enough."""
+        index = self._cat_index()
+        folder = self._path(META, "committed")
+        self.fs.invalidate_cache(folder)  # other processes (replicas) write here
+        try:
+            names = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            names = []
+        return set(index.get("id", ())) | {posixpath.basename(p)[: -len(".json")] for p in names if p.endswith(".json")}
 
     def compact_markers(self) -> None:
         """Fold the one-file-a-unit markers into `committed.json`, so that a rerun reads a few files.
@@ -211,8 +261,7 @@ class OutputLocation:
         """Id -> failure record (relative, range, reason) of units and shards that failed in the latest run."""
         return self._read_records(self._path(META, "failed"))
 
-    def write_unit(self, unit: WorkUnit, schema: pa.Schema, batches: Iterable[pa.RecordBatch], *,
-                   attempt: str) -> int:
+    def write_unit(self, unit: WorkUnit, schema: pa.Schema, batches: Iterable[pa.RecordBatch], *, attempt: str) -> int:
         """Stream the unit's output to staging, publish it at its final name, then mark it committed.
 
         Returns the row count. If `batches` raises, nothing is published. A unit must come out with as
@@ -228,8 +277,10 @@ class OutputLocation:
         try:
             rows = self._write_parquet(staging, schema, batches)
             if rows != unit.num_rows:
-                raise RuntimeError(f"{unit.shard.relative}: {rows} output rows for row groups {unit.start}-"
-                                   f"{unit.stop}, which hold {unit.num_rows}; not committed")
+                raise RuntimeError(
+                    f"{unit.shard.relative}: {rows} output rows for row groups {unit.start}-"
+                    f"{unit.stop}, which hold {unit.num_rows}; not committed"
+                )
             if self._lease is not None:
                 self._lease.check()  # a run that lost its lease publishes nothing more
             self._makedirs_for(final)
@@ -238,9 +289,16 @@ class OutputLocation:
             self._remove_file(staging, quietly=True)  # what is left is swept by the next prepare()
             raise
         # the marker last: a unit counts as done only once its output is final
-        self._put_json(self._path(META, "committed", f"{unit.id}.json"), {
-            **_unit_record(unit), "num_rows": rows, "attempt": attempt, "generation": self.generation,
-            "committed_at": _now()})
+        self._put_json(
+            self._path(META, "committed", f"{unit.id}.json"),
+            {
+                **_unit_record(unit)._asdict(),
+                "num_rows": rows,
+                "attempt": attempt,
+                "generation": self.generation,
+                "committed_at": _now(),
+            },
+        )
         self._remove_file(self._path(META, "failed", f"{unit.id}.json"))
         return rows
 
@@ -254,7 +312,7 @@ class OutputLocation:
         if isinstance(unit, Shard):
             record = {"id": _shard_failure_id(unit), "relative": unit.relative}
         else:
-            record = _unit_record(unit)
+            record = _unit_record(unit)._asdict()
         record.update(reason=reason[:2000], failed_at=_now())
         self._put_json(self._path(META, "failed", f"{record['id']}.json"), record)
 
@@ -268,18 +326,18 @@ class OutputLocation:
         if manifest is None:
             raise OutputError(f"{self.url}: no manifest; prepare() the output location first")
         self.compact_markers()
-        committed = self.committed_units()
-        done = all(u["id"] in committed for u in manifest["units"]) and not self.failed_units()
+        committed = self.committed_ids()
+        done = all(unit_id in committed for unit_id in manifest["units"]["id"]) and not self.failed_units()
         self.write_report({**report, "success": done})
         if done:
-            self._put_bytes(self._path(SUCCESS), b"")
+            self._put_bytes(self._path(SUCCESS), [])
         else:
             self._remove_file(self._path(SUCCESS))
         return done
 
     def write_report(self, report: dict) -> None:
         """The report holds the settings, model URI included: its credentials are masked as in the manifest."""
-        self._put_json(self._path(META, "report.json"), _redacted(report))
+        self._put_json(self._path(META, "report.json"), _redacted(report), indent=1)  # read by people
 
     # --- prepare's checks ----------------------------------------------------------------------------
 
@@ -287,23 +345,32 @@ class OutputLocation:
         inputs = {unit.shard.path for unit in units}
         for unit in units:
             if self._path(unit.output_relative) in inputs:
-                raise OutputError(f"{self.url}: the output for {unit.shard.relative} would be written over an "
-                                  "input file; choose an --output outside the input")
+                raise OutputError(
+                    f"{self.url}: the output for {unit.shard.relative} would be written over an "
+                    "input file; choose an --output outside the input"
+                )
 
-    def _refuse_foreign_files(self, plan: list[dict]) -> None:
+    def _refuse_foreign_files(self, plan: list[UnitRecord]) -> None:
         existing = set(self._find(self.root))
-        clashes = [u["output"] for u in plan if self._path(u["output"]) in existing]
+        clashes = [u.output for u in plan if self._path(u.output) in existing]
         if clashes:
-            raise OutputError(f"{self.url} already holds {len(clashes)} file(s) at the names this run writes "
-                              f"(e.g. {clashes[0]}) and no lakesum manifest; pass --overwrite to replace them, "
-                              "or choose another --output")
+            raise OutputError(
+                f"{self.url} already holds {len(clashes)} file(s) at the names this run writes "
+                f"(e.g. {clashes[0]}) and no lakesum manifest; pass --overwrite to replace them, "
+                "or choose another --output"
+            )
 
     def _check_same_settings(self, old: dict, new: dict) -> None:
-        differences = [f"{key}: {_short(old.get(key, '(unset)'))} -> {_short(new.get(key, '(unset)'))}"
-                       for key in sorted(old.keys() | new.keys()) if old.get(key) != new.get(key)]
+        differences = [
+            f"{key}: {_short(old.get(key, '(unset)'))} -> {_short(new.get(key, '(unset)'))}"
+            for key in sorted(old.keys() | new.keys())
+            if old.get(key) != new.get(key)
+        ]
         if differences:
-            raise OutputError(f"{self.url} was written with other settings ({'; '.join(differences)}); pass "
-                              "--overwrite to replace its output, or choose another --output")
+            raise OutputError(
+                f"{self.url} was written with other settings ({'; '.join(differences)}); pass "
+                "--overwrite to replace its output, or choose another --output"
+            )
 
     def _delete_previous(self, old: dict) -> None:
         """Delete what the old manifest names, markers first, the manifest last (it lists the outputs)."""
@@ -313,7 +380,7 @@ class OutputLocation:
         self._remove_files(ours)
         if self.local:
             _remove_empty_folders(ours, self._path(META))
-        outputs = {self._path(_checked_relative(u["output"], self.url)) for u in old["units"]}
+        outputs = {self._path(_checked_relative(output, self.url)) for output in old["units"]["output"]}
         deleted = [p for p in self._find(self.root) if p in outputs]
         self._remove_files(deleted)
         if self.local:
@@ -332,37 +399,45 @@ class OutputLocation:
         lease = self._path(META, LEASE)
         return [p for p in self._find(self._path(META)) if p != lease]
 
-    def _remove_units(self, units: list[dict], keep_outputs: set[str]) -> None:
+    def _remove_units(self, units: list[UnitRecord], keep_outputs: set[str]) -> None:
         """Remove earlier units: their markers, and their outputs unless this plan writes the same name (a
         file rewritten with the same row groups, whose new output replaces the old one atomically)."""
         if not units:
             return
-        ids = {u["id"] for u in units}
+        ids = {u.id for u in units}
         index = self._read_index()
         if ids & index.keys():
             self._write_index({key: value for key, value in index.items() if key not in ids})
         self._remove_files_quietly([self._path(META, "committed", f"{unit_id}.json") for unit_id in ids])
-        outputs = {_checked_relative(u["output"], self.url) for u in units} - keep_outputs
+        outputs = {_checked_relative(u.output, self.url) for u in units} - keep_outputs
         deleted = [self._path(relative) for relative in sorted(outputs)]
         self._remove_files_quietly(deleted)
         if self.local:
             _remove_empty_folders(deleted, self.root)
 
-    def _read_index(self) -> dict[str, dict]:
+    def _cat_index(self) -> dict[str, list]:
+        """The compacted markers, one list a field (COMMIT_FIELDS)."""
         try:
             index = json.loads(self.fs.cat_file(self._path(META, INDEX)))
         except FileNotFoundError:
             return {}
         except ValueError:
             return {}  # written atomically; unreadable only if torn by a power loss: its units are done again
-        return index.get("units", {}) if isinstance(index, dict) else {}
+        units = index.get("units") if isinstance(index, dict) else None
+        return units if isinstance(units, dict) and set(COMMIT_FIELDS) <= units.keys() else {}
+
+    def _read_index(self) -> dict[str, dict]:
+        """Unit id -> the commit's facts (COMMIT_FIELDS)."""
+        columns = self._cat_index()
+        return {row[0]: dict(zip(COMMIT_FIELDS, row)) for row in _rows(columns, COMMIT_FIELDS)} if columns else {}
 
     def _write_index(self, units: dict[str, dict]) -> None:
-        self._put_json(self._path(META, INDEX), {"lakesum": MANIFEST_VERSION, "units": units})
+        rows = [tuple(marker.get(name) for name in COMMIT_FIELDS) for marker in units.values()]
+        self._put_json(self._path(META, INDEX), {"lakesum": MANIFEST_VERSION, "units": _columns(rows, COMMIT_FIELDS)})
 
-    def _remove_stale_success(self, plan: list[dict]) -> None:
-        committed = self.committed_units()
-        if not all(u["id"] in committed for u in plan):
+    def _remove_stale_success(self, plan: list[UnitRecord]) -> None:
+        committed = self.committed_ids()
+        if not all(u.id in committed for u in plan):
             self._remove_file(self._path(SUCCESS))
 
     # --- files ---------------------------------------------------------------------------------------
@@ -388,7 +463,8 @@ class OutputLocation:
                     rows += pending_rows
             finally:
                 writer.close()
-            self._sync(f)
+        if self.local:  # on the device before the rename publishes it: a power loss cannot publish a torn file
+            sync_file(path)
         return rows
 
     def _read_manifest(self) -> dict | None:
@@ -398,11 +474,14 @@ class OutputLocation:
         except FileNotFoundError:
             return None
         except ValueError as e:
-            raise OutputError(f"{self.url}: {META}/manifest.json is unreadable ({e}); pass --overwrite to "
-                              "replace the output") from None
+            raise OutputError(
+                f"{self.url}: {META}/manifest.json is unreadable ({e}); pass --overwrite to replace the output"
+            ) from None
         if not isinstance(manifest, dict) or manifest.get("lakesum") != MANIFEST_VERSION:
-            raise OutputError(f"{self.url}: {META}/manifest.json is not a lakesum manifest of version "
-                              f"{MANIFEST_VERSION}; pass --overwrite to replace the output")
+            raise OutputError(
+                f"{self.url}: {META}/manifest.json is not a lakesum manifest of version "
+                f"{MANIFEST_VERSION}; pass --overwrite to replace the output"
+            )
         return manifest
 
     def _read_records(self, folder: str) -> dict[str, dict]:
@@ -416,32 +495,21 @@ class OutputLocation:
         records = {}
         for path, data in self.fs.cat(names, on_error="omit").items():
             try:
-                records[posixpath.basename(path)[:-len(".json")]] = json.loads(data)
+                records[posixpath.basename(path)[: -len(".json")]] = json.loads(data)
             except ValueError:
                 # written atomically, so only a torn local write after a power loss looks like this; the
                 # unit then counts as not committed and is done again, which is always safe
                 continue
         return records
 
-    def _put_json(self, path: str, obj: dict) -> None:
-        self._put_bytes(path, json.dumps(obj, indent=1, sort_keys=True, default=str).encode())
+    def _put_json(self, path: str, obj: dict, indent: int | None = None) -> None:
+        if indent is not None:
+            self._put_bytes(path, [json.dumps(obj, indent=indent, sort_keys=True, default=str).encode()])
+        else:
+            self._put_bytes(path, _json_chunks(obj))
 
-    def _put_bytes(self, path: str, data: bytes) -> None:
-        if not self.local:
-            self.fs.pipe_file(path, data)  # one PUT: the object appears whole or not at all
-            return
-        self._makedirs_for(path)
-        temporary = f"{path}.tmp-{uuid.uuid4().hex}"  # not *.json, so never read as a record
-        with self.fs.open(temporary, "wb") as f:
-            f.write(data)
-            self._sync(f)
-        self.fs.mv(temporary, path)
-
-    def _sync(self, f) -> None:
-        """On local disks, flush to the device before the rename, so a power loss cannot publish a torn file."""
-        if self.local:
-            f.flush()
-            os.fsync(f.fileno())
+    def _put_bytes(self, path: str, chunks: Iterable[bytes]) -> None:
+        write_atomically(self.fs, path, chunks)
 
     def _makedirs_for(self, path: str) -> None:
         if self.local:  # object stores have no folders; creating one on s3 would create a bucket
@@ -483,28 +551,70 @@ class OutputLocation:
             pass
 
 
-def _unit_record(unit: WorkUnit) -> dict:
-    return {"id": unit.id, "relative": unit.shard.relative, "start": unit.start, "stop": unit.stop,
-            "num_rows": unit.num_rows, "output": unit.output_relative, "whole_file": unit.whole_file,
-            "input_identity": unit.identity}
+class UnitRecord(NamedTuple):
+    """A unit as the manifest records it (a tuple, not a dict: a manifest can hold a million)."""
+
+    id: str
+    relative: str  # the input file, relative to the input root
+    start: int
+    stop: int
+    num_rows: int
+    output: str  # relative to the output root
+    whole_file: bool
+    input_identity: str
+    input_stat: int | None  # see Shard.stat
+
+
+# What the compacted index keeps of each marker: the commit's facts (the unit itself is in the manifest)
+COMMIT_FIELDS = ("id", "num_rows", "attempt", "generation", "committed_at")
+
+
+def _unit_record(unit: WorkUnit) -> UnitRecord:
+    return UnitRecord(
+        unit.id,
+        unit.shard.relative,
+        unit.start,
+        unit.stop,
+        unit.num_rows,
+        unit.output_relative,
+        unit.whole_file,
+        unit.identity,
+        unit.shard.stat,
+    )
+
+
+def _columns(records: Sequence[tuple], fields: Sequence[str]) -> dict[str, list]:
+    """Records as one list a field: JSON of a million units, and its parse, without a dict per unit."""
+    values = list(zip(*records)) if records else [()] * len(fields)
+    return {name: list(column) for name, column in zip(fields, values)}
+
+
+def _rows(columns: dict[str, list], fields: Sequence[str]) -> Iterator[tuple]:
+    return zip(*(columns[name] for name in fields))
 
 
 @dataclass
 class Changes:
     """What a run does to its output, worked out before anything is touched (--dry-run prints it)."""
+
     settings: dict
-    plan: list[dict]  # the manifest's units after this run: earlier ones kept, then this run's
-    skip: list[dict] = field(default_factory=list)  # this run's units already committed
-    run: list[dict] = field(default_factory=list)  # this run's units to summarize
-    redo: list[dict] = field(default_factory=list)  # ... again, because their input file was rewritten
-    remove: list[dict] = field(default_factory=list)  # earlier units of rewritten or deleted files
-    missed: list[dict] = field(default_factory=list)  # earlier units of files the listing missed: kept
+    plan: list[UnitRecord]  # the manifest's units after this run: earlier ones kept, then this run's
+    skip: list[UnitRecord] = field(default_factory=list)  # this run's units already committed
+    run: list[UnitRecord] = field(default_factory=list)  # this run's units to summarize
+    redo: list[UnitRecord] = field(default_factory=list)  # ... again, because their input file was rewritten
+    remove: list[UnitRecord] = field(default_factory=list)  # earlier units of rewritten or deleted files
+    missed: list[UnitRecord] = field(default_factory=list)  # earlier units of files the listing missed: kept
     fresh: bool = False  # no usable manifest: a new output, or --overwrite
     previous: dict | None = None  # with --overwrite: the manifest whose files are replaced
     generation: int = 0  # of the run that wrote the manifest
 
     def todo(self) -> set[str]:
-        return {u["id"] for u in self.run + self.redo}
+        return {u.id for u in self.run + self.redo}
+
+
+def manifest_units(manifest: dict) -> list[UnitRecord]:
+    """The units of a manifest as read from manifest.json."""
+    return [UnitRecord(*row) for row in _rows(manifest["units"], UnitRecord._fields)]
 
 
 def _shard_failure_id(shard: Shard) -> str:
@@ -515,8 +625,10 @@ def _checked_relative(relative: str, url: str) -> str:
     """An output name from a manifest, refused if it points outside the output (a tampered manifest)."""
     parts = relative.split("/")
     if not relative or relative.startswith("/") or ".." in parts or parts[0] in (META, SUCCESS):
-        raise OutputError(f"{url}: {META}/manifest.json names {relative!r} as an output, outside the output "
-                          "location; refusing to delete it")
+        raise OutputError(
+            f"{url}: {META}/manifest.json names {relative!r} as an output, outside the output "
+            "location; refusing to delete it"
+        )
     return relative
 
 
@@ -545,6 +657,20 @@ def _redacted(value):
     if isinstance(value, (list, tuple)):
         return [_redacted(item) for item in value]
     return value
+
+
+def _json_chunks(value) -> Iterator[bytes]:
+    """Compact JSON with sorted keys, a dict entry at a time: a manifest of a million units, one list a field,
+    is never held as one string (json's C encoder, which the one-shot dumps of each list uses, is ten times
+    faster than the Python one an indent falls back to)."""
+    if not isinstance(value, dict):
+        yield json.dumps(value, sort_keys=True, default=str, separators=(",", ":")).encode()
+        return
+    yield b"{"
+    for i, key in enumerate(sorted(value)):
+        yield (b"," if i else b"") + json.dumps(str(key)).encode() + b":"
+        yield from _json_chunks(value[key])
+    yield b"}"
 
 
 def _json_round_trip(value):

@@ -4,6 +4,7 @@ It runs on Ray Core: replicas are actors that restart when their process or node
 replica died is handed out again under a new attempt, and the commit protocol makes the rerun
 overwrite, never duplicate. Units that fail on their own data are recorded and the rest completes.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -17,17 +18,17 @@ from dataclasses import asdict, dataclass, field, replace
 
 from model import MT5ForConditionalGeneration, MT5Tokenizer
 from model.checkpoint import hub_commit
-
-from model.redact import redact_url
+from model.storage import redact_url
 
 from . import vocabulary
 from .commit import DEFAULT_LEASE_TIMEOUT, Changes, OutputLocation
 from .errors import InputError
+from .footers import ShardReadError, check_columns, describe, inspect_shard, inspect_shards
+from .listing import Shard, list_shards
 from .partitions import matches, parse_filter
 from .settings import SummarizeSettings
-from .shards import (Shard, ShardReadError, WorkUnit, check_columns, inspect_shard, inspect_shards, known_units,
-                     list_shards, plan_units)
 from .stages import Stats
+from .units import WorkUnit, known_units, plan_units
 
 # A unit whose replica dies this many times while running it alone is recorded as failed (a poison unit that
 # kills its process).
@@ -111,11 +112,18 @@ class Progress:
         rate = rows / elapsed
         eta = (self.total_rows - rows) / rate if rate > 0 else float("inf")
         tokens_per_second = report.stats.output_tokens / elapsed
-        self.log("progress", f"units {report.committed}/{self.total_units}  docs {rows:,}/{self.total_rows:,}  "
-                 f"{rate:.1f} docs/s  {tokens_per_second:.0f} tokens/s  ETA {_duration(eta)}",
-                 units=report.committed, total_units=self.total_units, documents=rows, total_documents=self.total_rows,
-                 docs_per_second=round(rate, 2), tokens_per_second=round(tokens_per_second, 1),
-                 eta_seconds=None if eta == float("inf") else round(eta))
+        self.log(
+            "progress",
+            f"units {report.committed}/{self.total_units}  docs {rows:,}/{self.total_rows:,}  "
+            f"{rate:.1f} docs/s  {tokens_per_second:.0f} tokens/s  ETA {_duration(eta)}",
+            units=report.committed,
+            total_units=self.total_units,
+            documents=rows,
+            total_documents=self.total_rows,
+            docs_per_second=round(rate, 2),
+            tokens_per_second=round(tokens_per_second, 1),
+            eta_seconds=None if eta == float("inf") else round(eta),
+        )
 
 
 def _duration(seconds: float) -> str:
@@ -129,6 +137,7 @@ def _duration(seconds: float) -> str:
 @dataclass
 class Plan:
     """What the input holds now, and what the run writes: everything checked before the cluster works."""
+
     units: list[WorkUnit]
     schemas: dict  # shard path -> Arrow schema
     unreadable: list[ShardReadError]
@@ -138,8 +147,13 @@ class Plan:
     fs: object  # the input's filesystem
 
 
-def plan(settings: SummarizeSettings, input_url, storage_options: dict | None,
-         partition_filter: str | None = None, location: OutputLocation | None = None) -> Plan:
+def plan(
+    settings: SummarizeSettings,
+    input_url,
+    storage_options: dict | None,
+    partition_filter: str | None = None,
+    location: OutputLocation | None = None,
+) -> Plan:
     """Shards, columns, model, units: everything that can make the whole job wrong fails here, before any work.
 
     Given the output `location`, files whose every unit an earlier run with these settings committed, and
@@ -148,8 +162,7 @@ def plan(settings: SummarizeSettings, input_url, storage_options: dict | None,
     conditions = parse_filter(partition_filter) if partition_filter else None
     fs, shards = list_shards(input_url, storage_options, conditions)
     if not shards:
-        raise InputError(f"no shard under {_redacted_names(input_url)} matches --partition-filter "
-                         f"{partition_filter!r}")
+        raise InputError(f"no shard under {_redacted_names(input_url)} matches --partition-filter {partition_filter!r}")
     identity = model_fingerprint(settings.model, settings.revision)
     # Recorded, not compared: a new commit of the same weights is the same model (model_hash decides).
     revision = identity.pop("model_revision")
@@ -171,10 +184,13 @@ def plan(settings: SummarizeSettings, input_url, storage_options: dict | None,
     units = plan_units(infos, settings.rows_per_unit, known)
     schemas = {info.shard.path: info.schema for info in infos}  # known units are committed: never dispatched
     root = _root(shards[0])
-    selection = dict(listed={s.relative for s in shards}, unreadable={e.shard.relative for e in unreadable},
-                     in_selection=(lambda relative: matches(relative, conditions)) if conditions else None,
-                     # asked of the store directly (a HEAD on object stores) before an output is deleted
-                     input_exists=lambda relative: fs.exists(posixpath.join(root, relative) if root else relative))
+    selection = dict(
+        listed={s.relative for s in shards},
+        unreadable={e.shard.relative for e in unreadable},
+        in_selection=(lambda relative: matches(relative, conditions)) if conditions else None,
+        # asked of the store directly (a HEAD on object stores) before an output is deleted
+        input_exists=lambda relative: fs.exists(posixpath.join(root, relative) if root else relative),
+    )
     return Plan(units, schemas, unreadable, manifest, selection, revision, fs)
 
 
@@ -191,16 +207,27 @@ def _redacted_names(input_url) -> str:
     return ", ".join(redact_url(url) for url in _input_names(input_url))
 
 
-def run(settings: SummarizeSettings, input_url, output_url: str, *, replicas: int, overwrite: bool = False,
-        storage_options: dict | None = None, cpus_per_replica: int = 1, progress_every: float = 10.0,
-        partition_filter: str | None = None, out=sys.stderr, json_logs: bool = False, dry_run: bool = False,
-        lease_timeout: float = DEFAULT_LEASE_TIMEOUT, replica_timeout: float = DEFAULT_REPLICA_TIMEOUT) -> RunReport:
+def run(
+    settings: SummarizeSettings,
+    input_url,
+    output_url: str,
+    *,
+    replicas: int,
+    overwrite: bool = False,
+    storage_options: dict | None = None,
+    cpus_per_replica: int = 1,
+    progress_every: float = 10.0,
+    partition_filter: str | None = None,
+    out=sys.stderr,
+    json_logs: bool = False,
+    dry_run: bool = False,
+    lease_timeout: float = DEFAULT_LEASE_TIMEOUT,
+    replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+) -> RunReport:
     """Summarize every shard under input_url into output_url. The caller owns ray.init().
 
     With `dry_run`, print what the run would do and return without touching the output or starting replicas.
     """
-    import ray
-
     log = EventLog(out, json_logs)
     start = time.monotonic()
     location = OutputLocation(output_url, storage_options)
@@ -213,19 +240,31 @@ def run(settings: SummarizeSettings, input_url, output_url: str, *, replicas: in
     lease = location.lease(lease_timeout, note=lambda text: log("lease", text))
     lease.start_heartbeat()
     try:
-        changes = location.prepare(work.manifest, units=work.units, overwrite=overwrite,
-                                   recorded={"model_revision": work.revision}, **work.selection)
+        changes = location.prepare(
+            work.manifest,
+            units=work.units,
+            overwrite=overwrite,
+            recorded={"model_revision": work.revision},
+            **work.selection,
+        )
         report = RunReport(units=len(work.units), redone=len(changes.redo), removed=len(changes.remove))
         if changes.remove:
-            files = sorted({u["relative"] for u in changes.remove})
-            log("removed", f"removed the output of {len(changes.remove)} unit(s) of {len(files)} rewritten or deleted "
-                f"file(s), e.g. {files[0]}", units=len(changes.remove), files=len(files))
+            files = sorted({u.relative for u in changes.remove})
+            log(
+                "removed",
+                f"removed the output of {len(changes.remove)} unit(s) of {len(files)} rewritten or deleted "
+                f"file(s), e.g. {files[0]}",
+                units=len(changes.remove),
+                files=len(files),
+            )
         for error in work.unreadable:
             report.failed[error.shard.relative] = error.reason
             location.record_failure(error.shard, error.reason)
-        for relative in sorted({u["relative"] for u in changes.missed}):
-            reason = ("the input listing left it out, yet it exists: the listing was incomplete, so its earlier "
-                      "output is kept as it was; run again")
+        for relative in sorted({u.relative for u in changes.missed}):
+            reason = (
+                "the input listing left it out, yet it exists: the listing was incomplete, so its earlier "
+                "output is kept as it was; run again"
+            )
             report.failed[relative] = reason
             location.record_failure(Shard(relative, relative, "parquet", 0), reason)
         to_run = changes.todo()
@@ -237,15 +276,26 @@ def run(settings: SummarizeSettings, input_url, output_url: str, *, replicas: in
         report.committed = report.skipped
         progress = Progress(len(work.units), sum(u.num_rows for u in work.units), progress_every, log)
         if report.skipped:
-            log("resume", f"resuming: {report.skipped} of {len(work.units)} units already committed",
-                committed=report.skipped, units=len(work.units))
+            log(
+                "resume",
+                f"resuming: {report.skipped} of {len(work.units)} units already committed",
+                committed=report.skipped,
+                units=len(work.units),
+            )
 
         if todo:
             # every replica loads the commit the driver fingerprinted, even if the branch moves meanwhile
             pinned = replace(settings, revision=work.revision) if work.revision else settings
-            actors = _start_replicas(ray, pinned, input_url, output_url, storage_options,
-                                     min(replicas, len(todo)), cpus_per_replica, location.generation)
-            _dispatch(ray, actors, todo, work.schemas, location, report, progress, replica_timeout)
+            actors = start_replicas(
+                pinned,
+                input_url,
+                output_url,
+                storage_options,
+                min(replicas, len(todo)),
+                cpus_per_replica,
+                location.generation,
+            )
+            _dispatch(actors, todo, work.schemas, location, report, progress, replica_timeout)
         lease.check()  # a run that lost its lease leaves the report and _SUCCESS to the run that holds it
         for relative, reason in report.failed.items():
             log("failed", f"FAILED {relative}: {reason}", shard=relative, reason=reason)
@@ -260,41 +310,68 @@ def run(settings: SummarizeSettings, input_url, output_url: str, *, replicas: in
 
 def _print_plan(changes: Changes, work: Plan, out) -> None:
     """--dry-run's answer: units and rows per action, the first few files of each, and one JSON line."""
-    rows = lambda units: sum(u["num_rows"] for u in units)  # noqa: E731
+    rows = lambda units: sum(u.num_rows for u in units)  # noqa: E731
     current = {unit.id for unit in work.units}
-    kept = [u for u in changes.plan if u["id"] not in current]
-    actions = [("run", changes.run, "new input"), ("redo", changes.redo, "input rewritten since it was summarized"),
-               ("skip", changes.skip, "committed by an earlier run"),
-               ("remove", changes.remove, "outputs of rewritten or deleted files"),
-               ("keep", kept, "earlier output outside this selection, or of files unreadable or missed now")]
+    kept = [u for u in changes.plan if u.id not in current]
+    actions = [
+        ("run", changes.run, "new input"),
+        ("redo", changes.redo, "input rewritten since it was summarized"),
+        ("skip", changes.skip, "committed by an earlier run"),
+        ("remove", changes.remove, "outputs of rewritten or deleted files"),
+        ("keep", kept, "earlier output outside this selection, or of files unreadable or missed now"),
+    ]
     print("[lakesum] dry run: nothing was written", file=out)
     for name, units, meaning in actions:
         print(f"  {name:<7}{len(units):>9,} units {rows(units):>13,} rows   {meaning}", file=out)
-        for relative in sorted({u["relative"] for u in units})[:DRY_RUN_FILES] if name != "skip" else ():
+        for relative in sorted({u.relative for u in units})[:DRY_RUN_FILES] if name != "skip" else ():
             print(f"           {relative}", file=out)
     for error in work.unreadable:
         print(f"  unreadable: {error.shard.relative}: {error.reason}", file=out)
-    print(json.dumps({"lakesum": "dry-run", **{name: {"units": len(units), "rows": rows(units)}
-                                                for name, units, _ in actions},
-                      "unreadable": len(work.unreadable), "fresh_output": changes.fresh}), file=out, flush=True)
+    print(
+        json.dumps(
+            {
+                "lakesum": "dry-run",
+                **{name: {"units": len(units), "rows": rows(units)} for name, units, _ in actions},
+                "unreadable": len(work.unreadable),
+                "fresh_output": changes.fresh,
+            }
+        ),
+        file=out,
+        flush=True,
+    )
 
 
-def _start_replicas(ray, settings, input_url, output_url, storage_options, count: int, cpus_per_replica: int,
-                    generation: int | None = None):
+def start_replicas(
+    settings: SummarizeSettings,
+    input_url,
+    output_url: str,
+    storage_options: dict | None,
+    count: int,
+    cpus_per_replica: int,
+    generation: int | None = None,
+) -> list:
+    """`count` Replica actors on the Ray the caller joined: one GPU each, or `cpus_per_replica` cores without GPUs.
+    Ray restarts one that dies; the summarization driver and the fine-tuning driver both start them here."""
+    import ray
+
     from .replica import HEARTBEAT_GROUP, UNITS_PER_REPLICA, Replica
 
     gpus = ray.cluster_resources().get("GPU", 0)
     resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": cpus_per_replica}
     # units run in the default group's threads; heartbeats in a thread of their own, answered while units run
     actor = ray.remote(concurrency_groups={HEARTBEAT_GROUP: 1})(Replica).options(
-        max_restarts=-1, max_task_retries=0, max_concurrency=UNITS_PER_REPLICA, **resources)
-    return [actor.remote(settings, input_url, output_url, storage_options, cpus_per_replica, generation)
-            for _ in range(count)]
+        max_restarts=-1, max_task_retries=0, max_concurrency=UNITS_PER_REPLICA, **resources
+    )
+    return [
+        actor.remote(settings, input_url, output_url, storage_options, cpus_per_replica, generation)
+        for _ in range(count)
+    ]
 
 
 @dataclass
 class _Flight:
     """A unit handed to a replica, and its last sign of progress."""
+
     unit: WorkUnit
     replica: int
     life: int  # how many times its replica had died when the unit was handed to it
@@ -307,8 +384,15 @@ class _Flight:
     crowded: bool = False  # its replica died while running it beside other units
 
 
-def _dispatch(ray, actors, todo: deque, schemas, location: OutputLocation, report: RunReport, progress,
-              replica_timeout: float = DEFAULT_REPLICA_TIMEOUT):
+def _dispatch(
+    actors,
+    todo: deque,
+    schemas,
+    location: OutputLocation,
+    report: RunReport,
+    progress,
+    replica_timeout: float = DEFAULT_REPLICA_TIMEOUT,
+):
     """Hand out units until each one committed or failed.
 
     Whatever ends a replica (its process killed, its node lost, Ray's memory monitor, or the driver itself after
@@ -317,6 +401,7 @@ def _dispatch(ray, actors, todo: deque, schemas, location: OutputLocation, repor
     suspect runs alone on a replica. Only a death while a unit runs alone counts against its MAX_ATTEMPTS: a
     poison unit fails alone, and the innocent units beside it commit.
     """
+    import ray
     from ray.exceptions import ActorUnavailableError, RayError, RayTaskError
 
     from .metrics import PipelineMetrics
@@ -422,15 +507,24 @@ def _dispatch(ray, actors, todo: deque, schemas, location: OutputLocation, repor
                 ray.kill(actors[index], no_restart=True)
         for flight in list(in_flight.values()):
             index = flight.replica
-            if (now - flight.progressed < replica_timeout or index in down or flight.life != life[index]
-                    or (index, flight.life) in killed):
+            if (
+                now - flight.progressed < replica_timeout
+                or index in down
+                or flight.life != life[index]
+                or (index, flight.life) in killed
+            ):
                 continue
             why = f"no row summarized for {replica_timeout:g} s"
             killed[(index, flight.life)] = why
             report.hung_replicas += 1
             metrics.hung_replicas.inc()
-            progress.log("hung", f"replica {index}: {why} (of {_name(flight.unit)}): killed, its units go out again",
-                         replica=index, shard=flight.unit.shard.relative, seconds=replica_timeout)
+            progress.log(
+                "hung",
+                f"replica {index}: {why} (of {_name(flight.unit)}): killed, its units go out again",
+                replica=index,
+                shard=flight.unit.shard.relative,
+                seconds=replica_timeout,
+            )
             ray.kill(actors[index], no_restart=False)  # Ray restarts it; its calls fail, and died() requeues them
 
     while todo or suspects or in_flight:
@@ -495,16 +589,32 @@ def _name(unit: WorkUnit) -> str:
 
 
 def _reason(err) -> str:
-    cause = getattr(err, "cause", None) or err
-    return f"{type(cause).__name__}: {cause}".splitlines()[0][:500]
+    """A Ray error in one line: the exception the unit raised (its `cause`), not Ray's wrapper."""
+    return describe(getattr(err, "cause", None) or err)
 
 
 def _print_summary(report: RunReport, out) -> None:
     s = report.stats
     rate = s.rows / report.seconds if report.seconds else 0.0
-    print(json.dumps({"lakesum": "done" if report.success else "incomplete", "units": report.units,
-                      "committed": report.committed, "skipped": report.skipped, "failed": len(report.failed),
-                      "retries": report.retries, "storage_retries": report.storage_retries,
-                      "hung_replicas": report.hung_replicas, "documents": s.rows, "empty": s.empty,
-                      "truncated": s.truncated, "generated_tokens": s.output_tokens,
-                      "seconds": round(report.seconds, 2), "docs_per_second": round(rate, 2)}), file=out, flush=True)
+    print(
+        json.dumps(
+            {
+                "lakesum": "done" if report.success else "incomplete",
+                "units": report.units,
+                "committed": report.committed,
+                "skipped": report.skipped,
+                "failed": len(report.failed),
+                "retries": report.retries,
+                "storage_retries": report.storage_retries,
+                "hung_replicas": report.hung_replicas,
+                "documents": s.rows,
+                "empty": s.empty,
+                "truncated": s.truncated,
+                "generated_tokens": s.output_tokens,
+                "seconds": round(report.seconds, 2),
+                "docs_per_second": round(rate, 2),
+            }
+        ),
+        file=out,
+        flush=True,
+    )

@@ -8,6 +8,7 @@ vowel signs and viramas included), except that every character of a script writt
 clipped n-gram overlap; ROUGE-L is the F1 of the longest common subsequence of the two token
 sequences (sentence-level, not summary-level). Each score is averaged over documents and reported x100.
 """
+
 from __future__ import annotations
 
 import functools
@@ -19,22 +20,22 @@ from collections import Counter
 # Scripts written without spaces between words: each character is a token. Ranges of their blocks
 # (after NFKC, so half-width Katakana and compatibility ideographs have already become standard forms).
 NO_SPACE_RANGES = (
-    (0x0E00, 0x0E7F),    # Thai
-    (0x0E80, 0x0EFF),    # Lao
-    (0x1000, 0x109F),    # Myanmar
-    (0x1780, 0x17FF),    # Khmer
-    (0x19E0, 0x19FF),    # Khmer symbols
-    (0x2E80, 0x2FDF),    # CJK and Kangxi radicals
-    (0x3005, 0x3007),    # 々 〆 〇
-    (0x3040, 0x309F),    # Hiragana
-    (0x30A0, 0x30FF),    # Katakana (with the prolonged sound mark ー)
-    (0x31F0, 0x31FF),    # Katakana phonetic extensions
-    (0x3400, 0x4DBF),    # CJK extension A
-    (0x4E00, 0x9FFF),    # CJK unified ideographs
-    (0xA9E0, 0xA9FF),    # Myanmar extended-B
-    (0xAA60, 0xAA7F),    # Myanmar extended-A
-    (0xF900, 0xFAFF),    # CJK compatibility ideographs
-    (0xFF66, 0xFF9F),    # half-width Katakana
+    (0x0E00, 0x0E7F),  # Thai
+    (0x0E80, 0x0EFF),  # Lao
+    (0x1000, 0x109F),  # Myanmar
+    (0x1780, 0x17FF),  # Khmer
+    (0x19E0, 0x19FF),  # Khmer symbols
+    (0x2E80, 0x2FDF),  # CJK and Kangxi radicals
+    (0x3005, 0x3007),  # 々 〆 〇
+    (0x3040, 0x309F),  # Hiragana
+    (0x30A0, 0x30FF),  # Katakana (with the prolonged sound mark ー)
+    (0x31F0, 0x31FF),  # Katakana phonetic extensions
+    (0x3400, 0x4DBF),  # CJK extension A
+    (0x4E00, 0x9FFF),  # CJK unified ideographs
+    (0xA9E0, 0xA9FF),  # Myanmar extended-B
+    (0xAA60, 0xAA7F),  # Myanmar extended-A
+    (0xF900, 0xFAFF),  # CJK compatibility ideographs
+    (0xFF66, 0xFF9F),  # half-width Katakana
     (0x1B000, 0x1B16F),  # Kana supplement and extensions
     (0x20000, 0x323AF),  # CJK extensions B-H and the compatibility supplement
 )
@@ -50,6 +51,7 @@ def _class(ranges: list[tuple[int, int]]) -> str:
 def _token_pattern() -> re.Pattern:
     """One character of a no-space script, or a run of other letters, marks and digits. Built once from
     unicodedata (about 0.2 s): Python's re has no \\p{L} classes."""
+
     def no_space(cp: int) -> bool:
         return any(a <= cp <= b for a, b in NO_SPACE_RANGES)
 

@@ -13,6 +13,7 @@ is delete-then-create: two runs taking over one dead lease at the same instant c
 whose lease was replaced finds out at its next heartbeat (a sixth of the timeout) and stops, and units it
 publishes meanwhile are the same deterministic files the other run writes.
 """
+
 from __future__ import annotations
 
 import json
@@ -21,10 +22,9 @@ import posixpath
 import socket
 import threading
 import time
-import uuid
 from datetime import datetime, timezone
 
-from fsspec.implementations.local import LocalFileSystem
+from model.storage import is_local, write_aside, write_atomically
 
 from .errors import OutputError
 
@@ -46,7 +46,7 @@ class Lease:
         if timeout <= 0:
             raise ValueError(f"--lease-timeout must be > 0 seconds, got {timeout}")
         self.fs, self.path, self.url, self.timeout = fs, posixpath.join(folder, LEASE), url, timeout
-        self.local = isinstance(fs, LocalFileSystem)
+        self.local = is_local(fs)
         self.generation: int | None = None
         self.lost = threading.Event()
         self._stop = threading.Event()
@@ -64,12 +64,15 @@ class Lease:
                     f"{self.url} is being written by another run ({current.get('holder', '?')}, generation "
                     f"{current.get('generation', '?')}, started {current.get('started_at', '?')}, last heartbeat "
                     f"{age:.0f} s ago); wait for it to end, or, if it died, for its lease to lapse "
-                    f"{current.get('timeout_seconds', self.timeout):.0f} s after its last heartbeat")
+                    f"{current.get('timeout_seconds', self.timeout):.0f} s after its last heartbeat"
+                )
             if self.read() != current:  # renewed or taken over between our two reads: not ours to take
                 raise LeaseHeld(f"{self.url}: another run took the lease at the same moment; try again")
             self._remove()
-            note(f"took over the lease of {current.get('holder', '?')} (generation {current.get('generation')}), "
-                 f"silent for {age:.0f} s")
+            note(
+                f"took over the lease of {current.get('holder', '?')} (generation {current.get('generation')}), "
+                f"silent for {age:.0f} s"
+            )
             last_generation = max(last_generation, int(current.get("generation", 0)))
         self.generation = last_generation + 1
         self._started = _now()
@@ -96,9 +99,11 @@ class Lease:
         if self.lost.is_set() or not self._ours():
             self.lost.set()
             current = self.read() or {}
-            raise LeaseLost(f"{self.url}: this run (generation {self.generation}) lost its lease to "
-                            f"{current.get('holder', 'nobody')} (generation {current.get('generation', '-')}); "
-                            "it stopped without publishing more")
+            raise LeaseLost(
+                f"{self.url}: this run (generation {self.generation}) lost its lease to "
+                f"{current.get('holder', 'nobody')} (generation {current.get('generation', '-')}); "
+                "it stopped without publishing more"
+            )
 
     def _beat(self) -> None:
         interval = max(self.timeout / 6, 0.2)
@@ -129,16 +134,21 @@ class Lease:
         return record if isinstance(record, dict) else {"holder": "an unreadable lease file"}
 
     def _record(self) -> dict:
-        return {"generation": self.generation, "holder": f"{socket.gethostname()} pid {os.getpid()}",
-                "started_at": self._started, "heartbeat_at": _now(), "heartbeat_unix": time.time(),
-                "timeout_seconds": self.timeout}
+        return {
+            "generation": self.generation,
+            "holder": f"{socket.gethostname()} pid {os.getpid()}",
+            "started_at": self._started,
+            "heartbeat_at": _now(),
+            "heartbeat_unix": time.time(),
+            "timeout_seconds": self.timeout,
+        }
 
     def _create(self, record: dict) -> bool:
         """Write the lease only if there is none; False if another run's appeared first."""
         data = json.dumps(record, indent=1).encode()
         if self.local:
             os.makedirs(posixpath.dirname(self.path), exist_ok=True)
-            temporary = self._local_temporary(data)
+            temporary = write_aside(self.path, data)
             try:
                 os.link(temporary, self.path)  # fails if the name exists: the create and the content are one step
             except FileExistsError:
@@ -157,19 +167,7 @@ class Lease:
         return True
 
     def _write(self, record: dict) -> None:
-        data = json.dumps(record, indent=1).encode()
-        if self.local:
-            os.replace(self._local_temporary(data), self.path)
-        else:
-            self.fs.pipe_file(self.path, data)
-
-    def _local_temporary(self, data: bytes) -> str:
-        temporary = f"{self.path}.tmp-{uuid.uuid4().hex}"
-        with open(temporary, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        return temporary
+        write_atomically(self.fs, self.path, [json.dumps(record, indent=1).encode()])
 
     def _remove(self) -> None:
         try:

@@ -1,5 +1,6 @@
 """Prometheus metrics through Ray's metrics API: Ray's metrics agent on every node serves them, so the
 cluster's Prometheus scrapes them like Ray's own (names get Ray's `ray_` prefix)."""
+
 from __future__ import annotations
 
 import os
@@ -15,11 +16,15 @@ class PipelineMetrics:
         self.tokens = Counter("lakesum_tokens", "Tokens read and generated", tag_keys=("kind",))
         self.unit_failures = Counter("lakesum_unit_failures", "Work units that failed on their own data")
         self.unit_retries = Counter("lakesum_unit_retries", "Work units handed out again after a replica died")
-        self.storage_retries = Counter("lakesum_storage_retries",
-                                       "Reads and writes tried again after a transient storage error")
+        self.storage_retries = Counter(
+            "lakesum_storage_retries", "Reads and writes tried again after a transient storage error"
+        )
         self.hung_replicas = Counter("lakesum_hung_replicas", "Replicas killed for making no progress")
-        self.memory = Gauge("lakesum_accelerator_memory_bytes",
-                            "Peak accelerator memory of a replica (process RSS on CPU)", tag_keys=("replica",))
+        self.memory = Gauge(
+            "lakesum_accelerator_memory_bytes",
+            "Peak accelerator memory of a replica (process RSS on CPU)",
+            tag_keys=("replica",),
+        )
 
     def unit_done(self, stats: dict) -> None:
         summarized = stats["rows"] - stats["empty"] - stats["failed_rows"]

@@ -4,6 +4,7 @@ Adafactor is written here because torch.optim.Adafactor always scales the step b
 and caps it at 1/sqrt(t) (the relative-step variant). The XL-Sum recipe for mT5 uses the other one:
 scale_parameter=False, relative_step=False, a plain learning rate (5e-4) with linear warmup and decay.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,12 +16,21 @@ class Adafactor(torch.optim.Optimizer):
     """Adafactor (Shazeer & Stern, 2018) without parameter scaling or relative steps, and without momentum:
     factored second moments for matrices, update clipped to RMS <= clip_threshold, step = lr * update."""
 
-    def __init__(self, params, lr: float, eps: tuple[float, float] = (1e-30, 1e-3), clip_threshold: float = 1.0,
-                 decay_rate: float = -0.8, weight_decay: float = 0.0):
+    def __init__(
+        self,
+        params,
+        lr: float,
+        eps: tuple[float, float] = (1e-30, 1e-3),
+        clip_threshold: float = 1.0,
+        decay_rate: float = -0.8,
+        weight_decay: float = 0.0,
+    ):
         if lr <= 0:
             raise ValueError(f"Adafactor needs an explicit learning rate > 0, got {lr}")
-        super().__init__(params, dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
-                                      weight_decay=weight_decay))
+        super().__init__(
+            params,
+            dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate, weight_decay=weight_decay),
+        )
 
     @torch.no_grad()
     def step(self, closure=None):

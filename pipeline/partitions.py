@@ -6,6 +6,7 @@ A filter is conditions joined by commas, all of which must hold: `date>=2026-11-
 = == != < <= > >=. Values compare as numbers when both sides are numbers, else as strings (ISO dates
 order correctly as strings). A shard whose path lacks a filtered key does not match.
 """
+
 from __future__ import annotations
 
 import operator
@@ -14,8 +15,15 @@ from dataclasses import dataclass
 
 from .errors import InputError
 
-_OPERATORS = {"==": operator.eq, "=": operator.eq, "!=": operator.ne, "<=": operator.le, ">=": operator.ge,
-              "<": operator.lt, ">": operator.gt}
+_OPERATORS = {
+    "==": operator.eq,
+    "=": operator.eq,
+    "!=": operator.ne,
+    "<=": operator.le,
+    ">=": operator.ge,
+    "<": operator.lt,
+    ">": operator.gt,
+}
 _CONDITION = re.compile(r"\s*([A-Za-z_][\w.-]*)\s*(==|!=|<=|>=|=|<|>)\s*(.+?)\s*")
 
 
@@ -41,8 +49,10 @@ def parse_filter(text: str) -> list[Condition]:
     for part in text.split(","):
         m = _CONDITION.fullmatch(part)
         if not m:
-            raise InputError(f"--partition-filter {text!r}: cannot read {part.strip()!r}; "
-                             f"write conditions like date>=2026-11-01,lang=en")
+            raise InputError(
+                f"--partition-filter {text!r}: cannot read {part.strip()!r}; "
+                f"write conditions like date>=2026-11-01,lang=en"
+            )
         conditions.append(Condition(m[1], m[2], m[3].strip("'\"")))
     return conditions
 

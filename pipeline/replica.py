@@ -5,6 +5,7 @@ one unit's reading and writing overlap the other's inference on the shared model
 error is retried here with backoff (pipeline/retry.py), without summarizing anything twice; the rows each unit
 has summarized so far answer the driver's heartbeat, from a thread of its own.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -16,18 +17,18 @@ from collections.abc import Iterable, Iterator
 import pyarrow as pa
 import torch
 
-from model import MT5ForConditionalGeneration, MT5Tokenizer
+from model import MT5Tokenizer, load_for_inference
 from model.packed import pack_head_for_cpu
-from model.quantize import quantize
-from model.vocabulary import restrict_vocabulary
+from model.storage import open_filesystem
 
 from . import vocabulary
 from .commit import OutputLocation
+from .errors import InputError
 from .metrics import PipelineMetrics
 from .retry import Replayable, is_transient, read_resuming, with_retries
 from .settings import SummarizeSettings
-from .shards import WorkUnit, open_filesystem
 from .stages import Stats, Summarizer, output_schema
+from .units import WorkUnit
 
 # Units a replica runs at once: two keep the model busy across unit boundaries.
 UNITS_PER_REPLICA = 2
@@ -36,25 +37,33 @@ HEARTBEAT_GROUP = "heartbeat"
 
 
 def load_model(settings: SummarizeSettings, device: str, storage_options: dict | None = None):
-    """The model, as the settings ask (output vocabulary restricted, then quantized), and its tokenizer."""
-    dtype = settings.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    model = MT5ForConditionalGeneration.from_pretrained(settings.model, dtype=dtype, device=device,
-                                                        revision=settings.revision)
+    """The model as the settings ask (model.load_for_inference) and its tokenizer. `storage_options` open
+    the --output-vocabulary sample, whose pieces are the kept ids."""
     tokenizer = MT5Tokenizer.from_pretrained(settings.model, revision=settings.revision)
+    kept = None
     if settings.output_vocabulary:
-        sample = vocabulary.read_sample(settings.output_vocabulary, storage_options)
-        restrict_vocabulary(model, vocabulary.kept_ids(tokenizer, sample))
-    # after the restriction: int8-dynamic then quantizes the smaller head
-    quantize(model, settings.quantization)
-    pack_head_for_cpu(model)  # CPU float32 only; a quantized head stays quantized
+        kept = vocabulary.kept_ids(tokenizer, vocabulary.read_sample(settings.output_vocabulary, storage_options))
+    model = load_for_inference(
+        settings.model,
+        dtype=settings.dtype,
+        device=device,
+        quantization=settings.quantization,
+        kept_ids=kept,
+        revision=settings.revision,
+    )
     return model, tokenizer
 
 
 class Replica:
-    def __init__(self, settings: SummarizeSettings, input_url: str, output_url: str,
-                 storage_options: dict | None, cpu_threads: int, generation: int | None = None):
+    def __init__(
+        self,
+        settings: SummarizeSettings,
+        input_url: str,
+        output_url: str,
+        storage_options: dict | None,
+        cpu_threads: int,
+        generation: int | None = None,
+    ):
         import ray  # the actor runs inside Ray; the module stays importable without a cluster
 
         gpus = ray.get_gpu_ids()
@@ -63,7 +72,7 @@ class Replica:
             torch.set_num_threads(cpu_threads)
         model, tokenizer = load_model(settings, self.device, storage_options)
         self.summarizer = Summarizer(model, tokenizer, settings)
-        self.fs, _ = open_filesystem(input_url, storage_options)
+        self.fs, _ = open_filesystem(input_url, storage_options, error=InputError)
         # the run's lease generation: a unit of a run that lost its lease is never published
         self.location = OutputLocation(output_url, storage_options, generation=generation)
         self.text_column = settings.text_column
@@ -91,12 +100,19 @@ class Replica:
             # write_unit publishes only if the unit comes out with as many rows as its footer promised. A write
             # that fails on a transient error starts over from the output kept in memory; one whose input failed
             # (out.intact is False) has nothing to start over from.
-            with_retries(lambda: self.location.write_unit(unit, schema, out, attempt=attempt),
-                         retry_if=lambda error: out.intact and is_transient(error), on_retry=retried.append)
+            with_retries(
+                lambda: self.location.write_unit(unit, schema, out, attempt=attempt),
+                retry_if=lambda error: out.intact and is_transient(error),
+                on_retry=retried.append,
+            )
         finally:
             self.rows_done.pop(attempt, None)
-        result = {"unit": unit.id, "seconds": time.perf_counter() - start, "storage_retries": len(retried),
-                  **dataclasses.asdict(stats)}
+        result = {
+            "unit": unit.id,
+            "seconds": time.perf_counter() - start,
+            "storage_retries": len(retried),
+            **dataclasses.asdict(stats),
+        }
         self.metrics.unit_done(result)
         return result
 
@@ -105,7 +121,6 @@ class Replica:
         for batch in batches:
             self.rows_done[attempt] += batch.num_rows
             yield batch
-
 
     # --- fine-tuning, on the same replica and its loaded model ----------------------------------------
 

@@ -8,6 +8,7 @@ A unit is read and written as a stream, so a retry never summarizes a row twice:
 input and resumes after the rows already handed on, and `Replayable` keeps the output so that a failed write
 starts over from it.
 """
+
 from __future__ import annotations
 
 import errno
@@ -19,15 +20,31 @@ from typing import TypeVar
 
 import pyarrow as pa
 
-from .shards import WorkUnit, read_unit
+from .units import WorkUnit, read_unit
 
 T = TypeVar("T")
 
 # errno values of failures that pass: the network's, and those s3fs gives throttling (SlowDown and 503 become
 # EBUSY) and S3's InternalError (EREMOTEIO). Plain EIO is not among them: on a local disk it is a failing device.
-TRANSIENT_ERRNOS = frozenset(getattr(errno, name) for name in (
-    "EAGAIN", "EBUSY", "ETIMEDOUT", "ECONNRESET", "ECONNABORTED", "ECONNREFUSED", "EPIPE", "ENETDOWN",
-    "ENETUNREACH", "ENETRESET", "EHOSTUNREACH", "EHOSTDOWN", "EREMOTEIO") if hasattr(errno, name))
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EAGAIN",
+        "EBUSY",
+        "ETIMEDOUT",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "ECONNREFUSED",
+        "EPIPE",
+        "ENETDOWN",
+        "ENETUNREACH",
+        "ENETRESET",
+        "EHOSTUNREACH",
+        "EHOSTDOWN",
+        "EREMOTEIO",
+    )
+    if hasattr(errno, name)
+)
 # HTTP statuses of the same: request timeout, throttling, and the server's own errors.
 TRANSIENT_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
 
@@ -37,6 +54,7 @@ class Backoff:
     """How often to try and how long to wait: `first` seconds before the second try, doubled each time up to
     `most`, each wait drawn between half and all of that (so that replicas retrying at once spread out).
     The defaults try 6 times over about half a minute, longer than an object store's usual throttling."""
+
     tries: int = 6
     first: float = 1.0
     most: float = 30.0
@@ -47,9 +65,13 @@ class Backoff:
         return random.uniform(ceiling / 2, ceiling)
 
 
-def with_retries(call: Callable[[], T], *, backoff: Backoff = Backoff(),
-                 retry_if: Callable[[BaseException], bool] | None = None,
-                 on_retry: Callable[[BaseException], None] = lambda error: None) -> T:
+def with_retries(
+    call: Callable[[], T],
+    *,
+    backoff: Backoff = Backoff(),
+    retry_if: Callable[[BaseException], bool] | None = None,
+    on_retry: Callable[[BaseException], None] = lambda error: None,
+) -> T:
     """call(), tried again after a transient error (`retry_if`, by default `is_transient`) until it succeeds
     or `backoff.tries` are spent; then, or on any other error, that error is raised."""
     retry_if = retry_if or is_transient
@@ -145,8 +167,10 @@ def _transport_errors() -> tuple[type, ...]:
 
 # --- a unit's read and write ---------------------------------------------------------------------------
 
-def read_resuming(fs, unit: WorkUnit, *, on_retry: Callable[[BaseException], None],
-                  backoff: Backoff = Backoff()) -> Iterator[pa.RecordBatch]:
+
+def read_resuming(
+    fs, unit: WorkUnit, *, on_retry: Callable[[BaseException], None], backoff: Backoff = Backoff()
+) -> Iterator[pa.RecordBatch]:
     """read_unit, reopened after a transient storage error and resumed at the first row not yet handed on.
 
     The rows before it are read again and dropped, so nothing is summarized twice. `backoff.tries` bounds the

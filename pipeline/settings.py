@@ -1,4 +1,5 @@
 """SummarizeSettings: what a summarization run does, parsed once from the flags and passed inward."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,15 +41,24 @@ class SummarizeSettings:
         if self.dtype not in DTYPES:
             raise ValueError(f"--dtype {self.dtype!r}: use one of {', '.join(DTYPES)}")
         if self.quantization == "int8-dynamic" and self.dtype not in ("auto", "float32"):
-            raise ValueError(f"--quantization int8-dynamic computes in float32 on CPU: use --dtype float32 or auto, "
-                             f"not {self.dtype}")
-        for name in ("max_input_tokens", "max_new_tokens", "num_beams", "batch_size", "max_batch_tokens",
-                     "rows_per_unit"):
+            raise ValueError(
+                f"--quantization int8-dynamic computes in float32 on CPU: use --dtype float32 or auto, not {self.dtype}"
+            )
+        for name in (
+            "max_input_tokens",
+            "max_new_tokens",
+            "num_beams",
+            "batch_size",
+            "max_batch_tokens",
+            "rows_per_unit",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_batch_tokens < self.max_input_tokens:
-            raise ValueError(f"--max-batch-tokens ({self.max_batch_tokens}) must be at least --max-input-tokens "
-                             f"({self.max_input_tokens}), or a long document could never be batched")
+            raise ValueError(
+                f"--max-batch-tokens ({self.max_batch_tokens}) must be at least --max-input-tokens "
+                f"({self.max_input_tokens}), or a long document could never be batched"
+            )
 
     def generation(self) -> dict:
         """Settings for model.generate; unset ones fall back to the checkpoint's generation_config.json."""

@@ -1,24 +1,28 @@
-"""The stages inside a replica: tokenize -> batch -> generate -> detokenize, over Arrow record batches.
+"""The stages inside a replica: tokenize -> generate -> detokenize, over Arrow record batches.
 
-`Summarizer.stream` overlaps them: while the model works on one window of rows (on its own thread, the
-only one that touches the accelerator), the caller's thread reads and tokenizes the next windows and
-detokenizes and writes finished ones. Rows are sorted by length within a window (length bucketing) and
-decoded with continuous batching within a token budget (model/continuous.py); the input order is
-restored on output. A row whose text is null, blank or not UTF-8, or that runs out of memory on its own,
-gets an `error` and no summary; the other rows go on.
+`Summarizer.stream` overlaps them: while the model decodes (on its own thread, the only one that touches
+the accelerator), the caller's thread reads and tokenizes the next windows of rows and detokenizes and
+writes finished ones. Rows are sorted by length within a window (length bucketing). The model thread
+decodes the rows of every window submitted, by every unit the replica runs, as one stream with continuous
+batching within a token budget (model/decode.py), so the batch does not drain at a window's end; the
+input order is restored on output. A row whose text is null, blank or not UTF-8, or that runs out of
+memory on its own, gets an `error` and no summary; the other rows go on.
 """
+
 from __future__ import annotations
 
+import itertools
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import pyarrow as pa
 import torch
 
-from model.continuous import generate_stream
+from model.decode import generate_stream
 
 from .settings import SummarizeSettings
 
@@ -28,8 +32,10 @@ EMPTY_TEXT = "empty text: nothing to summarize"
 # has a few characters per token, so one cut is the rule; 64 leaves room for markup and runs of whitespace.
 CUT_CHARS_PER_TOKEN = 8
 MAX_CHARS_PER_TOKEN = 64
-# Windows of rows read ahead of the model: enough that it never waits for tokenization or I/O.
-LOOKAHEAD_WINDOWS = 2
+# Rows read ahead of the model, in batches of batch_size rows: enough that it never waits for tokenization or
+# I/O, and that the next windows' rows are queued before the current ones finish, so that its stream goes on.
+# Counted in rows, not windows: a small row group makes a small window.
+LOOKAHEAD_BATCHES = 16
 # Rows per window, in batches: length bucketing sorts within a window, so larger windows pad less.
 WINDOW_BATCHES = 8
 
@@ -53,6 +59,7 @@ class Stats:
 @dataclass
 class _Window:
     """Rows of one record batch in flight: their token ids and the model's future (none without text)."""
+
     batch: pa.RecordBatch
     errors: list[str | None]
     ids: dict[int, list[int]] = field(default_factory=dict)  # row -> token ids, for the rows with text
@@ -64,10 +71,184 @@ class _Window:
 @dataclass
 class _Decoded:
     """What the model thread hands back for a window."""
-    rows: list[tuple[int, list[int]]]  # (row, output ids), in the order they finished
-    errors: dict[int, str]  # row -> why it has no summary (out of memory alone)
-    halvings: int
-    seconds: float
+
+    rows: list[tuple[int, list[int]]] = field(default_factory=list)  # (row, output ids), in the order they finished
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why it has no summary (out of memory alone)
+    halvings: int = 0  # halvings of the budget charged to this window (its row was the first unfinished)
+    seconds: float = 0.0  # the model's time up to each of its rows' ends since the previous row's
+
+
+class _Job:
+    """A window's rows on the model thread: done when every row has its output or its error."""
+
+    def __init__(self, rows: int):
+        self.future: Future = Future()
+        self.decoded = _Decoded()
+        self.left = rows
+
+
+Document = tuple[int, list[int]]  # (key: the row's number among all rows submitted, token ids)
+
+
+class _QueueFeed:
+    """The queued rows as generate_stream reads them: next() hands out the oldest, noted in `taken`, or stops
+    when none is queued *now*. generate_stream asks again at each sync, so rows queued meanwhile join the
+    batch in flight."""
+
+    def __init__(self, queue: deque[Document], lock: threading.Condition, taken: list[Document]):
+        self.queue, self.lock, self.taken = queue, lock, taken
+
+    def __iter__(self) -> Iterator[Document]:
+        return self
+
+    def __next__(self) -> Document:
+        with self.lock:
+            if not self.queue:
+                raise StopIteration
+            row = self.queue.popleft()
+        self.taken.append(row)
+        return row
+
+
+class _ModelThread:
+    """The one thread that drives the model. Windows queue their rows, and it decodes every queued row, in
+    order, as one stream (generate_stream, which polls the queue at each sync: _QueueFeed): a window's
+    last, longest rows share the batch with the next window's first ones rather than leaving it to drain.
+    A stream ends only when its batch is empty and no row is queued: when the model has caught up with the
+    reading.
+
+    Out of memory, the rows the stream had taken and not finished are decoded again on their own, with half
+    as many documents and tokens at once, down to one document; a document that runs out of memory alone
+    gets an error and the others go on. The stream then takes queued rows again with the full budget: the
+    rows after may be shorter. An error other than running out of memory fails every window in flight.
+    """
+
+    def __init__(self, model, config, settings: SummarizeSettings):
+        self.model, self.config = model, config
+        beams = config.num_beams
+        # documents x beams, and documents x beams x longest input, at once
+        self.budget = (settings.batch_size * beams, settings.max_batch_tokens * beams)
+        self._queue: deque[Document] = deque()
+        self._owners: dict[int, tuple[_Job, int]] = {}  # key -> (its window's job, its row in the window)
+        self._rows_submitted = 0
+        self._jobs: set[_Job] = set()  # not done yet
+        self._lock = threading.Condition()
+        self._closed = False
+        self._clock = 0.0  # when the model's time was last charged to a window
+        self._thread = threading.Thread(target=self._run, name="model", daemon=True)
+        self._thread.start()
+
+    def submit(self, rows: list[tuple[int, list[int]]], window_rows: int) -> Future:
+        """Queue (row, token ids) of a window of `window_rows` rows; the future gives its _Decoded."""
+        job = _Job(len(rows))
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("the summarizer is closed")
+            self._jobs.add(job)
+            for row, ids in rows:
+                key = self._rows_submitted + row
+                self._owners[key] = job, row
+                self._queue.append((key, ids))
+            self._rows_submitted += window_rows
+            self._lock.notify()
+        return job.future
+
+    def close(self) -> None:
+        """Stop taking rows; windows not done are cancelled. The rows in the batch finish, unread."""
+        with self._lock:
+            self._closed = True
+            self._queue.clear()
+            for job in self._jobs:
+                job.future.cancel()
+            self._jobs.clear()
+            self._lock.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                self._lock.wait_for(lambda: self._queue or self._closed)
+                if self._closed:
+                    return
+            self._clock = time.perf_counter()
+            try:
+                self._decode_queued()
+            except Exception as error:  # the model's state is unknown: no window in flight can trust it
+                with self._lock:
+                    self._queue.clear()
+                    self._owners.clear()
+                    for job in self._jobs:
+                        if not job.future.done():
+                            job.future.set_exception(error)
+                    self._jobs.clear()
+
+    def _decode_queued(self) -> None:
+        """One stream over the queued rows, and the retries of its rows if it runs out of memory."""
+        beams = self.config.num_beams
+        max_rows, max_tokens = self.budget
+        retry: list[Document] | None = None  # rows to decode again on their own; None: the queue's
+        while True:
+            unfinished = self._attempt(retry, max_rows, max_tokens)
+            if unfinished is None:  # it ran to its end
+                return
+            if self.model.device.type == "cuda":
+                torch.cuda.empty_cache()  # hand the failed attempt's blocks back before the smaller one
+            if not unfinished:  # it ran out after the last row it had taken had finished
+                return
+            if max_rows > beams:
+                max_rows = max(beams, max_rows // 2)
+                max_tokens = max(beams * max(len(ids) for _, ids in unfinished), max_tokens // 2)
+                with self._lock:
+                    job, _ = self._owners[unfinished[0][0]]
+                    job.decoded.halvings += 1
+                retry = unfinished
+            else:
+                # one document at a time, in order: the one that ran out is the first not finished
+                (key, ids), retry = unfinished[0], unfinished[1:]
+                self._deliver(
+                    key,
+                    error=f"out of memory summarizing this document alone ({len(ids)} input tokens, "
+                    f"{beams} beams); lower --max-input-tokens, --num-beams or --max-new-tokens",
+                )
+                if not retry:
+                    return
+
+    def _attempt(self, retry: list[Document] | None, max_rows: int, max_tokens: int) -> list[Document] | None:
+        """Decode `retry`, or the queued rows as they come: None when done, else (out of memory) the rows taken
+        and not finished, in order. Returning drops the error and its traceback, which hold the failed
+        attempt's tensors."""
+        taken: list[Document] = list(retry) if retry is not None else []
+        finished: set[int] = set()
+        feed = iter(retry) if retry is not None else _QueueFeed(self._queue, self._lock, taken)
+        try:
+            with torch.inference_mode():
+                for key, ids in generate_stream(
+                    self.model, feed, self.config, max_rows=max_rows, max_tokens=max_tokens
+                ):
+                    finished.add(key)
+                    self._deliver(key, ids)
+        except RuntimeError as e:  # torch.OutOfMemoryError is one
+            if not _out_of_memory(e) or not taken:  # nothing to halve
+                raise
+            return [row for row in taken if row[0] not in finished]
+        return None
+
+    def _deliver(self, key: int, ids: list[int] | None = None, error: str | None = None) -> None:
+        """Record a row's output ids (or error) in its window's _Decoded, charge it the model's time since the
+        previous row's, and hand the window back once its last row is done."""
+        now = time.perf_counter()
+        with self._lock:
+            job, row = self._owners.pop(key)
+            if error is None:
+                job.decoded.rows.append((row, ids))
+            else:
+                job.decoded.errors[row] = error
+            job.decoded.seconds += now - self._clock
+            self._clock = now
+            job.left -= 1
+            if job.left == 0:
+                self._jobs.discard(job)
+                if not job.future.done():  # cancelled by close()
+                    job.future.set_result(job.decoded)
 
 
 class Summarizer:
@@ -80,11 +261,11 @@ class Summarizer:
         self.generation = settings.generation()
         self.config = model.generation_config.updated(**self.generation)
         self.pad_id = tokenizer.pad_token_id
-        # One thread owns the accelerator, so that concurrent units share it in turn.
-        self._model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        # One thread owns the accelerator, and the windows of concurrent units share its one stream.
+        self._model = _ModelThread(model, self.config, settings)
 
     def close(self) -> None:
-        self._model_thread.shutdown(wait=False, cancel_futures=True)
+        self._model.close()
 
     # --- stages -------------------------------------------------------------------------------------
 
@@ -126,8 +307,10 @@ class Summarizer:
         try:
             text = value.decode("utf-8")
         except UnicodeDecodeError as e:
-            return None, (f"column '{self.settings.text_column}' is not valid UTF-8 (byte 0x{value[e.start]:02x} "
-                          f"at offset {e.start}); fix the row in the input")
+            return None, (
+                f"column '{self.settings.text_column}' is not valid UTF-8 (byte 0x{value[e.start]:02x} "
+                f"at offset {e.start}); fix the row in the input"
+            )
         if not text or text.isspace():
             return None, EMPTY_TEXT
         return text, None
@@ -166,61 +349,10 @@ class Summarizer:
                 return n
         return 0
 
-    def _generate(self, rows: list[tuple[int, list[int]]]) -> _Decoded:
-        """Runs on the model thread: a window's (row, token ids) with continuous batching (a finished
-        document's slot takes the next one), at most batch_size documents and max_batch_tokens
-        (documents x longest input) at once.
-
-        Out of memory, the rows not finished yet are decoded again with half as many documents and
-        tokens at once, down to one document; a document that runs out of memory alone gets an error and
-        the others go on. The next window starts from the settings again: its rows may be shorter.
-        """
-        start = time.perf_counter()
-        beams = self.config.num_beams
-        max_rows, max_tokens = self.settings.batch_size * beams, self.settings.max_batch_tokens * beams
-        done: list[tuple[int, list[int]]] = []
-        errors: dict[int, str] = {}
-        halvings = 0
-        pending = rows
-        while pending:
-            if self._generate_into(done, pending, max_rows, max_tokens):
-                break
-            if self.model.device.type == "cuda":
-                torch.cuda.empty_cache()  # hand the failed attempt's blocks back before the smaller one
-            finished = {row for row, _ in done}
-            pending = [(row, ids) for row, ids in pending if row not in finished]
-            if not pending:  # it ran out after the last row had finished
-                break
-            if max_rows > beams:
-                max_rows = max(beams, max_rows // 2)
-                max_tokens = max(beams * max(len(ids) for _, ids in pending), max_tokens // 2)
-                halvings += 1
-            else:
-                # one document at a time, in order: the one that ran out is the first not finished
-                (row, ids), pending = pending[0], pending[1:]
-                errors[row] = (f"out of memory summarizing this document alone ({len(ids)} input tokens, "
-                               f"{beams} beams); lower --max-input-tokens, --num-beams or --max-new-tokens")
-        return _Decoded(done, errors, halvings, time.perf_counter() - start)
-
-    def _generate_into(self, done: list[tuple[int, list[int]]], rows: list[tuple[int, list[int]]], max_rows: int,
-                       max_tokens: int) -> bool:
-        """Appends each finished (row, output ids) to `done`; False if memory ran out first. Returning
-        drops the error and its traceback, which hold the failed attempt's tensors."""
-        try:
-            with torch.inference_mode():
-                for finished in generate_stream(self.model, rows, self.config, max_rows=max_rows,
-                                                max_tokens=max_tokens):
-                    done.append(finished)
-        except RuntimeError as e:  # torch.OutOfMemoryError is one
-            if not _out_of_memory(e):
-                raise
-            return False
-        return True
-
     def _submit(self, window: _Window) -> _Window:
         rows = [(i, window.ids[i]) for i in window.order]
         if rows:
-            window.future = self._model_thread.submit(self._generate, rows)
+            window.future = self._model.submit(rows, window.batch.num_rows)
         return window
 
     def _finish(self, window: _Window) -> tuple[pa.RecordBatch, Stats]:
@@ -234,30 +366,33 @@ class Summarizer:
             for row, error in decoded.errors.items():
                 window.errors[row] = error
             out = decoded.rows
-            for row, ids in out:
+            for _, ids in out:
                 generated = ids[1:]
                 generated = generated[: generated.index(eos)] if eos in generated else generated
                 window.stats.output_tokens += sum(t != self.pad_id for t in generated)
-            for (row, _), text in zip(out, self.tokenizer.batch_decode([ids for _, ids in out],
-                                                                       skip_special_tokens=True)):
+            for (row, _), text in zip(
+                out, self.tokenizer.batch_decode([ids for _, ids in out], skip_special_tokens=True)
+            ):
                 summaries[row] = text
         return self._output_batch(window.batch, summaries, window.errors), window.stats
 
     def _output_batch(self, batch: pa.RecordBatch, summaries, errors) -> pa.RecordBatch:
-        keep = [name for name in batch.schema.names if name != self.settings.text_column]
-        columns = [batch.column(name) for name in keep]
+        columns = [batch.column(name) for name in batch.schema.names if name != self.settings.text_column]
         return pa.RecordBatch.from_arrays(
             columns + [pa.array(summaries, pa.string()), pa.array(errors, pa.string())],
-            schema=output_schema(batch.schema, self.settings.text_column))
+            schema=output_schema(batch.schema, self.settings.text_column),
+        )
 
     # --- drivers ------------------------------------------------------------------------------------
 
     def stream(self, batches: Iterable[pa.RecordBatch], stats: Stats) -> Iterator[pa.RecordBatch]:
-        """Output record batches in input order, reading ahead LOOKAHEAD_WINDOWS batches; `stats` is updated."""
+        """Output record batches in input order, with LOOKAHEAD_BATCHES x batch_size rows read ahead of the
+        oldest window in flight; `stats` is updated."""
         in_flight: deque[_Window] = deque()
+        ahead = LOOKAHEAD_BATCHES * self.settings.batch_size
         for batch in _windows(batches, WINDOW_BATCHES * self.settings.batch_size):
             in_flight.append(self._submit(self._tokenize(batch)))
-            while len(in_flight) > LOOKAHEAD_WINDOWS:
+            while sum(w.batch.num_rows for w in itertools.islice(in_flight, 1, None)) >= ahead:
                 out, window_stats = self._finish(in_flight.popleft())
                 stats.add(window_stats)
                 yield out
@@ -304,5 +439,6 @@ def _text_bytes(column: pa.Array) -> pa.Array:
 def output_schema(input_schema: pa.Schema, text_column: str) -> pa.Schema:
     """Every input column but the text, then summary and error (null when the row is fine)."""
     fields = [f for f in input_schema if f.name != text_column]
-    return pa.schema(fields + [pa.field("summary", pa.string()), pa.field("error", pa.string())],
-                     metadata=input_schema.metadata)
+    return pa.schema(
+        fields + [pa.field("summary", pa.string()), pa.field("error", pa.string())], metadata=input_schema.metadata
+    )

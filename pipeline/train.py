@@ -8,9 +8,9 @@ on the N-times-larger batch (up to float rounding), whatever the padding and len
 A step whose loss or gradient is not finite is skipped by every replica alike, and nothing non-finite is
 ever saved: too many skips in a row, or a non-finite weight, stop the run with a TrainingError.
 """
+
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -24,9 +24,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from model.storage import atomic_path, sync_file
+
 from .errors import InputError, OutputError
+from .footers import inspect_shards
+from .listing import list_shards
 from .optim import linear_schedule, make_optimizer
-from .shards import inspect_shards, list_shards, read_unit, plan_units
+from .units import plan_units, read_unit
 
 METHODS = ("full", "lora", "qlora")
 CHECKPOINTS = "_checkpoints"
@@ -71,14 +75,23 @@ class FinetuneSettings:
 
     def __post_init__(self):
         if self.dtype in ("float16", "fp16"):
-            raise ValueError("fp16 training is refused: mT5 diverges in float16 (its activations overflow). "
-                             "Use --dtype bfloat16 (or auto, which picks bfloat16 on GPU).")
+            raise ValueError(
+                "fp16 training is refused: mT5 diverges in float16 (its activations overflow). "
+                "Use --dtype bfloat16 (or auto, which picks bfloat16 on GPU)."
+            )
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"--dtype {self.dtype!r}: use auto, float32 or bfloat16")
         if self.method not in METHODS:
             raise ValueError(f"--method {self.method!r}: use one of {', '.join(METHODS)}")
-        for name in ("batch_size", "grad_accum", "max_input_tokens", "max_target_tokens", "save_every", "log_every",
-                     "max_nonfinite_steps"):
+        for name in (
+            "batch_size",
+            "grad_accum",
+            "max_input_tokens",
+            "max_target_tokens",
+            "save_every",
+            "log_every",
+            "max_nonfinite_steps",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1")
         if self.max_steps is None and self.epochs <= 0:
@@ -89,11 +102,13 @@ class FinetuneSettings:
     def order_defining(self) -> dict:
         """What must match for --resume to continue the same run (the data order and the updates). A run that
         stopped on non-finite steps may be resumed with a higher --max-nonfinite-steps."""
-        return {k: v for k, v in asdict(self).items()
-                if k not in ("save_every", "log_every", "eval", "max_nonfinite_steps")}
+        return {
+            k: v for k, v in asdict(self).items() if k not in ("save_every", "log_every", "eval", "max_nonfinite_steps")
+        }
 
 
 # --- examples ---------------------------------------------------------------------------------------
+
 
 def load_examples(source: str, text_column: str, summary_column: str, storage_options=None) -> list[tuple[str, str]]:
     """(text, summary) pairs from Parquet / Arrow shards. Anything wrong is an InputError naming the place."""
@@ -105,17 +120,23 @@ def load_examples(source: str, text_column: str, summary_column: str, storage_op
     for info in infos:
         for column in (text_column, summary_column):
             if column not in info.schema.names:
-                raise InputError(f"{info.shard.relative}: column {column!r} is missing "
-                                 f"(columns: {', '.join(info.schema.names)}); pass --{_flag(column, text_column)}")
+                raise InputError(
+                    f"{info.shard.relative}: column {column!r} is missing "
+                    f"(columns: {', '.join(info.schema.names)}); pass --{_flag(column, text_column)}"
+                )
         for unit in plan_units([info], max(info.num_rows, 1)):
             row = 0
             for batch in read_unit(fs, unit, columns=[text_column, summary_column]):
-                for text, summary in zip(batch.column(text_column).to_pylist(), batch.column(summary_column).to_pylist()):
+                for text, summary in zip(
+                    batch.column(text_column).to_pylist(), batch.column(summary_column).to_pylist()
+                ):
                     if not text or not text.strip():
                         raise InputError(f"{info.shard.relative} row {row}: empty {text_column!r}")
                     if not summary or not summary.strip():
-                        raise InputError(f"{info.shard.relative} row {row}: empty target {summary_column!r}; "
-                                         f"every training row needs a summary")
+                        raise InputError(
+                            f"{info.shard.relative} row {row}: empty target {summary_column!r}; "
+                            f"every training row needs a summary"
+                        )
                     examples.append((text, summary))
                     row += 1
     if not examples:
@@ -129,11 +150,21 @@ def _flag(column: str, text_column: str) -> str:
 
 # --- the loop ---------------------------------------------------------------------------------------
 
+
 class Trainer:
     """Runs in every replica. rank 0 writes the log, the checkpoints and the final model."""
 
-    def __init__(self, model, tokenizer, settings: FinetuneSettings, examples: list[tuple[str, str]],
-                 rank: int, world: int, device: str, lora_config=None):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        settings: FinetuneSettings,
+        examples: list[tuple[str, str]],
+        rank: int,
+        world: int,
+        device: str,
+        lora_config=None,
+    ):
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.examples, self.rank, self.world, self.device = examples, rank, world, device
         self.lora_config = lora_config
@@ -154,21 +185,29 @@ class Trainer:
         """This replica's micro-batches (example indices) for a global step."""
         epoch, index = divmod(step, self.steps_per_epoch)
         order = torch.randperm(len(self.examples), generator=torch.Generator().manual_seed(self.settings.seed + epoch))
-        chosen = order[index * self.global_batch:(index + 1) * self.global_batch].tolist()
+        chosen = order[index * self.global_batch : (index + 1) * self.global_batch].tolist()
         b = self.settings.batch_size
-        return [chunk for a in range(self.settings.grad_accum)
-                if (chunk := chosen[(a * self.world + self.rank) * b:(a * self.world + self.rank + 1) * b])]
+        return [
+            chunk
+            for a in range(self.settings.grad_accum)
+            if (chunk := chosen[(a * self.world + self.rank) * b : (a * self.world + self.rank + 1) * b])
+        ]
 
     def _batch(self, rows: list[int]) -> dict[str, torch.Tensor]:
         texts = [self.examples[i][0] for i in rows]
         summaries = [self.examples[i][1] for i in rows]
-        enc = self.tokenizer(texts, max_length=self.settings.max_input_tokens, truncation=True, padding=True,
-                             return_tensors="pt")
-        tgt = self.tokenizer(summaries, max_length=self.settings.max_target_tokens, truncation=True, padding=True,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            texts, max_length=self.settings.max_input_tokens, truncation=True, padding=True, return_tensors="pt"
+        )
+        tgt = self.tokenizer(
+            summaries, max_length=self.settings.max_target_tokens, truncation=True, padding=True, return_tensors="pt"
+        )
         labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
-        return {"input_ids": enc["input_ids"].to(self.device), "attention_mask": enc["attention_mask"].to(self.device),
-                "labels": labels.to(self.device)}
+        return {
+            "input_ids": enc["input_ids"].to(self.device),
+            "attention_mask": enc["attention_mask"].to(self.device),
+            "labels": labels.to(self.device),
+        }
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.world > 1:
@@ -190,11 +229,19 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.device)
         for batch in batches:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    labels=batch["labels"]).logits
-            loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), batch["labels"].view(-1),
-                                   ignore_index=-100, label_smoothing=self.settings.label_smoothing,
-                                   reduction="sum") / global_tokens
+                logits = self.model(
+                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+                ).logits
+            loss = (
+                F.cross_entropy(
+                    logits.float().view(-1, logits.shape[-1]),
+                    batch["labels"].view(-1),
+                    ignore_index=-100,
+                    label_smoothing=self.settings.label_smoothing,
+                    reduction="sum",
+                )
+                / global_tokens
+            )
             loss.backward()
             loss_sum += loss.detach()
         if self.world > 1:
@@ -204,13 +251,14 @@ class Trainer:
             dist.all_reduce(flat)
             offset = 0
             for g in grads:
-                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                g.copy_(flat[offset : offset + g.numel()].view_as(g))
                 offset += g.numel()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm))
         # Skip on a flag summed over the replicas, so that all of them skip the same steps and keep equal weights.
         nonfinite = not (math.isfinite(float(loss_sum)) and math.isfinite(grad_norm))
         loss_total, nonfinite_replicas = self._all_reduce(
-            torch.stack([loss_sum.float(), torch.tensor(float(nonfinite), device=self.device)])).tolist()
+            torch.stack([loss_sum.float(), torch.tensor(float(nonfinite), device=self.device)])
+        ).tolist()
         skipped = nonfinite_replicas > 0
         if skipped:
             self.skipped_steps += 1
@@ -224,10 +272,15 @@ class Trainer:
         self.step += 1
         seconds = time.perf_counter() - start
         input_tokens = self._all_reduce(torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in batches))))
-        return {"step": self.step, "loss": _finite_or_none(loss_total), "lr": self.schedule.get_last_lr()[0],
-                "grad_norm": _finite_or_none(grad_norm),
-                "tokens_per_second": (float(input_tokens) + global_tokens) / seconds,
-                "skipped": skipped, "skipped_steps": self.skipped_steps}
+        return {
+            "step": self.step,
+            "loss": _finite_or_none(loss_total),
+            "lr": self.schedule.get_last_lr()[0],
+            "grad_norm": _finite_or_none(grad_norm),
+            "tokens_per_second": (float(input_tokens) + global_tokens) / seconds,
+            "skipped": skipped,
+            "skipped_steps": self.skipped_steps,
+        }
 
     def run(self, resume: bool) -> dict:
         if self.rank == 0:
@@ -247,8 +300,9 @@ class Trainer:
                 record = self.train_step()
                 if not record["skipped"]:
                     losses.append(record["loss"])
-                if log and (record["skipped"] or self.step % self.settings.log_every == 0
-                            or self.step == self.total_steps):
+                if log and (
+                    record["skipped"] or self.step % self.settings.log_every == 0 or self.step == self.total_steps
+                ):
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 if self.nonfinite_in_row >= self.settings.max_nonfinite_steps:
@@ -257,14 +311,18 @@ class Trainer:
                         f"steps {first}-{self.step}: the loss or gradient was not finite {self.nonfinite_in_row} "
                         f"steps in a row (--max-nonfinite-steps {self.settings.max_nonfinite_steps}), so training "
                         f"stopped; those steps were skipped and nothing non-finite was saved. Lower --lr and "
-                        f"start again without --resume")
+                        f"start again without --resume"
+                    )
                 if self.step % self.settings.save_every == 0 and self.step < self.total_steps:
                     self.save_checkpoint()
         finally:
             if log:
                 log.close()
-        return {"steps": self.step, "first_loss": losses[0] if losses else None,
-                "last_loss": losses[-1] if losses else None}
+        return {
+            "steps": self.step,
+            "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None,
+        }
 
     # --- checkpoints: safetensors and JSON only, never pickles ---------------------------------------
 
@@ -286,12 +344,17 @@ class Trainer:
         (finite gradients can still overflow them); the flag is summed so that no replica waits alone."""
         names = {id(p): n for n, p in self.model.named_parameters()}
         bad = [names[id(p)] for p in self.params if not torch.isfinite(p).all()]
-        bad += [f"optimizer state {key!r} of {names[id(p)]}" for p, state in self.optimizer.state.items()
-                for key, value in state.items()
-                if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()]
+        bad += [
+            f"optimizer state {key!r} of {names[id(p)]}"
+            for p, state in self.optimizer.state.items()
+            for key, value in state.items()
+            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()
+        ]
         if self._all_reduce(torch.tensor(float(len(bad)), device=self.device)).item() > 0:
-            raise TrainingError(f"step {self.step}: non-finite values in {_some(bad) or 'another replica'}; the "
-                                f"checkpoint was not saved. Lower --lr and start again without --resume")
+            raise TrainingError(
+                f"step {self.step}: non-finite values in {_some(bad) or 'another replica'}; the "
+                f"checkpoint was not saved. Lower --lr and start again without --resume"
+            )
 
     def save_checkpoint(self) -> None:
         """<output-model>/_checkpoints/step-N: trainable weights, optimizer and schedule (rank 0), and each
@@ -305,23 +368,28 @@ class Trainer:
             tmp.mkdir(parents=True)
             tensors, meta = self._checkpoint_tensors()
             save_file(tensors, tmp / "state.safetensors")
-            _fsync(tmp / "state.safetensors")
-            meta.update(step=self.step, schedule=self.schedule.state_dict(), world=self.world,
-                        settings=self.settings.order_defining(), skipped_steps=self.skipped_steps,
-                        nonfinite_in_row=self.nonfinite_in_row)
+            sync_file(tmp / "state.safetensors")
+            meta.update(
+                step=self.step,
+                schedule=self.schedule.state_dict(),
+                world=self.world,
+                settings=self.settings.order_defining(),
+                skipped_steps=self.skipped_steps,
+                nonfinite_in_row=self.nonfinite_in_row,
+            )
             (tmp / "state.json").write_text(json.dumps(meta, indent=1, default=str))
-            _fsync(tmp / "state.json")
+            sync_file(tmp / "state.json")
         self._barrier()
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state()
         save_file(rng, tmp / f"rng-{self.rank}.safetensors")
-        _fsync(tmp / f"rng-{self.rank}.safetensors")
+        sync_file(tmp / f"rng-{self.rank}.safetensors")
         self._barrier()
         if self.rank == 0:
-            _fsync(tmp)  # the folder's entries, before the rename publishes them
+            sync_file(tmp)  # the folder's entries, before the rename publishes them
             os.replace(tmp, folder)
-            _fsync(folder.parent)  # the rename itself
+            sync_file(folder.parent)  # the rename itself
             for old in sorted(p for p in (self.out / CHECKPOINTS).glob("step-*") if p.suffix != ".tmp")[:-2]:
                 shutil.rmtree(old, ignore_errors=True)
         self._barrier()
@@ -340,7 +408,7 @@ class Trainer:
         with torch.no_grad():
             for key, value in tensors.items():
                 if key.startswith("param/"):
-                    named[key[len("param/"):]].copy_(value)
+                    named[key[len("param/") :]].copy_(value)
         state = {"param_groups": meta["param_groups"], "state": {}}
         for key, value in tensors.items():
             if key.startswith("optimizer/"):
@@ -371,14 +439,19 @@ def check_resume(folder: Path, settings: FinetuneSettings, world: int) -> dict:
     otherwise an OutputError that names every flag that differs."""
     meta = json.loads((folder / "state.json").read_text())
     saved, now = meta["settings"], json.loads(json.dumps(settings.order_defining(), default=str))
-    differ = [f"--{key.replace('_', '-')} {saved.get(key)!r} (now {now.get(key)!r})"
-              for key in sorted(saved.keys() | now.keys()) if saved.get(key) != now.get(key)]
+    differ = [
+        f"--{key.replace('_', '-')} {saved.get(key)!r} (now {now.get(key)!r})"
+        for key in sorted(saved.keys() | now.keys())
+        if saved.get(key) != now.get(key)
+    ]
     if meta["world"] != world:
         differ.append(f"--replicas {meta['world']} (now {world})")
     if differ:
-        raise OutputError(f"{folder}: --resume must continue the run with the settings it was started with, and "
-                          f"this checkpoint was written with {'; '.join(differ)}. Rerun with the checkpoint's "
-                          f"values, or drop --resume to start a new run in --output-model")
+        raise OutputError(
+            f"{folder}: --resume must continue the run with the settings it was started with, and "
+            f"this checkpoint was written with {'; '.join(differ)}. Rerun with the checkpoint's "
+            f"values, or drop --resume to start a new run in --output-model"
+        )
     return meta
 
 
@@ -395,9 +468,8 @@ def _truncate_log(log: Path, step: int) -> None:
             continue
         if record["step"] <= step:
             kept.append(line)
-    tmp = log.with_name(log.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    os.replace(tmp, log)
+    with atomic_path(log) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _some(names: list[str]) -> str:
@@ -409,20 +481,8 @@ def _finite_or_none(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _fsync(path: Path) -> None:
-    """Flush a file's bytes, or a folder's entries, to the disk: a rename is durable only after both."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        # Some network and FUSE file systems cannot sync a folder; their renames are still atomic.
-        if not (path.is_dir() and err.errno in (errno.EINVAL, errno.ENOTSUP, errno.EBADF)):
-            raise
-    finally:
-        os.close(fd)
-
-
 # --- before and after ----------------------------------------------------------------------------
+
 
 def prepare_for_training(model, settings: FinetuneSettings):
     """Full: every weight trains. LoRA / QLoRA: adapters on q, k, v, o, wi_0, wi_1, wo; the rest is frozen
@@ -451,8 +511,10 @@ def save_final(model, tokenizer, settings: FinetuneSettings, lora_config, *, wri
     # replica goes on serving a broken model either.
     bad = [name for name, p in model.named_parameters() if p.is_floating_point() and not torch.isfinite(p).all()]
     if bad:
-        raise TrainingError(f"non-finite values in the trained {_some(bad)}; the final model was not saved. "
-                            f"Lower --lr and start again without --resume")
+        raise TrainingError(
+            f"non-finite values in the trained {_some(bad)}; the final model was not saved. "
+            f"Lower --lr and start again without --resume"
+        )
     if lora_config is not None:
         from model.lora import merge_lora, save_adapters
 
@@ -462,3 +524,5 @@ def save_final(model, tokenizer, settings: FinetuneSettings, lora_config, *, wri
     if write:
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
+        for path in [*sorted(p for p in Path(out).iterdir() if p.is_file()), Path(out)]:
+            sync_file(path)  # on the device before the job reports success (weights are synced as written)

@@ -5,32 +5,34 @@ and puts a fingerprint of its content in the manifest, so that a rerun with anot
 same path is refused like any other change of settings. Each replica reads it again when it loads its
 model and restricts the output head to its pieces (model/vocabulary.py).
 """
+
 from __future__ import annotations
 
 import hashlib
 
-from model.redact import redact_url, scrub, url_secrets
+from model.storage import open_filesystem, redact_url, scrub, url_secrets
 from model.vocabulary import kept_ids_from_text
 
 from .errors import InputError
-from .shards import open_filesystem
 
 
 def read_sample(url: str, storage_options: dict | None = None) -> str:
     """The file's text, read through fsspec like the inputs; InputError naming the flag otherwise."""
     shown = redact_url(url)
-    fs, path = open_filesystem(url, storage_options)
+    fs, path = open_filesystem(url, storage_options, error=InputError)
     try:
         with fs.open(path, "rb") as f:
             text = f.read().decode("utf-8")
     except FileNotFoundError:
-        raise InputError(f"--output-vocabulary {shown}: no such file; pass a UTF-8 text file in the languages "
-                         "you summarize") from None
+        raise InputError(
+            f"--output-vocabulary {shown}: no such file; pass a UTF-8 text file in the languages you summarize"
+        ) from None
     except UnicodeDecodeError as e:
         raise InputError(f"--output-vocabulary {shown}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
-        raise InputError(f"--output-vocabulary {shown}: cannot read it: {type(e).__name__}: "
-                         f"{scrub(str(e), url_secrets(url))}") from None
+        raise InputError(
+            f"--output-vocabulary {shown}: cannot read it: {type(e).__name__}: {scrub(str(e), url_secrets(url))}"
+        ) from None
     if not text.strip():
         raise InputError(f"--output-vocabulary {shown} is empty: summaries could use no piece but </s>")
     return text

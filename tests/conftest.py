@@ -1,4 +1,5 @@
 """Shared fixtures: a sentencepiece model, random mT5 checkpoints and an S3 API on loopback, built once."""
+
 from __future__ import annotations
 
 import os
@@ -6,8 +7,8 @@ import socket
 
 import pytest
 
-from tests.fixtures.checkpoints import MT5_SMALL, TINY, TINY_RELU_TIED, build_checkpoint
-from tests.fixtures.spiece import build_spiece_model
+from synthetic.checkpoints import MT5_SMALL, TINY, TINY_RELU_TIED, build_checkpoint
+from synthetic.spiece import build_spiece_model
 
 
 @pytest.fixture(scope="session")
@@ -27,11 +28,16 @@ def tiny_relu_tied_checkpoint(tmp_path_factory, spiece_model):
     return build_checkpoint(tmp_path_factory.mktemp("tiny-relu-tied"), TINY_RELU_TIED, spiece_model)
 
 
+@pytest.fixture(scope="module", params=["tiny_checkpoint", "tiny_relu_tied_checkpoint"])
+def each_tiny_checkpoint(request):
+    """Each tiny checkpoint in turn: the test runs once with the mT5 variant and once with the T5 one."""
+    return request.getfixturevalue(request.param)
+
+
 @pytest.fixture(scope="session")
 def small_checkpoint(tmp_path_factory, spiece_model):
     """mt5-small's shape: d_model 512, d_ff 1024, 8+8 layers, 6 heads, vocab 250,112 (1.2 GB in float32)."""
     return build_checkpoint(tmp_path_factory.mktemp("mt5-small"), MT5_SMALL, spiece_model)
-
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +72,8 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_unconfigure(config):
     """Leave without the interpreter's teardown, once pytest has reported everything. This process starts
     and shuts down a local Ray for each module that uses one; a Ray background thread left from an
-    earlier session can run into freed core-worker state during teardown (ray-project/ray#31145, seen
-    here once: a segfault in a Ray gRPC thread after "427 passed"), which turns a green run red."""
+    earlier session can run into freed core-worker state during teardown (ray-project/ray#31145: a segfault in
+    a Ray gRPC thread after every test passed), which turns a green run red."""
     if EXIT_STATUS not in config.stash:
         return  # pytest stopped before the session ran (usage error, --help): exit as usual
     import sys

@@ -7,6 +7,7 @@ pytest prints the same lines in its header (tests/conftest.py), so every log nam
 exists because an unpinned install once replaced the CPU torch it had just installed with a CUDA build
 (issue 11): the tests then tested another torch than the one asked for, and pulled gigabytes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -15,10 +16,33 @@ import sys
 from importlib import metadata
 
 # The flags that decide which kernels torch, oneDNN and bitsandbytes pick on x86-64.
-SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile",
-              "amx_bf16", "amx_int8")
-PACKAGES = ("torch", "transformers", "bitsandbytes", "ray", "pyarrow", "sentencepiece", "safetensors", "fsspec",
-            "peft", "accelerate", "numpy", "moto", "s3fs")
+SIMD_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx512_fp16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
+PACKAGES = (
+    "torch",
+    "transformers",
+    "bitsandbytes",
+    "ray",
+    "pyarrow",
+    "sentencepiece",
+    "safetensors",
+    "fsspec",
+    "peft",
+    "accelerate",
+    "numpy",
+    "moto",
+    "s3fs",
+)
 
 
 def cpu() -> tuple[str, list[str]]:
@@ -53,18 +77,19 @@ def describe() -> list[str]:
     import torch
 
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
-    return [f"cpu: {model}; simd: {' '.join(flags) or 'none of ' + ', '.join(SIMD_FLAGS)}",
-            f"python {platform.python_version()}; torch {torch.__version__} ({build}), "
-            f"{torch.get_num_threads()} threads, ATen CPU kernels {torch.backends.cpu.get_cpu_capability()}",
-            "packages: " + ", ".join(f"{name} {version}" for name, version in versions().items())]
+    return [
+        f"cpu: {model}; simd: {' '.join(flags) or 'none of ' + ', '.join(SIMD_FLAGS)}",
+        f"python {platform.python_version()}; torch {torch.__version__} ({build}), "
+        f"{torch.get_num_threads()} threads, ATen CPU kernels {torch.backends.cpu.get_cpu_capability()}",
+        "packages: " + ", ".join(f"{name} {version}" for name, version in versions().items()),
+    ]
 
 
 def check_torch(requirement: str, cpu_only: bool) -> str | None:
     """None when the installed torch satisfies `requirement` (a pip requirement such as 'torch==2.13.0'), and
     is a CPU build where `cpu_only`; otherwise what is wrong."""
-    from packaging.requirements import Requirement
-
     import torch
+    from packaging.requirements import Requirement
 
     wanted = Requirement(requirement)
     installed = torch.__version__

@@ -6,6 +6,7 @@ Ray's own config checks; every `jobs/*.py` command line in a manifest, the DAG, 
 README.md parses with that script's `build_parser()`; the Dockerfile installs what pyproject.toml
 declares; the manifests agree with each other (cluster spec, images, Ray version, schedule).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -52,14 +53,37 @@ YAML_FILES = sorted(INFRA.rglob("*.yaml")) + sorted(INFRA.rglob("*.yml"))
 # RaySubmitJobOperator.__init__ in apache-airflow-providers-google 22.8.0
 # (airflow/providers/google/cloud/operators/ray.py, with RayJobBaseOperator's gcp_conn_id and impersonation_chain).
 RAY_SUBMIT_JOB_PARAMS = {
-    "cluster_address", "entrypoint", "get_job_logs", "wait_for_job_done", "runtime_env", "metadata",
-    "submission_id", "entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory", "entrypoint_resources",
-    "submit_job_timeout", "gcp_conn_id", "impersonation_chain",
+    "cluster_address",
+    "entrypoint",
+    "get_job_logs",
+    "wait_for_job_done",
+    "runtime_env",
+    "metadata",
+    "submission_id",
+    "entrypoint_num_cpus",
+    "entrypoint_num_gpus",
+    "entrypoint_memory",
+    "entrypoint_resources",
+    "submit_job_timeout",
+    "gcp_conn_id",
+    "impersonation_chain",
 }
 RAY_SUBMIT_JOB_REQUIRED = {"cluster_address", "entrypoint"}
 # The BaseOperator arguments the DAG may pass along with them.
-BASE_OPERATOR_PARAMS = {"task_id", "retries", "retry_delay", "execution_timeout", "pool", "queue", "priority_weight",
-                        "trigger_rule", "depends_on_past", "owner", "doc_md", "email_on_failure"}
+BASE_OPERATOR_PARAMS = {
+    "task_id",
+    "retries",
+    "retry_delay",
+    "execution_timeout",
+    "pool",
+    "queue",
+    "priority_weight",
+    "trigger_rule",
+    "depends_on_past",
+    "owner",
+    "doc_md",
+    "email_on_failure",
+}
 
 
 def _rel(path: Path) -> str:
@@ -107,7 +131,9 @@ def _cluster_specs() -> list[tuple[str, dict]]:
 
 
 def _pod_templates(cluster_spec: dict) -> list[dict]:
-    return [cluster_spec["headGroupSpec"]["template"]] + [g["template"] for g in cluster_spec.get("workerGroupSpecs", [])]
+    return [cluster_spec["headGroupSpec"]["template"]] + [
+        g["template"] for g in cluster_spec.get("workerGroupSpecs", [])
+    ]
 
 
 def _pyproject() -> dict:
@@ -193,7 +219,9 @@ def test_dockerfile_installs_the_makefiles_torch_first_then_the_project_as_pypro
     assert torch_spec == makefile_spec, f"Dockerfile TORCH_SPEC {torch_spec} != Makefile TORCH_SPEC {makefile_spec}"
     torch_pin = Requirement(torch_spec)
     pinned = next(iter(torch_pin.specifier)).version
-    assert requirements["torch"].specifier.contains(pinned), f"{torch_spec} does not satisfy pyproject's {requirements['torch']}"
+    assert requirements["torch"].specifier.contains(pinned), (
+        f"{torch_spec} does not satisfy pyproject's {requirements['torch']}"
+    )
 
     torch_at = [i for i, words in enumerate(installs) if torch_spec in words]
     project_at = [i for i, words in enumerate(installs) if "." in words]
@@ -202,7 +230,9 @@ def test_dockerfile_installs_the_makefiles_torch_first_then_the_project_as_pypro
 
     project = installs[project_at[0]]
     for forbidden in ("-e", "--editable", "--no-deps", "-r", "--requirement", "-c", "--constraint"):
-        assert forbidden not in project, f"`pip install {' '.join(project)}`: {forbidden} bypasses pyproject's dependencies"
+        assert forbidden not in project, (
+            f"`pip install {' '.join(project)}`: {forbidden} bypasses pyproject's dependencies"
+        )
     # Anything named beside the project must be one of its dependencies, pinned within pyproject's range.
     for word in project:
         if word == "." or word.startswith("-"):
@@ -262,7 +292,7 @@ def test_dockerfile_build_context_builds_a_wheel_with_pyprojects_dependencies(tm
                 target = posixpath.normpath(target + "/" + (f.name if src.is_file() else f.relative_to(src).as_posix()))
                 if i < project_install:
                     assert target.startswith(workdir + "/"), target
-                    out = context / target[len(workdir) + 1:]
+                    out = context / target[len(workdir) + 1 :]
                     out.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(f, out)
                 copied.append(rel)
@@ -270,8 +300,22 @@ def test_dockerfile_build_context_builds_a_wheel_with_pyprojects_dependencies(tm
         assert any(rel.startswith(package + "/") for rel in copied), f"package {package}/ is not copied into the image"
 
     wheels = tmp_path / "wheels"
-    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheels), str(context)], capture_output=True, text=True)
+    build = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(wheels),
+            str(context),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert build.returncode == 0, build.stderr
     (wheel,) = wheels.glob("*.whl")
     with zipfile.ZipFile(wheel) as z:
@@ -287,8 +331,14 @@ def test_dockerfile_build_context_builds_a_wheel_with_pyprojects_dependencies(tm
 
 
 def test_dockerignore_keeps_local_state_out_of_the_image():
-    for path in (".venv/bin/python", "demo_out/corpus/a.parquet", ".git/HEAD", "model/__pycache__/mt5.cpython-311.pyc",
-                 "benchmarks/.cache/x.safetensors", "tests/conftest.py"):
+    for path in (
+        ".venv/bin/python",
+        "demo_out/corpus/a.parquet",
+        ".git/HEAD",
+        "model/__pycache__/mt5.cpython-311.pyc",
+        "benchmarks/.cache/x.safetensors",
+        "tests/conftest.py",
+    ):
         assert _dockerignore_excludes(path), f"{path} would be sent into the image's build context"
     for path in ("pyproject.toml", "README.md", "model/mt5.py", "pipeline/driver.py", "jobs/summarize.py"):
         assert not _dockerignore_excludes(path), path
@@ -318,8 +368,10 @@ def _validator(obj: dict) -> jsonschema.Draft202012Validator:
 
 
 def _schema_errors(obj: dict) -> list[str]:
-    return [f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
-            for e in sorted(_validator(obj).iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
+    return [
+        f"{'/'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}"
+        for e in sorted(_validator(obj).iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))
+    ]
 
 
 @pytest.mark.parametrize("where,obj", _kube_objects(), ids=[w for w, _ in _kube_objects()])
@@ -338,8 +390,9 @@ def test_vendored_schema_rejects_unknown_and_misplaced_fields():
     worker["template"]["spec"]["containers"][0]["gpus"] = 1
     assert _schema_errors(misplaced)
     bad_quantity = copy.deepcopy(rayjob)
-    bad_quantity["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"][
-        "limits"]["memory"] = "8 GB"
+    bad_quantity["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]["limits"][
+        "memory"
+    ] = "8 GB"
     assert _schema_errors(bad_quantity)
     numeric_param = copy.deepcopy(rayjob)
     numeric_param["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] = 0  # must be a string
@@ -391,7 +444,7 @@ def test_ray_schema_check_is_strict():
 
 def _lakesum_image() -> str:
     """The image of the RayCluster's head: the one every Ray node must run."""
-    (_, cluster), = _by_kind("RayCluster")
+    ((_, cluster),) = _by_kind("RayCluster")
     return cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]["image"]
 
 
@@ -412,7 +465,9 @@ def test_kuberay_ray_version_is_the_images_ray():
     ray_version = _docker_args()["RAY_VERSION"]
     assert _requirements()["ray"].specifier.contains(ray_version)
     for where, spec in _cluster_specs():
-        assert spec["rayVersion"] == ray_version, f"{where}: rayVersion {spec['rayVersion']} != image's Ray {ray_version}"
+        assert spec["rayVersion"] == ray_version, (
+            f"{where}: rayVersion {spec['rayVersion']} != image's Ray {ray_version}"
+        )
 
 
 def test_every_ray_cluster_spec_is_the_raycluster_manifests():
@@ -456,9 +511,13 @@ def _cron_of_dag() -> str:
 
 
 def test_nightly_schedules_agree():
-    (_, raycron), = _by_kind("RayCronJob")
-    (_, cronjob), = _by_kind("CronJob")
-    schedules = {"RayCronJob": raycron["spec"]["schedule"], "CronJob": cronjob["spec"]["schedule"], "DAG": _cron_of_dag()}
+    ((_, raycron),) = _by_kind("RayCronJob")
+    ((_, cronjob),) = _by_kind("CronJob")
+    schedules = {
+        "RayCronJob": raycron["spec"]["schedule"],
+        "CronJob": cronjob["spec"]["schedule"],
+        "DAG": _cron_of_dag(),
+    }
     assert len(set(schedules.values())) == 1, schedules
     assert re.fullmatch(r"(\S+\s+){4}\S+", raycron["spec"]["schedule"]), "a five-field cron expression"
     assert cronjob["spec"]["timeZone"] == "Etc/UTC"
@@ -468,7 +527,7 @@ def test_nightly_schedules_agree():
 
 
 def test_cronjob_creates_a_uniquely_named_rayjob_with_just_enough_rbac():
-    (_, cronjob), = _by_kind("CronJob")
+    ((_, cronjob),) = _by_kind("CronJob")
     pod = cronjob["spec"]["jobTemplate"]["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert container["image"].startswith("registry.k8s.io/kubectl:v")
@@ -477,20 +536,27 @@ def test_cronjob_creates_a_uniquely_named_rayjob_with_just_enough_rbac():
     manifest_path = Path(command[3])
     mount = next(m for m in container["volumeMounts"] if Path(m["mountPath"]) == manifest_path.parent)
     volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
-    (config_where, configmap), = [(w, o) for w, o in _by_kind("ConfigMap")
-                                  if o["metadata"]["name"] == volume["configMap"]["name"]]
+    ((config_where, configmap),) = [
+        (w, o) for w, o in _by_kind("ConfigMap") if o["metadata"]["name"] == volume["configMap"]["name"]
+    ]
     embedded = yaml.safe_load(configmap["data"][manifest_path.name])
     assert embedded["kind"] == "RayJob"
     assert "generateName" in embedded["metadata"] and "name" not in embedded["metadata"], "each night a new name"
 
-    (_, account), = _by_kind("ServiceAccount")
+    ((_, account),) = _by_kind("ServiceAccount")
     assert pod["serviceAccountName"] == account["metadata"]["name"]
-    (_, role), = _by_kind("Role")
-    (_, binding), = _by_kind("RoleBinding")
-    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+    ((_, role),) = _by_kind("Role")
+    ((_, binding),) = _by_kind("RoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
     assert {"kind": "ServiceAccount", "name": account["metadata"]["name"]} in binding["subjects"]
-    assert any("ray.io" in rule["apiGroups"] and "rayjobs" in rule["resources"] and "create" in rule["verbs"]
-               for rule in role["rules"])
+    assert any(
+        "ray.io" in rule["apiGroups"] and "rayjobs" in rule["resources"] and "create" in rule["verbs"]
+        for rule in role["rules"]
+    )
     assert all(rule["verbs"] == ["create"] for rule in role["rules"]), "nothing beyond creating RayJobs"
 
 
@@ -512,7 +578,7 @@ def _job_argv(command: str) -> tuple[str, list[str]]:
     """The script named in a command line, and its arguments up to the end of that shell command."""
     text = _neutralize(command.replace("\\\n", " "))
     match = _JOB.search(text)
-    line = text[match.end():].split("\n", 1)[0]
+    line = text[match.end() :].split("\n", 1)[0]
     lexer = shlex.shlex(line, posix=True, punctuation_chars=True)
     lexer.whitespace_split = True
     argv = []
@@ -539,13 +605,16 @@ def _strings(value):
 
 def _command_lines() -> list[tuple[str, str]]:
     """(where, command line) for every jobs/*.py invocation in infra/: manifests (embedded ones too), the
-    cluster-launcher configs, the Dockerfile, the Airflow DAG's strings and the README's Deploying section's shell blocks."""
+    cluster-launcher configs, the Dockerfile, the Airflow DAG's strings and the README's Deploying section's shell
+    blocks."""
     found = []
     for path in YAML_FILES:
         for doc in _documents(path):
             if doc.get("kind") == "ConfigMap":  # embedded manifests: read as objects below, not as YAML text
-                doc = {**doc, "data": {k: v for k, v in (doc.get("data") or {}).items()
-                                       if not k.endswith((".yaml", ".yml"))}}
+                doc = {
+                    **doc,
+                    "data": {k: v for k, v in (doc.get("data") or {}).items() if not k.endswith((".yaml", ".yml"))},
+                }
             for text in _strings(doc):
                 found += [(_rel(path), m) for m in _commands_in(text)]
     for where, obj in _kube_objects():
@@ -569,8 +638,11 @@ def _command_lines() -> list[tuple[str, str]]:
 def _commands_in(text: str) -> list[str]:
     """Each jobs/*.py invocation in a text, from its script to the end of its (continued) shell line."""
     text = text.replace("\\\n", " ")
-    return [text[m.start():] for m in _JOB.finditer(text) if not text[m.end():m.end() + 1].isalnum()
-            and not re.match(r"\s*[,:)]", text[m.end():])]
+    return [
+        text[m.start() :]
+        for m in _JOB.finditer(text)
+        if not text[m.end() : m.end() + 1].isalnum() and not re.match(r"\s*[,:)]", text[m.end() :])
+    ]
 
 
 @cache
@@ -585,8 +657,11 @@ def _parser(script: str, source: Path | None = None) -> argparse.ArgumentParser:
 def _flag_problems(command: str, parser: argparse.ArgumentParser) -> list[str]:
     script, argv = _job_argv(command)
     known = {s for action in parser._actions for s in action.option_strings}
-    problems = [f"jobs/{script}.py has no flag {word.split('=')[0]}"
-                for word in argv if word.startswith("--") and word.split("=")[0] not in known]
+    problems = [
+        f"jobs/{script}.py has no flag {word.split('=')[0]}"
+        for word in argv
+        if word.startswith("--") and word.split("=")[0] not in known
+    ]
     if not problems:
         stderr = io.StringIO()
         try:
@@ -594,18 +669,27 @@ def _flag_problems(command: str, parser: argparse.ArgumentParser) -> list[str]:
                 parser.parse_args(argv)
         except SystemExit as exit:
             if exit.code not in (0, None):  # --help exits 0
-                problems.append(f"jobs/{script}.py rejects {shlex.join(argv)}: {stderr.getvalue().strip().splitlines()[-1]}")
+                problems.append(
+                    f"jobs/{script}.py rejects {shlex.join(argv)}: {stderr.getvalue().strip().splitlines()[-1]}"
+                )
     return problems
 
 
 def test_command_lines_are_found_everywhere_the_jobs_are_run():
     where = {w.split(":")[0].split("[")[0] for w, _ in _command_lines()}
-    for expected in ("infra/kuberay/rayjob.yaml", "infra/kuberay/raycronjob.yaml", "infra/kuberay/cronjob-rayjob.yaml",
-                     _rel(DAG), _rel(DEPLOYING)):
+    for expected in (
+        "infra/kuberay/rayjob.yaml",
+        "infra/kuberay/raycronjob.yaml",
+        "infra/kuberay/cronjob-rayjob.yaml",
+        _rel(DAG),
+        _rel(DEPLOYING),
+    ):
         assert expected in where, f"no jobs/*.py command line found in {expected}: the flag check would miss it"
 
 
-@pytest.mark.parametrize("where,command", _command_lines(), ids=[f"{w}#{i}" for i, (w, _) in enumerate(_command_lines())])
+@pytest.mark.parametrize(
+    "where,command", _command_lines(), ids=[f"{w}#{i}" for i, (w, _) in enumerate(_command_lines())]
+)
 def test_every_job_flag_used_in_infra_exists_in_the_jobs_parser(where, command):
     script, _ = _job_argv(command)
     assert (REPO / "jobs" / f"{script}.py").exists(), f"{where}: jobs/{script}.py does not exist"
@@ -621,7 +705,7 @@ def test_flag_check_fails_when_a_job_renames_a_flag(tmp_path):
     source = (REPO / "jobs" / "summarize.py").read_text()
     assert '"--partition-filter"' in source
     renamed = tmp_path / "summarize.py"
-    renamed.write_text(source.replace('"--partition-filter"', '"--partitions"'))
+    renamed.write_text(source.replace('"--partition-filter"', '"--partitions", dest="partition_filter"'))
     parser = _parser("summarize", renamed)
     nightly = [c for w, c in _command_lines() if "--partition-filter" in c]
     assert nightly
@@ -635,10 +719,16 @@ def test_flag_check_fails_when_a_job_renames_a_flag(tmp_path):
 
 def _operator_call() -> ast.Call:
     tree = ast.parse(DAG.read_text())
-    imports = {alias.asname or alias.name: node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
-               for alias in node.names}
+    imports = {
+        alias.asname or alias.name: node.module
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom)
+        for alias in node.names
+    }
     assert imports.get("RaySubmitJobOperator") == "airflow.providers.google.cloud.operators.ray"
-    (call,) = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "RaySubmitJobOperator"]
+    (call,) = [
+        n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "RaySubmitJobOperator"
+    ]
     return call
 
 
@@ -672,4 +762,5 @@ def test_airflow_dag_loads_with_the_real_provider():
     assert not bag.import_errors, bag.import_errors
     dag = bag.dags["lakesum_nightly"]
     assert dag.get_task("summarize").entrypoint == ast.literal_eval(
-        {k.arg: k.value for k in _operator_call().keywords}["entrypoint"])
+        {k.arg: k.value for k in _operator_call().keywords}["entrypoint"]
+    )

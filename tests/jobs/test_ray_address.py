@@ -1,5 +1,6 @@
 """A job joins RAY_ADDRESS, or the live cluster recorded on this machine, or starts its own Ray: never a
 stale record (ray.init() would retry it for minutes)."""
+
 from __future__ import annotations
 
 import socket

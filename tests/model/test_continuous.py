@@ -1,4 +1,5 @@
 """Continuous batching: every document gets the tokens generate() and transformers give it alone."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,17 +7,9 @@ import torch
 import transformers
 
 import model as ours
-from model.continuous import Slots, generate_stream, length_groups
-
-
-def documents(count: int = 14, seed: int = 0) -> list[tuple[int, list[int]]]:
-    """Sources of varied length, each ending in EOS."""
-    g = torch.Generator().manual_seed(seed)
-    out = []
-    for key in range(count):
-        length = int(torch.randint(4, 40, (1,), generator=g))
-        out.append((key, torch.randint(3, 4000, (length,), generator=g).tolist() + [1]))
-    return out
+from model.decode import Greedy, generate_stream
+from model.decode_batch import DecodeBatch, length_groups
+from tests.model.helpers import STREAM_SETTINGS, token_documents
 
 
 @pytest.fixture(scope="module")
@@ -25,24 +18,17 @@ def pair(tiny_checkpoint):
     return reference, ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
 
 
-SETTINGS = {
-    "greedy_xlsum": dict(max_new_tokens=30, no_repeat_ngram_size=2),
-    "greedy_min_new_tokens_repetition_penalty": dict(max_new_tokens=20, min_new_tokens=6, repetition_penalty=1.3,
-                                                     no_repeat_ngram_size=3),
-    "beam_xlsum": dict(num_beams=4, no_repeat_ngram_size=2, length_penalty=0.6, max_new_tokens=30),
-    "beam_early_stopping": dict(num_beams=3, early_stopping=True, max_new_tokens=20),
-    "beam_never_stop": dict(num_beams=2, early_stopping="never", length_penalty=1.2, max_new_tokens=14),
-}
-
-
-@pytest.mark.parametrize("settings", SETTINGS.values(), ids=SETTINGS.keys())
+@pytest.mark.parametrize("settings", STREAM_SETTINGS.values(), ids=STREAM_SETTINGS.keys())
 def test_each_document_gets_the_tokens_of_generate_and_transformers_alone(pair, settings, monkeypatch):
     reference, model = pair
     refills = []
-    original = Slots.refill
-    monkeypatch.setattr(Slots, "refill", lambda self, free, docs: (refills.append((len(free), len(docs))),
-                                                                   original(self, free, docs)))
-    docs = documents()
+    original = DecodeBatch.refill
+    monkeypatch.setattr(
+        DecodeBatch,
+        "refill",
+        lambda self, free, docs: (refills.append((len(free), len(docs))), original(self, free, docs)),
+    )
+    docs = token_documents()
     rows = 4 * settings.get("num_beams", 1)  # four documents at once
     got = dict(generate_stream(model, docs, model.generation_config.updated(**settings), max_rows=rows))
     assert sorted(got) == [key for key, _ in docs]  # every document once
@@ -58,12 +44,16 @@ def test_each_document_gets_the_tokens_of_generate_and_transformers_alone(pair, 
 def test_rows_and_tokens_stay_within_the_budget(pair, monkeypatch):
     _, model = pair
     seen = []
-    original = Slots.step
-    monkeypatch.setattr(Slots, "step", lambda self, *a: (seen.append((len(self), max(self.source_lengths))),
-                                                         original(self, *a)))
-    docs = documents(count=12, seed=1)
-    out = list(generate_stream(model, docs, model.generation_config.updated(max_new_tokens=12),
-                               max_rows=5, max_tokens=90))
+    original = DecodeBatch.logits  # once a step
+    monkeypatch.setattr(
+        DecodeBatch,
+        "logits",
+        lambda self, *a: (seen.append((len(self), max(self.source_lengths))), original(self, *a))[1],
+    )
+    docs = token_documents(count=12, seed=1)
+    out = list(
+        generate_stream(model, docs, model.generation_config.updated(max_new_tokens=12), max_rows=5, max_tokens=90)
+    )
     assert len(out) == 12
     assert max(rows for rows, _ in seen) <= 5
     assert all(rows * longest <= 90 or rows == 1 for rows, longest in seen)
@@ -72,24 +62,31 @@ def test_rows_and_tokens_stay_within_the_budget(pair, monkeypatch):
 def test_a_document_longer_than_the_budget_still_runs_alone(pair):
     _, model = pair
     docs = [(0, list(range(3, 60)) + [1])]
-    out = list(generate_stream(model, docs, model.generation_config.updated(max_new_tokens=5), max_rows=4,
-                               max_tokens=20))
+    out = list(
+        generate_stream(model, docs, model.generation_config.updated(max_new_tokens=5), max_rows=4, max_tokens=20)
+    )
     assert [key for key, _ in out] == [0]
 
 
 def test_sampling_with_a_seed_is_reproducible(pair):
     _, model = pair
     config = model.generation_config.updated(do_sample=True, top_k=20, seed=3, max_new_tokens=10)
-    first = dict(generate_stream(model, documents(6), config, max_rows=3))
-    again = dict(generate_stream(model, documents(6), config, max_rows=3))
+    first = dict(generate_stream(model, token_documents(6), config, max_rows=3))
+    again = dict(generate_stream(model, token_documents(6), config, max_rows=3))
     assert first == again and len(first) == 6
 
 
 def test_several_sequences_per_document_and_empty_streams(pair):
     _, model = pair
     with pytest.raises(ValueError, match="one sequence per document"):
-        list(generate_stream(model, documents(2), model.generation_config.updated(num_beams=4, num_return_sequences=2),
-                             max_rows=2))
+        list(
+            generate_stream(
+                model,
+                token_documents(2),
+                model.generation_config.updated(num_beams=4, num_return_sequences=2),
+                max_rows=2,
+            )
+        )
     assert list(generate_stream(model, [], model.generation_config.updated(max_new_tokens=4), max_rows=2)) == []
 
 
@@ -104,12 +101,12 @@ def test_length_groups_keep_padding_within_ten_percent():
 
 def test_sources_encoded_in_length_groups_match_one_padded_batch(pair, monkeypatch):
     _, model = pair
-    rows = [ids for _, ids in documents(10, seed=4)]
+    rows = [ids for _, ids in token_documents(10, seed=4)]
     calls = []
     original = model.encode
     monkeypatch.setattr(model, "encode", lambda ids, mask: (calls.append(ids.shape), original(ids, mask))[1])
     with torch.inference_mode():
-        k_v, mask = Slots(model, model.generation_config)._encode(rows)
+        k_v, mask = DecodeBatch(model, model.generation_config, Greedy(model.generation_config))._encode(rows)
         assert len(calls) > 2, "one group: the fixture no longer exercises grouping"
         longest = max(map(len, rows))
         ids = torch.tensor([r + [0] * (longest - len(r)) for r in rows])

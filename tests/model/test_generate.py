@@ -1,12 +1,15 @@
 """Generation behaviour beyond parity: sampling, settings, and the cache layout that makes it fast."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 import model as ours
-from model.generate import DecodeState, ban_repeated_ngrams
-from tests.model.test_parity import batch_with_padding
+from model.decode import BeamSearch
+from model.decode_batch import DecodeBatch
+from model.logits import ban_repeated_ngrams
+from tests.model.helpers import batch_with_padding
 
 
 @pytest.fixture(scope="module")
@@ -33,8 +36,9 @@ def test_sampling_with_top_k_one_is_greedy(tiny):
 
 def test_num_return_sequences_with_sampling_gives_that_many_rows(tiny):
     ids, mask = batch_with_padding(batch=2)
-    out = tiny.generate(input_ids=ids, attention_mask=mask, do_sample=True, num_return_sequences=3, seed=1,
-                        max_new_tokens=6)
+    out = tiny.generate(
+        input_ids=ids, attention_mask=mask, do_sample=True, num_return_sequences=3, seed=1, max_new_tokens=6
+    )
     assert out.shape[0] == 6
 
 
@@ -50,7 +54,10 @@ def test_unknown_or_invalid_settings_are_refused(tiny):
 
 def test_cross_attention_kv_is_per_document_not_per_beam_and_cache_is_preallocated(tiny):
     ids, mask = batch_with_padding(batch=3)
-    state = DecodeState(tiny, ids, mask, rows=3 * 4, max_len=20)
+    config = tiny.generation_config.updated(num_beams=4, max_length=20, max_new_tokens=None)
+    state = DecodeBatch(tiny, config, BeamSearch(config, None, tiny.device))
+    with torch.no_grad():
+        state.refill([], [(i, row[m.bool()].tolist()) for i, (row, m) in enumerate(zip(ids, mask))])
     k, v = state.cross_kv[0]
     assert k.shape[0] == 3 and v.shape[0] == 3  # shared by the 4 beams of each document
     assert state.caches[0].k.shape == (12, tiny.config.num_heads, 20, tiny.config.d_kv)
@@ -59,23 +66,9 @@ def test_cross_attention_kv_is_per_document_not_per_beam_and_cache_is_preallocat
 def test_no_repeat_ngram_bans_exactly_the_completing_tokens():
     sequences = torch.tensor([[0, 5, 6, 7, 5], [0, 1, 2, 3, 4]])
     scores = torch.zeros(2, 10)
-    banned = ban_repeated_ngrams(sequences, scores, 2).isinf()
+    banned = ban_repeated_ngrams(sequences, scores, 2, torch.tensor([5, 5])).isinf()
     assert banned[0].nonzero().flatten().tolist() == [6]  # "5 6" seen, last token is 5
     assert not banned[1].any()
-
-
-def test_cpu_lm_head_is_stored_column_major_with_the_same_logits_and_saved_file(tiny, tmp_path):
-    """The layout that makes the decode step's head a plain GEMM changes nothing a user can see: the
-    logits agree to float32 rounding (the GEMM may sum in another order: bit-identical on one thread,
-    not always on several), and the saved file is the same."""
-    weight = tiny.lm_head.weight
-    assert weight.shape == (tiny.config.vocab_size, tiny.config.d_model) and weight.stride() == (1, weight.shape[0])
-    hidden = torch.randn(5, tiny.config.d_model)
-    torch.testing.assert_close(tiny.lm_logits(hidden), torch.nn.functional.linear(hidden, weight.contiguous()),
-                               rtol=1e-6, atol=1e-5)
-    tiny.save_pretrained(tmp_path)
-    again = ours.MT5ForConditionalGeneration.from_pretrained(tmp_path)
-    assert torch.equal(again.lm_head.weight, weight)
 
 
 def test_no_repeat_ngram_with_row_lengths_reads_only_each_rows_tokens():

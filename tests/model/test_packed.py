@@ -1,5 +1,6 @@
 """The oneDNN-prepacked output head: the same tokens as transformers, the same checkpoint saved, and the
 cases it must leave alone."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,14 +9,19 @@ import transformers
 from torch import nn
 
 import model as ours
-from model.continuous import generate_stream
+from model.decode import generate_stream
 from model.packed import PackedLinear, can_pack, pack_head_for_cpu, unpack_head
 from model.quantize import quantize
 from model.vocabulary import restrict_vocabulary
-from tests.model.test_continuous import SETTINGS as CONTINUOUS_SETTINGS
-from tests.model.test_continuous import documents as continuous_documents
-from tests.model.test_parity import FP32_ATOL, GENERATE_SETTINGS, batch_with_padding, decoder_inputs
-from tests.model.test_vocabulary import logits
+from tests.model.helpers import (
+    FP32_ATOL,
+    GENERATE_SETTINGS,
+    STREAM_SETTINGS,
+    batch_with_padding,
+    decoder_inputs,
+    logits,
+    token_documents,
+)
 
 pytestmark = pytest.mark.skipif(not can_pack(), reason="this torch has no oneDNN prepacked linear")
 
@@ -50,10 +56,13 @@ def test_packed_generate_is_token_identical_to_transformers(tiny_checkpoint, ref
 @pytest.mark.parametrize("name", ["greedy_xlsum", "beam_xlsum"])
 def test_packed_continuous_batching_is_token_identical_to_transformers(tiny_checkpoint, reference, name):
     model = packed(tiny_checkpoint)
-    settings = CONTINUOUS_SETTINGS[name]
-    docs = continuous_documents()
-    got = dict(generate_stream(model, docs, model.generation_config.updated(**settings),
-                               max_rows=4 * settings.get("num_beams", 1)))
+    settings = STREAM_SETTINGS[name]
+    docs = token_documents()
+    got = dict(
+        generate_stream(
+            model, docs, model.generation_config.updated(**settings), max_rows=4 * settings.get("num_beams", 1)
+        )
+    )
     for key, ids in docs:
         assert got[key] == reference.generate(input_ids=torch.tensor([ids]), **settings)[0].tolist(), key
 

@@ -1,4 +1,5 @@
 """Our mT5 against transformers on the same checkpoints: logits, hidden states, losses, every head, generate."""
+
 from __future__ import annotations
 
 import copy
@@ -8,54 +9,16 @@ import torch
 import transformers
 
 import model as ours
-
-# For other test modules that compare our own model with itself in another layout (packed head, merged adapters,
-# reloaded weights) on the tiny checkpoints: logits are O(10), and 3 + 2 layers of width 64 put their float32
-# error against float64 near 1e-6 on any CPU, a hundredth of this.
-FP32_ATOL = 1e-4
-
-# Both engines compute in float32 and differ only in the order of their roundings: fused projections, SDPA,
-# oneDNN against MKL, AVX2 against AVX-512 accumulators. Against the same transformers model run in float64,
-# each one's error is a sum of roundings in reductions of the same lengths and magnitudes, so the largest
-# error over a tensor has the same size for both, on whatever CPU they run: ours may be ROUNDING_MARGIN times
-# transformers' own. A real defect (a wrong mask, bias, scale or dtype) is orders of magnitude above that.
-# Measured on a Xeon with AVX-512 and AMX: ratios 0.1 to 1.6 over every output here. An absolute bound instead
-# (1e-4 once) is a bound on one CPU's rounding: on that Xeon transformers' own float32 logits for mt5-small's
-# shape are 1.08e-4 from float64, and ours differed from them by up to 1.14e-4 (issue 11).
-ROUNDING_MARGIN = 4.0
-
-
-def assert_as_close_to_float64_as_transformers(got: torch.Tensor, expected: torch.Tensor, exact: torch.Tensor):
-    """`got` (ours, float32) is within ROUNDING_MARGIN times transformers' float32 error (`expected`) of
-    transformers in float64 (`exact`), plus a few ulps of the largest value for tensors it gets exact."""
-    ours_error = float((got.double() - exact).abs().max())
-    reference_error = float((expected.double() - exact).abs().max())
-    floor = 4 * torch.finfo(torch.float32).eps * float(exact.abs().max())
-    assert ours_error <= ROUNDING_MARGIN * reference_error + floor, (
-        f"our float32 error {ours_error:.3g} against float64, transformers' {reference_error:.3g}")
-
-
-def batch_with_padding(seed: int = 0, batch: int = 4, length: int = 14):
-    """Inputs of different lengths, each ending in EOS, right-padded with pad id 0."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 4000, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    for row, used in enumerate(torch.linspace(length, 4, batch).long().tolist()):
-        ids[row, used - 1] = 1
-        ids[row, used:] = 0
-        mask[row, used:] = 0
-    return ids, mask
-
-
-def decoder_inputs(seed: int = 1, batch: int = 4, length: int = 7):
-    g = torch.Generator().manual_seed(seed)
-    dec = torch.randint(3, 4000, (batch, length), generator=g)
-    dec[:, 0] = 0
-    return dec
+from tests.model.helpers import (
+    GENERATE_SETTINGS,
+    assert_as_close_to_float64_as_transformers,
+    batch_with_padding,
+    decoder_inputs,
+)
 
 
 def assert_outputs_as_close_as_transformers(reference, model, names: tuple[str, ...], **inputs) -> None:
-    """Each named output of ours within ROUNDING_MARGIN of transformers' own float32 error (see above)."""
+    """Each named output of ours within ROUNDING_MARGIN of transformers' own float32 error (tests/model/helpers.py)."""
     with torch.no_grad():
         expected, got = reference(**inputs), model(**inputs)
         exact = copy.deepcopy(reference).double()(**inputs)  # the exact values, to float32's eyes
@@ -63,24 +26,25 @@ def assert_outputs_as_close_as_transformers(reference, model, names: tuple[str, 
         assert_as_close_to_float64_as_transformers(getattr(got, name), getattr(expected, name), getattr(exact, name))
 
 
-@pytest.fixture(scope="module", params=["tiny_checkpoint", "tiny_relu_tied_checkpoint"])
-def checkpoint(request):
-    return request.getfixturevalue(request.param)
-
-
 @pytest.fixture(scope="module")
-def pair(checkpoint):
+def pair(each_tiny_checkpoint):
     """(transformers model, our model) from the same directory."""
-    reference = transformers.MT5ForConditionalGeneration.from_pretrained(checkpoint).eval()
-    return reference, ours.MT5ForConditionalGeneration.from_pretrained(checkpoint)
+    reference = transformers.MT5ForConditionalGeneration.from_pretrained(each_tiny_checkpoint).eval()
+    return reference, ours.MT5ForConditionalGeneration.from_pretrained(each_tiny_checkpoint)
 
 
 def test_logits_and_encoder_states_match_transformers_with_padding(pair):
     reference, model = pair
     ids, mask = batch_with_padding()
     dec = decoder_inputs()
-    assert_outputs_as_close_as_transformers(reference, model, ("logits", "encoder_last_hidden_state"),
-                                            input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    assert_outputs_as_close_as_transformers(
+        reference,
+        model,
+        ("logits", "encoder_last_hidden_state"),
+        input_ids=ids,
+        attention_mask=mask,
+        decoder_input_ids=dec,
+    )
 
 
 def test_loss_with_ignored_labels_matches_transformers(pair):
@@ -88,20 +52,9 @@ def test_loss_with_ignored_labels_matches_transformers(pair):
     ids, mask = batch_with_padding()
     labels = decoder_inputs(seed=2)[:, 1:].contiguous()
     labels[1, 3:] = -100
-    assert_outputs_as_close_as_transformers(reference, model, ("loss", "logits"), input_ids=ids, attention_mask=mask,
-                                            labels=labels)
-
-
-GENERATE_SETTINGS = {
-    "greedy": dict(max_new_tokens=24),
-    "xlsum_beam": dict(num_beams=4, no_repeat_ngram_size=2, length_penalty=0.6, max_new_tokens=24),
-    "beam_early_stopping_two_returned": dict(num_beams=3, early_stopping=True, num_return_sequences=2,
-                                             max_new_tokens=16),
-    "beam_never_stop": dict(num_beams=2, early_stopping="never", length_penalty=1.2, max_new_tokens=12),
-    "greedy_min_new_tokens_repetition_penalty": dict(max_new_tokens=20, min_new_tokens=8, repetition_penalty=1.3),
-    "greedy_max_length": dict(max_length=9, no_repeat_ngram_size=3),
-    "beam_repetition_penalty": dict(num_beams=3, repetition_penalty=1.2, no_repeat_ngram_size=2, max_new_tokens=12),
-}
+    assert_outputs_as_close_as_transformers(
+        reference, model, ("loss", "logits"), input_ids=ids, attention_mask=mask, labels=labels
+    )
 
 
 @pytest.mark.parametrize("settings", GENERATE_SETTINGS.values(), ids=GENERATE_SETTINGS.keys())
@@ -130,8 +83,10 @@ def test_generation_config_json_supplies_defaults(tiny_checkpoint, tmp_path):
     model = ours.MT5ForConditionalGeneration.from_pretrained(tmp_path)
     assert (model.generation_config.num_beams, model.generation_config.max_new_tokens) == (3, 10)
     ids, mask = batch_with_padding(seed=4)
-    assert model.generate(input_ids=ids, attention_mask=mask).tolist() == \
-        reference.generate(input_ids=ids, attention_mask=mask).tolist()
+    assert (
+        model.generate(input_ids=ids, attention_mask=mask).tolist()
+        == reference.generate(input_ids=ids, attention_mask=mask).tolist()
+    )
 
 
 @pytest.mark.slow
@@ -139,15 +94,21 @@ def test_mt5_small_shape_matches_transformers(small_checkpoint):
     reference = transformers.MT5ForConditionalGeneration.from_pretrained(small_checkpoint).eval()
     model = ours.MT5ForConditionalGeneration.from_pretrained(small_checkpoint)
     ids, mask = batch_with_padding(batch=3, length=24)
-    assert_outputs_as_close_as_transformers(reference, model, ("logits",), input_ids=ids, attention_mask=mask,
-                                            decoder_input_ids=decoder_inputs(batch=3))
-    for settings in (dict(max_new_tokens=12), dict(num_beams=4, no_repeat_ngram_size=2, length_penalty=0.6,
-                                                   max_new_tokens=12)):
-        assert model.generate(input_ids=ids, attention_mask=mask, **settings).tolist() == \
-            reference.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
+    assert_outputs_as_close_as_transformers(
+        reference, model, ("logits",), input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs(batch=3)
+    )
+    for settings in (
+        dict(max_new_tokens=12),
+        dict(num_beams=4, no_repeat_ngram_size=2, length_penalty=0.6, max_new_tokens=12),
+    ):
+        assert (
+            model.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
+            == reference.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
+        )
 
 
 # --- the other five classes -------------------------------------------------------------------------
+
 
 def _head_pair(cls_name: str, tiny_checkpoint, tmp_path, **config_overrides):
     config = transformers.MT5Config.from_pretrained(tiny_checkpoint, **config_overrides)
@@ -161,53 +122,73 @@ def test_mt5_model_and_encoder_model_match_transformers(tiny_checkpoint, tmp_pat
     ids, mask = batch_with_padding()
     dec = decoder_inputs()
     reference, model = _head_pair("MT5Model", tiny_checkpoint, tmp_path / "bare")
-    assert_outputs_as_close_as_transformers(reference, model, ("last_hidden_state", "encoder_last_hidden_state"),
-                                            input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    assert_outputs_as_close_as_transformers(
+        reference,
+        model,
+        ("last_hidden_state", "encoder_last_hidden_state"),
+        input_ids=ids,
+        attention_mask=mask,
+        decoder_input_ids=dec,
+    )
     reference, model = _head_pair("MT5EncoderModel", tiny_checkpoint, tmp_path / "encoder")
-    assert_outputs_as_close_as_transformers(reference, model, ("last_hidden_state",), input_ids=ids, attention_mask=mask)
+    assert_outputs_as_close_as_transformers(
+        reference, model, ("last_hidden_state",), input_ids=ids, attention_mask=mask
+    )
 
 
-@pytest.mark.parametrize("problem,labels", [
-    ("regression", torch.tensor([0.5, -1.0, 2.0, 0.0])),
-    ("single_label_classification", torch.tensor([0, 2, 1, 2])),
-    ("multi_label_classification", torch.tensor([[1.0, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]])),
-])
+@pytest.mark.parametrize(
+    "problem,labels",
+    [
+        ("regression", torch.tensor([0.5, -1.0, 2.0, 0.0])),
+        ("single_label_classification", torch.tensor([0, 2, 1, 2])),
+        ("multi_label_classification", torch.tensor([[1.0, 0, 1], [0, 0, 0], [1, 1, 1], [0, 1, 0]])),
+    ],
+)
 def test_sequence_classification_logits_and_loss_match_transformers(tiny_checkpoint, tmp_path, problem, labels):
     num_labels = 1 if problem == "regression" else 3
-    reference, model = _head_pair("MT5ForSequenceClassification", tiny_checkpoint, tmp_path,
-                                  num_labels=num_labels, problem_type=problem)
+    reference, model = _head_pair(
+        "MT5ForSequenceClassification", tiny_checkpoint, tmp_path, num_labels=num_labels, problem_type=problem
+    )
     ids, mask = batch_with_padding()  # one EOS per row
-    assert_outputs_as_close_as_transformers(reference, model, ("logits", "loss"), input_ids=ids, attention_mask=mask,
-                                            labels=labels)
+    assert_outputs_as_close_as_transformers(
+        reference, model, ("logits", "loss"), input_ids=ids, attention_mask=mask, labels=labels
+    )
 
 
 def test_token_classification_matches_transformers(tiny_checkpoint, tmp_path):
     reference, model = _head_pair("MT5ForTokenClassification", tiny_checkpoint, tmp_path, num_labels=5)
     ids, mask = batch_with_padding()
     labels = torch.randint(0, 5, ids.shape, generator=torch.Generator().manual_seed(6))
-    assert_outputs_as_close_as_transformers(reference, model, ("logits", "loss"), input_ids=ids, attention_mask=mask,
-                                            labels=labels)
+    assert_outputs_as_close_as_transformers(
+        reference, model, ("logits", "loss"), input_ids=ids, attention_mask=mask, labels=labels
+    )
 
 
 def test_question_answering_matches_transformers(tiny_checkpoint, tmp_path):
     reference, model = _head_pair("MT5ForQuestionAnswering", tiny_checkpoint, tmp_path)
     ids, mask = batch_with_padding()
     start, end = torch.tensor([1, 3, 0, 50]), torch.tensor([2, 5, 1, 60])  # 50, 60: outside, ignored
-    assert_outputs_as_close_as_transformers(reference, model, ("start_logits", "end_logits", "loss"), input_ids=ids,
-                                            attention_mask=mask, start_positions=start, end_positions=end)
+    assert_outputs_as_close_as_transformers(
+        reference,
+        model,
+        ("start_logits", "end_logits", "loss"),
+        input_ids=ids,
+        attention_mask=mask,
+        start_positions=start,
+        end_positions=end,
+    )
 
 
 @pytest.mark.parametrize("name", ["greedy", "xlsum_beam", "beam_early_stopping_two_returned"])
 def test_rows_leave_the_batch_once_finished_and_tokens_stay_identical(pair, name, monkeypatch):
     """Finished rows (greedy) and settled sources (beam search) are dropped from the batch mid-decode;
     the parity above only proves that safe if it happens in these runs, so count it here."""
-    from model.generate import DecodeState
+    from model.decode_batch import DecodeBatch
 
     reference, model = pair
     kept = []
-    original = DecodeState.keep
-    monkeypatch.setattr(DecodeState, "keep", lambda self, rows, sources: (kept.append(len(rows)),
-                                                                          original(self, rows, sources)))
+    original = DecodeBatch._select
+    monkeypatch.setattr(DecodeBatch, "_select", lambda self, slots: (kept.append(len(slots)), original(self, slots)))
     settings = dict(GENERATE_SETTINGS[name], max_new_tokens=40)
     ids, mask = batch_with_padding(seed=5, batch=8)
     expected = reference.generate(input_ids=ids, attention_mask=mask, **settings)

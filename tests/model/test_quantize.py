@@ -5,6 +5,7 @@ The tiny checkpoint has random weights, so how closely quantized logits follow t
 little about summaries from a real checkpoint; the agreement thresholds below only catch a broken
 quantization (wrong layout, wrong scales, a layer left in an undefined state).
 """
+
 from __future__ import annotations
 
 import gc
@@ -19,13 +20,12 @@ from torch import nn
 
 import model as ours
 from model.quantize import METHODS, is_quantized, quantize, quantized_bytes
-from tests.model.test_parity import batch_with_padding, decoder_inputs
+from tests.model.helpers import batch_with_padding, decoder_inputs, logits
 
 QUANTIZED = ("int8", "nf4", "fp4")
 
-# Lowest cosine similarity, over all positions, between quantized and float32 logits on the test batch.
-# Measured on the tiny checkpoint (d_model 64) on a Xeon with AVX-512 and AMX: int8 0.9996, nf4 0.959, fp4 0.938
-# (means 0.9998, 0.978, 0.961). 4-bit layers compute the same way on every CPU (model/quantize.py).
+# Lowest cosine similarity, over all positions, between quantized and float32 logits on the test batch. 4-bit
+# layers compute the same way on every CPU (model/quantize.py). Measured margins: benchmarks/README.md, "Numerics".
 MIN_COSINE = {"int8": 0.99, "nf4": 0.85, "fp4": 0.80}
 
 
@@ -33,16 +33,13 @@ def load(checkpoint, method: str, **kwargs):
     return quantize(ours.MT5ForConditionalGeneration.from_pretrained(checkpoint), method, **kwargs)
 
 
-def logits(model, seed: int = 0) -> torch.Tensor:
-    ids, mask = batch_with_padding(seed)
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs(seed + 1)).logits
-
-
 def projections(model) -> dict[str, nn.Module]:
     """The stacks' projections quantize() may replace (all but wo), by name."""
-    return {name: m for name, m in model.named_modules()
-            if name.split(".")[0] in ("encoder", "decoder") and name.split(".")[-1] in ("qkv", "q", "kv", "o", "wi")}
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if name.split(".")[0] in ("encoder", "decoder") and name.split(".")[-1] in ("qkv", "q", "kv", "o", "wi")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -167,7 +164,8 @@ def test_missing_bitsandbytes_is_an_import_error_saying_how_to_install(tiny_chec
 
 
 def test_bitsandbytes_without_kernels_for_the_device_is_a_clear_error_before_any_layer_changes(
-        tiny_checkpoint, monkeypatch):
+    tiny_checkpoint, monkeypatch
+):
     def no_kernel(*args, **kwargs):
         raise NotImplementedError("Could not run 'bitsandbytes::quantize_4bit' with arguments from the 'CPU' backend")
 
@@ -201,28 +199,38 @@ def test_fused_4bit_weight_dequantizes_as_its_parts_without_double_quantization(
     """Why fusing q|k|v costs 4-bit parity only through double quantization (see the next tests)."""
     qkv = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint).encoder.blocks[0].self_attn.qkv.weight
     fused = bnb.functional.dequantize_4bit(*bnb.functional.quantize_4bit(qkv.detach(), quant_type=method))
-    parts = [bnb.functional.dequantize_4bit(*bnb.functional.quantize_4bit(part, quant_type=method))
-             for part in qkv.detach().chunk(3)]
+    parts = [
+        bnb.functional.dequantize_4bit(*bnb.functional.quantize_4bit(part, quant_type=method))
+        for part in qkv.detach().chunk(3)
+    ]
     assert torch.equal(fused, torch.cat(parts))
 
 
 # --- parity with transformers' own bitsandbytes path -------------------------------------------------
 
+
 def transformers_quantized(checkpoint, method: str):
     """transformers' MT5ForConditionalGeneration through BitsAndBytesConfig, float32 outside the
     quantized layers, on CPU."""
-    pytest.importorskip("accelerate", reason="transformers loads bitsandbytes models only with accelerate "
-                                             "installed, and the test extras do not install it")
+    pytest.importorskip(
+        "accelerate",
+        reason="transformers loads bitsandbytes models only with accelerate "
+        "installed, and the test extras do not install it",
+    )
     import transformers
 
     if method == "int8":
         config = transformers.BitsAndBytesConfig(load_in_8bit=True)
     else:
-        config = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method,
-                                                 bnb_4bit_use_double_quant=True,
-                                                 bnb_4bit_compute_dtype=torch.float32)
+        config = transformers.BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=method,
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.float32,
+        )
     return transformers.MT5ForConditionalGeneration.from_pretrained(
-        checkpoint, quantization_config=config, dtype=torch.float32, device_map="cpu").eval()
+        checkpoint, quantization_config=config, dtype=torch.float32, device_map="cpu"
+    ).eval()
 
 
 def fused_pairs(model, reference):
@@ -253,8 +261,10 @@ def test_int8_matches_transformers_bitsandbytes_in_weights_logits_and_beam_searc
         expected = reference(input_ids=ids, attention_mask=mask, decoder_input_ids=dec).logits
     torch.testing.assert_close(logits(model), expected, atol=1e-4, rtol=0)
     settings = dict(num_beams=2, max_new_tokens=8)
-    assert torch.equal(model.generate(input_ids=ids, attention_mask=mask, **settings),
-                       reference.generate(input_ids=ids, attention_mask=mask, **settings))
+    assert torch.equal(
+        model.generate(input_ids=ids, attention_mask=mask, **settings),
+        reference.generate(input_ids=ids, attention_mask=mask, **settings),
+    )
 
 
 @pytest.mark.parametrize("method", ["nf4", "fp4"])
@@ -264,9 +274,9 @@ def test_4bit_matches_transformers_bitsandbytes_codes_exactly_and_logits_closely
     128 rows here; any mT5 with d_model a multiple of 64), so the fused weight's blocks are exactly the
     separate layers' blocks. But each block's absmax is quantized again to 8 bits around the mean absmax
     of the whole tensor: fused, that mean and the 8-bit scale are shared by q, k and v; separate, each
-    has its own. The dequantized weights so differ by the 8-bit rounding of the absmax (measured: up to
-    0.64% of the largest weight) and the logits by up to 1.0% of their range (cosine > 0.9997; on CPUs with
-    AVX-512 BF16 transformers' layers compute in bfloat16, ours in float32)."""
+    has its own. The dequantized weights so differ by the 8-bit rounding of the absmax, and the logits by about a
+    percent of their range (figures: benchmarks/README.md, "Numerics"; on CPUs with AVX-512 BF16 transformers'
+    layers compute in bfloat16, ours in float32)."""
     reference = transformers_quantized(tiny_checkpoint, method)
     model = load(tiny_checkpoint, method)
     for fused, parts in fused_pairs(model, reference):
@@ -287,8 +297,9 @@ def test_4bit_matches_transformers_bitsandbytes_codes_exactly_and_logits_closely
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", QUANTIZED)
 def test_cuda_weights_are_quantized_on_the_gpu(tiny_checkpoint, method):
-    model = quantize(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype="bfloat16",
-                                                                      device="cuda"), method)
+    model = quantize(
+        ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype="bfloat16", device="cuda"), method
+    )
     layer = model.encoder.blocks[0].self_attn.qkv
     assert layer.weight.device.type == "cuda" and layer.weight.dtype in (torch.int8, torch.uint8)
     ids, mask = (t.cuda() for t in batch_with_padding())
@@ -300,9 +311,8 @@ def test_cuda_weights_are_quantized_on_the_gpu(tiny_checkpoint, method):
 
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear  # noqa: E402
 
-# On the tiny checkpoint (d_model 64) over the three batches below, on a Xeon with AVX-512 and AMX: lowest
-# per-position cosine 0.9981 (means >= 0.9990), largest absolute difference 2.4% of the float32 logits' range.
-# Random weights: these only catch a broken path.
+# Lowest per-position cosine and largest absolute difference (of the float32 logits' range) over the three
+# batches below. Random weights: these only catch a broken path. Measured margins: benchmarks/README.md.
 DYNAMIC_MIN_COSINE = 0.98
 DYNAMIC_MAX_DIFF = 0.10  # of the float32 logits' range
 
@@ -316,7 +326,8 @@ def test_int8_dynamic_from_pretrained_replaces_every_projection_wo_and_the_head_
         assert layer.weight().qscheme() == torch.per_channel_affine, name  # one scale per output row
     # wo stays float32 (DYNAMIC_KEEP_UNQUANTIZED), and nothing else is left behind
     assert {name for name, m in model.named_modules() if type(m) is nn.Linear} == {
-        f"{stack}.blocks.{i}.ff.wo" for stack, n in (("encoder", 3), ("decoder", 2)) for i in range(n)}
+        f"{stack}.blocks.{i}.ff.wo" for stack, n in (("encoder", 3), ("decoder", 2)) for i in range(n)
+    }
     assert model.shared.weight.dtype == torch.float32  # the embedding is not a projection
     assert is_quantized(model)
 
@@ -363,8 +374,9 @@ def test_int8_dynamic_refuses_a_cuda_model_naming_the_method_and_the_device():
     """Without a GPU: a model whose tensors claim to be on cuda (fake tensors: no memory, no kernels)."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    config = ours.MT5Config(vocab_size=64, d_model=16, d_kv=4, num_heads=2, d_ff=32, num_layers=1,
-                            tie_word_embeddings=False)
+    config = ours.MT5Config(
+        vocab_size=64, d_model=16, d_kv=4, num_heads=2, d_ff=32, num_layers=1, tie_word_embeddings=False
+    )
     with torch.device("meta"):
         model = ours.MT5ForConditionalGeneration(config)
     with FakeTensorMode():

@@ -17,7 +17,7 @@ from tokenizers import normalizers
 
 from model.errors import ModelLoadError
 from model.tokenizer import MT5Tokenizer, _Normalizer
-from tests.fixtures.spiece import MT5_SPIECE_PIECES, build_spiece_model
+from synthetic.spiece import MT5_SPIECE_PIECES, build_spiece_model
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
@@ -98,9 +98,22 @@ def test_ids_match_transformers_on_tricky_strings(tok, hf_tok, text):
 
 def test_ids_match_transformers_on_fuzzed_text(tok, hf_tok):
     rng = random.Random(0)
-    pool = [*"abc xyz ABC éçßñ", *"это река", *"यह नदी क्षि", *"هذا نهر َ", *"这是报告これは", *"\u0301\u0308\u0323",
-            *"\u200d\ufe0f\u1100\u1161😀🏽\t\n\x85\xa0\u3000▁Ａ½ﬁｶﾞẛ\u0600", "\r\n", "<extra_id_0>", "</s>", "<pad>",
-            "<unk>", "＜/s＞", "<extra_id_"]
+    pool = [
+        *"abc xyz ABC éçßñ",
+        *"это река",
+        *"यह नदी क्षि",
+        *"هذا نهر َ",
+        *"这是报告これは",
+        *"\u0301\u0308\u0323",
+        *"\u200d\ufe0f\u1100\u1161😀🏽\t\n\x85\xa0\u3000▁Ａ½ﬁｶﾞẛ\u0600",
+        "\r\n",
+        "<extra_id_0>",
+        "</s>",
+        "<pad>",
+        "<unk>",
+        "＜/s＞",
+        "<extra_id_",
+    ]
     # U+0085 is whitespace to transformers 5.x only; see test_nel_is_an_unknown_character_as_in_transformers_4
     pool = [p for p in pool if p != "\x85" or TRANSFORMERS_MAJOR < 5]
     texts = ["".join(rng.choice(pool) for _ in range(rng.randint(0, 12))) for _ in range(3000)]
@@ -117,9 +130,24 @@ def test_grapheme_normalization_matches_tokenizers_precompiled(spiece_dir):
     charsmap = proto.normalizer_spec.precompiled_charsmap
     ours, theirs = _Normalizer(charsmap), normalizers.Precompiled(charsmap)
     rng = random.Random(1)
-    blocks = [(0x20, 0x24F), (0x300, 0x36F), (0x370, 0x6FF), (0x900, 0x9FF), (0xE00, 0xE7F), (0x1100, 0x11FF),
-              (0x1E00, 0x1EFF), (0x2000, 0x24FF), (0x3000, 0x30FF), (0xFB00, 0xFFEF), (0x1F300, 0x1F64F),
-              (0x1F3FB, 0x1F3FF), (0xE0020, 0xE007F), (0x0, 0x1F), (0x7F, 0x9F), (0x110BD, 0x110BD)]
+    blocks = [
+        (0x20, 0x24F),
+        (0x300, 0x36F),
+        (0x370, 0x6FF),
+        (0x900, 0x9FF),
+        (0xE00, 0xE7F),
+        (0x1100, 0x11FF),
+        (0x1E00, 0x1EFF),
+        (0x2000, 0x24FF),
+        (0x3000, 0x30FF),
+        (0xFB00, 0xFFEF),
+        (0x1F300, 0x1F64F),
+        (0x1F3FB, 0x1F3FF),
+        (0xE0020, 0xE007F),
+        (0x0, 0x1F),
+        (0x7F, 0x9F),
+        (0x110BD, 0x110BD),
+    ]
     mismatches = []
     for _ in range(20000):
         chars = [chr(rng.randint(*rng.choice(blocks))) for _ in range(rng.randint(1, 8))]
@@ -147,7 +175,13 @@ def test_nel_is_an_unknown_character_as_in_transformers_4(tok, hf_tok):
 
 
 def test_batch_padding_and_truncation_match_transformers(tok, hf_tok):
-    texts = ["The summary of a long report about the river.", "lake", "", "这是一个关于河流和湖泊的报告", "a <extra_id_0> b"]
+    texts = [
+        "The summary of a long report about the river.",
+        "lake",
+        "",
+        "这是一个关于河流和湖泊的报告",
+        "a <extra_id_0> b",
+    ]
     for kwargs in (
         dict(max_length=8, truncation=True, padding=True, return_tensors="pt"),
         dict(padding=True, return_tensors="pt"),

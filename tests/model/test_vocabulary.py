@@ -1,4 +1,5 @@
 """Output-vocabulary restriction: exact logits on the kept ids, -inf elsewhere, never an id outside, int8-dynamic."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,8 +10,8 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 import model as ours
 from model.quantize import quantize
 from model.vocabulary import RestrictedHead, kept_ids_from_text, restrict_vocabulary
-from tests.fixtures.corpus import documents
-from tests.model.test_parity import batch_with_padding, decoder_inputs
+from synthetic.corpus import documents
+from tests.model.helpers import batch_with_padding, logits
 
 
 def sample_ids(checkpoint) -> set[int]:
@@ -19,21 +20,10 @@ def sample_ids(checkpoint) -> set[int]:
     return kept_ids_from_text(tokenizer, [d["text"] for d in documents(40, seed=3) if d["lang"] in ("en", "ru")])
 
 
-def logits(model, seed: int = 0) -> torch.Tensor:
-    ids, mask = batch_with_padding(seed)
-    with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_inputs(seed + 1)).logits
-
-
-@pytest.fixture(scope="module", params=["tiny_checkpoint", "tiny_relu_tied_checkpoint"])
-def checkpoint(request):
-    return request.getfixturevalue(request.param)
-
-
-def test_kept_ids_score_exactly_as_the_full_head_and_every_other_id_is_minus_infinity(checkpoint):
-    kept = sample_ids(checkpoint)
-    full = ours.MT5ForConditionalGeneration.from_pretrained(checkpoint)
-    model = restrict_vocabulary(ours.MT5ForConditionalGeneration.from_pretrained(checkpoint), kept)
+def test_kept_ids_score_exactly_as_the_full_head_and_every_other_id_is_minus_infinity(each_tiny_checkpoint):
+    kept = sample_ids(each_tiny_checkpoint)
+    full = ours.MT5ForConditionalGeneration.from_pretrained(each_tiny_checkpoint)
+    model = restrict_vocabulary(ours.MT5ForConditionalGeneration.from_pretrained(each_tiny_checkpoint), kept)
     ids = model.lm_head.kept_ids
     assert set(ids.tolist()) == kept | {0, 1}  # pad, eos (= decoder start) always kept
     assert model.lm_head.kept.weight.shape == (len(ids), model.config.d_model)
@@ -47,9 +37,9 @@ def test_kept_ids_score_exactly_as_the_full_head_and_every_other_id_is_minus_inf
         assert torch.isneginf(got[..., outside]).all()
 
 
-def test_generation_never_emits_an_id_outside_the_kept_set(checkpoint):
-    kept = sample_ids(checkpoint)
-    model = restrict_vocabulary(ours.MT5ForConditionalGeneration.from_pretrained(checkpoint), kept)
+def test_generation_never_emits_an_id_outside_the_kept_set(each_tiny_checkpoint):
+    kept = sample_ids(each_tiny_checkpoint)
+    model = restrict_vocabulary(ours.MT5ForConditionalGeneration.from_pretrained(each_tiny_checkpoint), kept)
     ids, mask = batch_with_padding()
     for settings in (dict(num_beams=1), dict(num_beams=4, no_repeat_ngram_size=2), dict(do_sample=True, seed=1)):
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, **settings)
@@ -87,8 +77,9 @@ def test_misuse_is_a_clear_error(tiny_checkpoint, tmp_path):
         restrict_vocabulary(model, {5, 250112})
     assert type(model.lm_head) is nn.Linear
     with pytest.raises(ValueError, match="load it unquantized, restrict it, then quantize"):
-        restrict_vocabulary(quantize(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint),
-                                     "int8-dynamic"), {5})
+        restrict_vocabulary(
+            quantize(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint), "int8-dynamic"), {5}
+        )
     restrict_vocabulary(model, {5})
     with pytest.raises(ValueError, match="already restricted"):
         restrict_vocabulary(model, {6})

@@ -1,4 +1,5 @@
 """Saving, loading and dtypes: round trips through transformers, strict loading, clear errors."""
+
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import transformers
 
 import model as ours
 from model.errors import ModelLoadError
-from tests.model.test_parity import FP32_ATOL, batch_with_padding, decoder_inputs
+from tests.model.helpers import FP32_ATOL, batch_with_padding, decoder_inputs
 
 
 def _logits(m, ids, mask, dec):
@@ -27,8 +28,9 @@ def test_save_pretrained_round_trips_through_transformers(tiny_checkpoint, tmp_p
     assert not reference.config.tie_word_embeddings
     ids, mask = batch_with_padding()
     dec = decoder_inputs()
-    torch.testing.assert_close(_logits(model, ids, mask, dec), _logits(reference, ids, mask, dec),
-                               atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(
+        _logits(model, ids, mask, dec), _logits(reference, ids, mask, dec), atol=FP32_ATOL, rtol=0
+    )
     # and we read back exactly what we wrote
     again = ours.MT5ForConditionalGeneration.from_pretrained(tmp_path)
     for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
@@ -46,6 +48,7 @@ def test_tied_checkpoint_shares_and_scales_its_head(tiny_relu_tied_checkpoint, t
 def test_untied_checkpoint_without_lm_head_is_refused(tiny_checkpoint, tmp_path):
     """Never fill an untied lm_head from the embedding (transformers #48154 did, and generation broke)."""
     from safetensors.torch import load_file, save_file
+
     shutil.copytree(tiny_checkpoint, tmp_path, dirs_exist_ok=True)
     tensors = load_file(tmp_path / "model.safetensors")
     del tensors["lm_head.weight"]
@@ -72,12 +75,15 @@ def test_config_with_more_layers_than_the_weights_lists_missing_tensors(tiny_che
         ours.MT5ForConditionalGeneration.from_pretrained(tmp_path)
 
 
-@pytest.mark.parametrize("edit,message", [
-    (lambda c: c.update(feed_forward_proj="swish"), "feed_forward_proj"),
-    (lambda c: c.update(num_heads=0), "num_heads"),
-    (lambda c: c.update(eos_token_id=300000), "eos_token_id"),
-    (lambda c: c.update(model_type="bert"), "model_type"),
-])
+@pytest.mark.parametrize(
+    "edit,message",
+    [
+        (lambda c: c.update(feed_forward_proj="swish"), "feed_forward_proj"),
+        (lambda c: c.update(num_heads=0), "num_heads"),
+        (lambda c: c.update(eos_token_id=300000), "eos_token_id"),
+        (lambda c: c.update(model_type="bert"), "model_type"),
+    ],
+)
 def test_inconsistent_config_gets_a_clear_error(tiny_checkpoint, tmp_path, edit, message):
     shutil.copytree(tiny_checkpoint, tmp_path, dirs_exist_ok=True)
     config = json.loads((tmp_path / "config.json").read_text())
@@ -105,6 +111,7 @@ def test_missing_and_truncated_files_are_named(tiny_checkpoint, tmp_path):
 
 def test_loads_from_an_fsspec_memory_uri(tiny_checkpoint, tmp_path, monkeypatch):
     import fsspec
+
     monkeypatch.setenv("LAKESUM_CACHE", str(tmp_path / "cache"))
     fs = fsspec.filesystem("memory")
     for path in tiny_checkpoint.iterdir():
@@ -116,6 +123,7 @@ def test_loads_from_an_fsspec_memory_uri(tiny_checkpoint, tmp_path, monkeypatch)
 
 
 # --- dtypes ------------------------------------------------------------------------------------------
+
 
 def test_bfloat16_logits_stay_close_to_float32(tiny_checkpoint):
     fp32 = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
@@ -133,6 +141,7 @@ def test_bfloat16_logits_stay_close_to_float32(tiny_checkpoint):
 def large_activation_checkpoint(tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint with feed-forward weights scaled up until float16 activations overflow."""
     from safetensors.torch import load_file, save_file
+
     out = tmp_path_factory.mktemp("large-activations")
     shutil.copytree(tiny_checkpoint, out, dirs_exist_ok=True)
     tensors = load_file(out / "model.safetensors")
@@ -174,13 +183,18 @@ def test_float16_keeps_wo_in_float32_so_logits_stay_finite_and_right(large_activ
 def test_cuda_bfloat16_matches_transformers_within_tolerance(tiny_checkpoint):
     """On a GPU: our bf16 against transformers' bf16. Tolerance: 2% of the logits' range, and the
     greedy tokens of the first 8 steps identical."""
-    reference = transformers.MT5ForConditionalGeneration.from_pretrained(
-        tiny_checkpoint, torch_dtype=torch.bfloat16).cuda().eval()
+    reference = (
+        transformers.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint, torch_dtype=torch.bfloat16)
+        .cuda()
+        .eval()
+    )
     model = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype="bfloat16", device="cuda")
     ids, mask = (t.cuda() for t in batch_with_padding())
     dec = decoder_inputs().cuda()
     expected, got = _logits(reference, ids, mask, dec).float(), _logits(model, ids, mask, dec).float()
     assert (got - expected).abs().max() < 0.02 * expected.abs().max()
     settings = dict(max_new_tokens=8)
-    assert model.generate(input_ids=ids, attention_mask=mask, **settings).tolist() == \
-        reference.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
+    assert (
+        model.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
+        == reference.generate(input_ids=ids, attention_mask=mask, **settings).tolist()
+    )

@@ -1,26 +1,29 @@
-"""Shared fixtures for the pipeline tests: a local Ray, an S3 bucket on loopback, and shard writers."""
+"""Fixtures for the pipeline tests: a local Ray, an S3 bucket on loopback, an in-memory folder. Plain helpers
+(shard writers, the Ray head of the cluster tests) are in helpers.py."""
+
 from __future__ import annotations
 
 import os
 import uuid
 
-import pyarrow as pa
-import pyarrow.feather as feather
-import pyarrow.ipc as ipc
-import pyarrow.parquet as pq
 import pytest
 
-SECRET = "hunter2-do-not-log"
+from tests.pipeline.helpers import SECRET, local_ray
 
 
 @pytest.fixture(scope="module")
 def ray_local():
-    """A local Ray for the module's tests, two CPUs as on this project's machines."""
-    import ray
+    """A local Ray shared by the module's tests (starting one takes seconds)."""
+    with local_ray() as ray:
+        yield ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning")
-    yield ray
-    ray.shutdown()
+
+@pytest.fixture
+def ray_per_test():
+    """A local Ray for one test, for modules whose other tests start a Ray of their own (a cluster, workers that
+    inject faults, a `ray start --head`): a process joins one Ray at a time, and an idle one would take CPUs."""
+    with local_ray() as ray:
+        yield ray
 
 
 @pytest.fixture
@@ -42,6 +45,13 @@ def s3(s3_endpoint, monkeypatch):
 
 
 @pytest.fixture
+def s3_then_ray(s3):
+    """The bucket first, then Ray: Ray's workers inherit the S3 environment the `s3` fixture sets."""
+    with local_ray():
+        yield s3
+
+
+@pytest.fixture
 def memory_root():
     """A fresh folder in fsspec's in-memory filesystem, removed afterwards."""
     import fsspec
@@ -51,32 +61,3 @@ def memory_root():
     yield root
     if fs.exists(root):
         fs.rm(root, recursive=True)
-
-
-def documents(start: int, count: int, **extra) -> pa.Table:
-    """`count` rows of (id, text, lang) with ids start..start+count-1, plus any extra columns."""
-    ids = list(range(start, start + count))
-    columns = {"id": pa.array(ids, pa.int64()), "text": pa.array([f"document {i}" for i in ids]),
-               "lang": pa.array(["en" if i % 2 else "hi" for i in ids])}
-    columns.update(extra)
-    return pa.table(columns)
-
-
-def write_parquet(fs, path: str, table: pa.Table, row_group_size: int | None = None) -> None:
-    with fs.open(path, "wb") as f:
-        pq.write_table(table, f, row_group_size=row_group_size)
-
-
-def write_arrow(fs, path: str, table: pa.Table, batch_rows: int, *, stream: bool = False,
-                compression: str | None = None) -> None:
-    options = ipc.IpcWriteOptions(compression=compression)
-    with fs.open(path, "wb") as f:
-        writer = (ipc.new_stream if stream else ipc.new_file)(f, table.schema, options=options)
-        with writer:
-            for batch in table.to_batches(max_chunksize=batch_rows):
-                writer.write_batch(batch)
-
-
-def write_feather(fs, path: str, table: pa.Table, chunk_rows: int) -> None:
-    with fs.open(path, "wb") as f:
-        feather.write_feather(table, f, chunksize=chunk_rows)  # Feather v2 = Arrow IPC file, lz4 by default

@@ -6,6 +6,7 @@ Seeded (CHAOS_SEED, default 12): the lake and the kill plan reproduce; when a ki
 machine's speed. It prints its figures (kills survived, rows checked,
 duplicates) on one line starting "chaos:", which the README's reliability section quotes.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from tests.fixtures.corpus import documents
-from tests.pipeline.test_cluster import RayHead, job_command, wait_for
+from synthetic.corpus import documents
+from tests.pipeline.helpers import RayHead, job_command, wait_for
 
 SEED = int(os.environ.get("CHAOS_SEED", "12"))
 LEASE_TIMEOUT = 2.0  # seconds: a killed driver's lease lapses quickly, so reruns take it over
@@ -81,8 +82,12 @@ def _night(lake: Lake, rng: random.Random, night: int) -> None:
         for p in range(4):
             for f in range(10):
                 relative = f"date=2026-11-0{p + 1}/part-{f:02d}.parquet"
-                lake.write(relative, _rows(rng, night, relative, rng.randint(2, 6)),
-                           dictionary=(p, f) == (0, 3), invalid_utf8=1 if (p, f) == (1, 4) else None)
+                lake.write(
+                    relative,
+                    _rows(rng, night, relative, rng.randint(2, 6)),
+                    dictionary=(p, f) == (0, 3),
+                    invalid_utf8=1 if (p, f) == (1, 4) else None,
+                )
         lake.write("date=2026-11-03/empty.parquet", [])
         lake.corrupt(CORRUPT)
     elif night == 1:  # files added, one rewritten in place, one renamed, one deleted
@@ -156,8 +161,9 @@ def _summaries(out: Path) -> pa.Table:
 
 
 @pytest.mark.slow
-def test_three_nights_of_kills_leave_every_current_row_once_as_an_uninterrupted_run_writes_it(tiny_checkpoint,
-                                                                                               tmp_path, capsys):
+def test_three_nights_of_kills_leave_every_current_row_once_as_an_uninterrupted_run_writes_it(
+    tiny_checkpoint, tmp_path, capsys
+):
     # two generators: the lake's content does not depend on how many kills a machine's speed let happen
     lake_rng, kill_rng = random.Random(SEED), random.Random(SEED + 1)
     lake = Lake(tmp_path / "lake")
@@ -167,12 +173,22 @@ def test_three_nights_of_kills_leave_every_current_row_once_as_an_uninterrupted_
     with RayHead(num_cpus=2) as head:
         for night in range(3):
             _night(lake, lake_rng, night)
-            survived = _run_with_kills(head, job_command(tiny_checkpoint, lake.root, out, *extra), out, kill_rng,
-                                       tmp_path / f"night-{night}.log")
+            survived = _run_with_kills(
+                head,
+                job_command(tiny_checkpoint, lake.root, out, *extra),
+                out,
+                kill_rng,
+                tmp_path / f"night-{night}.log",
+            )
             kills = {k: kills[k] + survived[k] for k in kills}
             clean = tmp_path / f"clean-{night}"
-            reference = subprocess.run(job_command(tiny_checkpoint, lake.root, clean, *extra), capture_output=True,
-                                       text=True, env=head.client_env(), timeout=600)
+            reference = subprocess.run(
+                job_command(tiny_checkpoint, lake.root, clean, *extra),
+                capture_output=True,
+                text=True,
+                env=head.client_env(),
+                timeout=600,
+            )
             assert reference.returncode == 1 and _only_the_corrupt_shard_failed(clean), reference.stderr[-3000:]
 
             got, want = _summaries(out), _summaries(clean)
@@ -188,5 +204,7 @@ def test_three_nights_of_kills_leave_every_current_row_once_as_an_uninterrupted_
             rows_checked += len(ids)
             shutil.rmtree(clean)
     with capsys.disabled():
-        print(f"\nchaos: seed {SEED}, 3 nights, kills survived: {kills['driver']} driver + {kills['replica']} "
-              f"replica, rows checked: {rows_checked}, duplicates found: {duplicates}")
+        print(
+            f"\nchaos: seed {SEED}, 3 nights, kills survived: {kills['driver']} driver + {kills['replica']} "
+            f"replica, rows checked: {rows_checked}, duplicates found: {duplicates}"
+        )

@@ -1,4 +1,5 @@
 """The commit protocol against real files: manifest, resume, overwrite, staging, publish, markers, _SUCCESS."""
+
 from __future__ import annotations
 
 import json
@@ -14,13 +15,22 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.commit import OutputLocation
+from pipeline.commit import OutputLocation, manifest_units
 from pipeline.errors import OutputError
-from pipeline.shards import WorkUnit, inspect_shards, list_shards, plan_units, read_unit
-from tests.pipeline.conftest import SECRET, documents, write_arrow, write_parquet
+from pipeline.footers import inspect_shards
+from pipeline.listing import list_shards
+from pipeline.units import WorkUnit, plan_units, read_unit
+from tests.pipeline.helpers import SECRET, numbered_rows, write_arrow, write_parquet
 
-SETTINGS = {"model": "csebuetnlp/mT5_multilingual_XLSum", "model_hash": "0f3c", "num_beams": 4,
-            "max_new_tokens": 84, "text_column": "text", "id_column": "id", "rows_per_unit": 4}
+SETTINGS = {
+    "model": "csebuetnlp/mT5_multilingual_XLSum",
+    "model_hash": "0f3c",
+    "num_beams": 4,
+    "max_new_tokens": 84,
+    "text_column": "text",
+    "id_column": "id",
+    "rows_per_unit": 4,
+}
 LOCAL = fsspec.filesystem("file", auto_mkdir=True)  # for writing test lakes
 
 
@@ -31,13 +41,14 @@ class Killed(BaseException):
     """Stands for SIGKILL at a chosen point: nothing after it runs (raised where no cleanup code is around)."""
 
 
-def _plan(fs, root: str, rows_per_unit: int = 4, protocol: str = "", storage_options=None
-          ) -> tuple[fsspec.AbstractFileSystem, list[WorkUnit]]:
+def _plan(
+    fs, root: str, rows_per_unit: int = 4, protocol: str = "", storage_options=None
+) -> tuple[fsspec.AbstractFileSystem, list[WorkUnit]]:
     """Write a Hive-partitioned lake (30 rows: ids 0..29) at root on fs, then list and plan it by URL."""
-    write_parquet(fs, f"{root}/date=2026-11-01/part-0.parquet", documents(0, 10), row_group_size=4)
-    write_parquet(fs, f"{root}/date=2026-11-01/part-1.parquet", documents(10, 2))
-    write_arrow(fs, f"{root}/date=2026-11-02/part-0.arrow", documents(12, 18), batch_rows=3)
-    write_parquet(fs, f"{root}/date=2026-11-02/empty.parquet", documents(0, 0))
+    write_parquet(fs, f"{root}/date=2026-11-01/part-0.parquet", numbered_rows(0, 10), row_group_size=4)
+    write_parquet(fs, f"{root}/date=2026-11-01/part-1.parquet", numbered_rows(10, 2))
+    write_arrow(fs, f"{root}/date=2026-11-02/part-0.arrow", numbered_rows(12, 18), batch_rows=3)
+    write_parquet(fs, f"{root}/date=2026-11-02/empty.parquet", numbered_rows(0, 0))
     input_fs, shards = list_shards(f"{protocol}{root}", storage_options)
     infos, errors = inspect_shards(input_fs, shards)
     assert not errors
@@ -55,9 +66,14 @@ def _summarized(fs, unit: WorkUnit):
     """What the stages would emit for the unit: the input without its text, plus summary and error."""
     for batch in read_unit(fs, unit):
         yield pa.RecordBatch.from_arrays(
-            [batch.column("id"), batch.column("lang"),
-             pc.binary_join_element_wise("summary of ", batch.column("text"), ""),
-             pa.nulls(batch.num_rows, pa.string())], schema=OUT_SCHEMA)
+            [
+                batch.column("id"),
+                batch.column("lang"),
+                pc.binary_join_element_wise("summary of ", batch.column("text"), ""),
+                pa.nulls(batch.num_rows, pa.string()),
+            ],
+            schema=OUT_SCHEMA,
+        )
 
 
 def _commit(location: OutputLocation, fs, units, attempt: str = "a1") -> None:
@@ -67,7 +83,7 @@ def _commit(location: OutputLocation, fs, units, attempt: str = "a1") -> None:
 
 def _files(root) -> set[str]:
     fs = fsspec.filesystem("file")
-    return {p[len(str(root)) + 1:] for p in fs.find(str(root))}
+    return {p[len(str(root)) + 1 :] for p in fs.find(str(root))}
 
 
 def _data_files(root) -> set[str]:
@@ -90,9 +106,10 @@ def test_prepare_writes_the_manifest_with_settings_and_each_units_row_count(lake
 
     manifest = json.loads((out / "_lakesum" / "manifest.json").read_text())
     assert manifest["settings"] == SETTINGS
-    assert [(u["relative"], u["start"], u["stop"], u["num_rows"], u["output"]) for u in manifest["units"]] == [
-        (u.shard.relative, u.start, u.stop, u.num_rows, u.output_relative) for u in units]
-    assert sum(u["num_rows"] for u in manifest["units"]) == 30
+    assert [(u.relative, u.start, u.stop, u.num_rows, u.output) for u in manifest_units(manifest)] == [
+        (u.shard.relative, u.start, u.stop, u.num_rows, u.output_relative) for u in units
+    ]
+    assert sum(manifest["units"]["num_rows"]) == 30
     assert _files(out) == {"_lakesum/manifest.json"}
 
 
@@ -171,10 +188,9 @@ def test_added_files_join_the_plan_and_resume(lake):
     _commit(location, fs, units[1:3])
 
     changes = location.prepare(SETTINGS, units=units)  # a new file arrived: its units are added to the plan
-    assert [u["id"] for u in json.loads((out / "_lakesum" / "manifest.json").read_text())["units"]] == [
-        u.id for u in units]
+    assert json.loads((out / "_lakesum" / "manifest.json").read_text())["units"]["id"] == [u.id for u in units]
     assert set(location.committed_units()) == {u.id for u in units[1:3]}
-    assert [u["id"] for u in changes.skip] == [u.id for u in units[1:3]]
+    assert [u.id for u in changes.skip] == [u.id for u in units[1:3]]
     assert changes.remove == [] and changes.redo == []
 
 
@@ -192,16 +208,15 @@ def test_a_deleted_inputs_output_is_removed_only_once_the_input_is_confirmed_gon
 
     # the listing left the file out, but it is still there: an incomplete listing; nothing is deleted
     changes = location.prepare(SETTINGS, units=rest, input_exists=lambda relative: True)
-    assert [u["id"] for u in changes.missed] == [u.id for u in arrow] and changes.remove == []
+    assert [u.id for u in changes.missed] == [u.id for u in arrow] and changes.remove == []
     assert {u.output_relative for u in arrow} <= _data_files(out)
     assert set(location.committed_units()) == {u.id for u in units}
 
     changes = location.prepare(SETTINGS, units=rest, input_exists=_gone)
-    assert [u["id"] for u in changes.remove] == [u.id for u in arrow]
+    assert [u.id for u in changes.remove] == [u.id for u in arrow]
     assert _data_files(out) == {u.output_relative for u in rest}
     assert set(location.committed_units()) == {u.id for u in rest}
-    assert [u["id"] for u in json.loads((out / "_lakesum" / "manifest.json").read_text())["units"]] == [
-        u.id for u in rest]
+    assert json.loads((out / "_lakesum" / "manifest.json").read_text())["units"]["id"] == [u.id for u in rest]
 
 
 def test_a_renamed_file_leaves_no_rows_under_its_old_name(tmp_path):
@@ -215,8 +230,8 @@ def test_a_renamed_file_leaves_no_rows_under_its_old_name(tmp_path):
     fs, units = _plan_only(f"{tmp_path}/lake")
 
     changes = location.prepare(SETTINGS, units=units, input_exists=lambda r: LOCAL.exists(f"{tmp_path}/lake/{r}"))
-    assert {u["relative"] for u in changes.remove} == {"date=2026-11-01/part-1.parquet"}
-    assert {u["relative"] for u in changes.run} == {"date=2026-11-01/renamed.parquet"}
+    assert {u.relative for u in changes.remove} == {"date=2026-11-01/part-1.parquet"}
+    assert {u.relative for u in changes.run} == {"date=2026-11-01/renamed.parquet"}
     _commit(location, fs, [u for u in units if u.id in changes.todo()])
     ids = pa.concat_tables(pq.read_table(out / p).select(["id"]) for p in _data_files(out)).column("id").to_pylist()
     assert sorted(ids) == list(range(30))
@@ -229,18 +244,20 @@ def test_a_rewritten_file_is_redone_and_its_new_output_replaces_the_old(lake):
     location.prepare(SETTINGS, units=units)
     _commit(location, fs, units)
     path = [u for u in units if u.shard.relative == "date=2026-11-01/part-1.parquet"][0].shard.path
-    write_parquet(LOCAL, path, documents(10, 2).set_column(1, "text", pa.array(["new text 10", "new text 11"])))
+    write_parquet(LOCAL, path, numbered_rows(10, 2).set_column(1, "text", pa.array(["new text 10", "new text 11"])))
     _, replanned = _plan_only(str(out.parent / "lake"))
     assert [u.output_relative for u in replanned] == [u.output_relative for u in units]  # same layout
 
     changes = location.prepare(SETTINGS, units=replanned, input_exists=_gone)
     [redo] = changes.redo
-    assert redo["relative"] == "date=2026-11-01/part-1.parquet" and changes.run == []
-    assert [u["relative"] for u in changes.remove] == [redo["relative"]]
-    assert redo["output"] in _data_files(out)  # the old output stays until the new one replaces it
-    _commit(location, fs, [u for u in replanned if u.id == redo["id"]])
-    assert pq.read_table(out / redo["output"]).column("summary").to_pylist() == [
-        "summary of new text 10", "summary of new text 11"]
+    assert redo.relative == "date=2026-11-01/part-1.parquet" and changes.run == []
+    assert [u.relative for u in changes.remove] == [redo.relative]
+    assert redo.output in _data_files(out)  # the old output stays until the new one replaces it
+    _commit(location, fs, [u for u in replanned if u.id == redo.id])
+    assert pq.read_table(out / redo.output).column("summary").to_pylist() == [
+        "summary of new text 10",
+        "summary of new text 11",
+    ]
     assert set(location.committed_units()) == {u.id for u in replanned}
 
 
@@ -252,10 +269,18 @@ def test_units_outside_the_selection_are_kept_and_inside_it_mirror_the_input(lak
     first_day = [u for u in units if u.shard.relative.startswith("date=2026-11-01/")]
     in_selection = lambda relative: relative.startswith("date=2026-11-02/")  # noqa: E731
 
-    changes = location.prepare(SETTINGS, units=[u for u in units if not u.shard.relative.startswith("date=2026-11-01/")
-                                                and u.shard.relative != "date=2026-11-02/empty.parquet"],
-                               in_selection=in_selection, input_exists=_gone)
-    assert {u["relative"] for u in changes.remove} == {"date=2026-11-02/empty.parquet"}
+    changes = location.prepare(
+        SETTINGS,
+        units=[
+            u
+            for u in units
+            if not u.shard.relative.startswith("date=2026-11-01/")
+            and u.shard.relative != "date=2026-11-02/empty.parquet"
+        ],
+        in_selection=in_selection,
+        input_exists=_gone,
+    )
+    assert {u.relative for u in changes.remove} == {"date=2026-11-02/empty.parquet"}
     assert {u.output_relative for u in first_day} <= _data_files(out)
     assert "date=2026-11-02/empty.parquet" not in _data_files(out)
 
@@ -271,7 +296,7 @@ def test_markers_are_compacted_into_one_file_that_reads_back_the_same(lake):
     assert location.committed_units() == before
     _commit(location, fs, units[4:])
     assert location.finish({}) is True
-    assert set(json.loads((out / "_lakesum" / "committed.json").read_text())["units"]) == {u.id for u in units}
+    assert set(json.loads((out / "_lakesum" / "committed.json").read_text())["units"]["id"]) == {u.id for u in units}
     marker = location.committed_units()[units[0].id]
     assert marker["input_identity"] == units[0].identity and ":footer:" in marker["input_identity"]
 
@@ -298,7 +323,7 @@ def test_manifest_naming_files_outside_the_output_is_not_trusted_for_deletion(la
     location = OutputLocation(str(out))
     location.prepare(SETTINGS, units=units)
     manifest = json.loads((out / "_lakesum" / "manifest.json").read_text())
-    manifest["units"][0]["output"] = "../lake/date=2026-11-01/part-1.parquet"
+    manifest["units"]["output"][0] = "../lake/date=2026-11-01/part-1.parquet"
     (out / "_lakesum" / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(OutputError, match="outside the output location"):
         location.prepare(SETTINGS, units=units, overwrite=True)
@@ -345,7 +370,8 @@ def test_batches_raising_midway_publish_nothing_and_a_rerun_writes_the_unit_once
     location.write_unit(unit, OUT_SCHEMA, _summarized(fs, unit), attempt="a2")
     assert _data_files(out) == {unit.output_relative}
     assert pq.read_table(out / unit.output_relative).column("id").to_pylist() == [
-        r for b in read_unit(fs, unit) for r in b.column("id").to_pylist()]
+        r for b in read_unit(fs, unit) for r in b.column("id").to_pylist()
+    ]
 
 
 def test_killed_between_publish_and_marker_then_rerun_leaves_one_file_with_the_rows_once(lake):
@@ -378,7 +404,9 @@ _WRITER = r"""
 import pathlib, sys, time
 import pyarrow as pa
 from pipeline.commit import OutputLocation
-from pipeline.shards import inspect_shards, list_shards, plan_units, read_unit
+from pipeline.footers import inspect_shards
+from pipeline.listing import list_shards
+from pipeline.units import plan_units, read_unit
 
 lake, out, ready = sys.argv[1:]
 fs, shards = list_shards(lake)
@@ -401,8 +429,9 @@ def test_sigkill_while_staging_publishes_nothing_and_the_next_prepare_sweeps_it(
     out, ready = tmp_path / "out", tmp_path / "ready"
     OutputLocation(str(out)).prepare(SETTINGS, units=units)
 
-    writer = subprocess.Popen([sys.executable, "-c", _WRITER, f"{tmp_path}/lake", str(out), str(ready)],
-                              cwd=Path(__file__).parents[2])
+    writer = subprocess.Popen(
+        [sys.executable, "-c", _WRITER, f"{tmp_path}/lake", str(out), str(ready)], cwd=Path(__file__).parents[2]
+    )
     try:
         deadline = time.monotonic() + 30
         while not ready.exists():
@@ -434,7 +463,7 @@ def test_row_count_other_than_the_units_is_not_committed(lake):
 
 
 def test_small_batches_are_gathered_into_few_row_groups(tmp_path):
-    write_parquet(LOCAL, f"{tmp_path}/lake/part-0.parquet", documents(0, 5000))
+    write_parquet(LOCAL, f"{tmp_path}/lake/part-0.parquet", numbered_rows(0, 5000))
     fs, shards = list_shards(f"{tmp_path}/lake")
     [unit] = plan_units(inspect_shards(fs, shards)[0], rows_per_unit=10_000)
     location = OutputLocation(str(tmp_path / "out"))
@@ -483,8 +512,7 @@ def test_success_is_written_only_when_every_unit_committed(lake):
     _commit(location, fs, units[:-1])
     assert not location.finish({"committed": len(units) - 1})
     assert not (out / "_SUCCESS").exists()
-    assert json.loads((out / "_lakesum" / "report.json").read_text()) == {"committed": len(units) - 1,
-                                                                           "success": False}
+    assert json.loads((out / "_lakesum" / "report.json").read_text()) == {"committed": len(units) - 1, "success": False}
 
     location.prepare(SETTINGS, units=units)
     _commit(location, fs, units[-1:])
@@ -607,4 +635,4 @@ def test_s3_input_and_output_end_to_end_with_resume_and_overwrite(s3):
     s3fs_.pipe(f"{bucket}/out/README.txt", b"not ours")
     resumed.prepare({**SETTINGS, "num_beams": 1}, units=units, overwrite=True)
     s3fs_.invalidate_cache()
-    assert sorted(p[len(bucket) + 5:] for p in s3fs_.find(f"{bucket}/out")) == ["README.txt", "_lakesum/manifest.json"]
+    assert sorted(p[len(bucket) + 5 :] for p in s3fs_.find(f"{bucket}/out")) == ["README.txt", "_lakesum/manifest.json"]

@@ -1,4 +1,5 @@
 """ROUGE-1/2/L over any script: hand-computed cases, non-Latin scripts, normalization, rouge_score on English."""
+
 from __future__ import annotations
 
 import random
@@ -84,8 +85,14 @@ def test_arabic_and_russian_score_whole_words():
 
 
 def test_casefold_and_nfkc_make_equivalent_spellings_equal():
-    for a, b in [("Straße", "STRASSE"), ("ＡＢＣ １２３", "abc 123"), ("ﬁne", "fine"),
-                 ("cafe\u0301", "caf\u00e9"), ("ｶﾀｶﾅ", "カタカナ"), ("ΣΊΣΥΦΟΣ", "σίσυφος")]:
+    for a, b in [
+        ("Straße", "STRASSE"),
+        ("ＡＢＣ １２３", "abc 123"),
+        ("ﬁne", "fine"),
+        ("cafe\u0301", "caf\u00e9"),
+        ("ｶﾀｶﾅ", "カタカナ"),
+        ("ΣΊΣΥΦΟΣ", "σίσυφος"),
+    ]:
         assert tokenize(a) == tokenize(b), (a, b)
         assert_scores(scores(a, b), 100, 100 if len(tokenize(a)) > 1 else 0, 100)
 
@@ -104,9 +111,11 @@ def test_mismatched_or_empty_inputs_are_refused():
         rouge([], [])
 
 
-ENGLISH = ("The U.S. economy grew 3.5% in Q2, officials said on Tuesday. Don't expect rates to fall; "
-           "the Fed's e-mail (sent 10/12) hinted at 2 more hikes. Analysts at JPMorgan & Co. were SURPRISED "
-           "by the 4th-quarter numbers and the company's forecast for 2025").split()
+ENGLISH = (
+    "The U.S. economy grew 3.5% in Q2, officials said on Tuesday. Don't expect rates to fall; "
+    "the Fed's e-mail (sent 10/12) hinted at 2 more hikes. Analysts at JPMorgan & Co. were SURPRISED "
+    "by the 4th-quarter numbers and the company's forecast for 2025"
+).split()
 
 
 def test_english_equals_rouge_score_without_stemming():

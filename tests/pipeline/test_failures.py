@@ -3,8 +3,9 @@ Faults contained: a poison unit fails alone, Ray's memory monitor and a hung rep
 job, and transient storage errors are retried.
 
 The helpers that start and stop a Ray of our own (never `ray stop`, which would stop every Ray on the
-machine) live in test_cluster.py; the faulty:// filesystem that injects faults lives in tests/fixtures/faults.py.
+machine) live in tests/pipeline/helpers.py; the faulty:// filesystem that injects faults lives in tests/faults.py.
 """
+
 from __future__ import annotations
 
 import io
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import psutil
@@ -22,12 +24,20 @@ import pytest
 from pipeline.driver import MAX_ATTEMPTS, run
 from pipeline.replica import UNITS_PER_REPLICA
 from pipeline.settings import SummarizeSettings
-from tests.fixtures import faults
-from tests.fixtures.corpus import documents, write_shards
-from tests.pipeline.test_cluster import ray_local  # noqa: F401 (a fixture)
-from tests.pipeline.test_cluster import (FAST, REPO, RayHead, assert_every_row_once, busy_replicas,
-                                         committed_count, job_command, wait_for)
-from tests.pipeline.test_summarize import read_output
+from synthetic.corpus import documents, write_shards
+from tests import faults
+from tests.pipeline.helpers import (
+    FAST,
+    REPO,
+    RayHead,
+    assert_every_row_once,
+    busy_replicas,
+    committed_count,
+    job_command,
+    local_ray,
+    read_output,
+    wait_for,
+)
 
 # seconds: a SIGKILLed driver's lease lapses this soon, so the rerun takes it over
 LEASE_TIMEOUT = 3.0
@@ -35,8 +45,11 @@ LEASE_TIMEOUT = 3.0
 
 def data_files(out: Path) -> dict[str, bytes]:
     """Every output file but `_SUCCESS` and `_lakesum/`, by relative path."""
-    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
-            if p.is_file() and not p.relative_to(out).as_posix().startswith("_")}
+    return {
+        p.relative_to(out).as_posix(): p.read_bytes()
+        for p in sorted(out.rglob("*"))
+        if p.is_file() and not p.relative_to(out).as_posix().startswith("_")
+    }
 
 
 @pytest.mark.slow
@@ -48,13 +61,16 @@ def test_driver_sigkill_then_rerun_gives_every_row_once_identical_to_uninterrupt
     write_shards(corpus, docs, files=4, row_group_size=10)
     killed, clean = tmp_path / "killed", tmp_path / "clean"
     with RayHead(num_cpus=2) as head:
-        command = lambda out: job_command(tiny_checkpoint, corpus, out, "--replicas", "2",  # noqa: E731
-                                          "--lease-timeout", str(LEASE_TIMEOUT))
+
+        def command(out):
+            return job_command(tiny_checkpoint, corpus, out, "--replicas", "2", "--lease-timeout", str(LEASE_TIMEOUT))
+
         with open(tmp_path / "killed.log", "wb") as log:
             driver = subprocess.Popen(command(killed), stdout=log, stderr=subprocess.STDOUT, env=head.client_env())
             try:
-                wait_for(lambda: committed_count(killed) >= 3 or driver.poll() is not None, 180,
-                         "three units to commit")
+                wait_for(
+                    lambda: committed_count(killed) >= 3 or driver.poll() is not None, 180, "three units to commit"
+                )
                 assert driver.poll() is None, (tmp_path / "killed.log").read_text()[-3000:]
                 assert head.replicas(), "the job's replicas are not where this test looks for them"
                 driver.send_signal(signal.SIGKILL)
@@ -75,8 +91,9 @@ def test_driver_sigkill_then_rerun_gives_every_row_once_identical_to_uninterrupt
         assert resumed, rerun.stderr[-3000:]
         assert 0 < int(resumed[1]) < int(resumed[2]) == units
 
-        uninterrupted = subprocess.run(command(clean), capture_output=True, text=True, timeout=300,
-                                       env=head.client_env())
+        uninterrupted = subprocess.run(
+            command(clean), capture_output=True, text=True, timeout=300, env=head.client_env()
+        )
         assert uninterrupted.returncode == 0, uninterrupted.stderr[-3000:]
         assert "resuming" not in uninterrupted.stderr
 
@@ -88,7 +105,7 @@ def test_driver_sigkill_then_rerun_gives_every_row_once_identical_to_uninterrupt
 
 
 @pytest.mark.slow
-def test_replica_killed_mid_unit_job_finishes_with_every_row_once(ray_local, tiny_checkpoint, tmp_path):
+def test_replica_killed_mid_unit_job_finishes_with_every_row_once(ray_per_test, tiny_checkpoint, tmp_path):
     """SIGKILL one replica's process while it is summarizing: Ray restarts it, its units go out again and
     nothing else is redone."""
     docs = documents(200, seed=22)
@@ -130,8 +147,9 @@ def test_replica_killed_mid_unit_job_finishes_with_every_row_once(ray_local, tin
 
 
 @pytest.mark.slow
-def test_a_unit_whose_replica_dies_every_time_is_given_up_and_a_rerun_completes_it(ray_local, tiny_checkpoint,
-                                                                                   tmp_path):
+def test_a_unit_whose_replica_dies_every_time_is_given_up_and_a_rerun_completes_it(
+    ray_per_test, tiny_checkpoint, tmp_path
+):
     """A poison unit (its replica's process dies each time it runs it) is given up after MAX_ATTEMPTS; the
     job ends, exit status unsuccessful, the unit named; nothing of it is published. A rerun redoes it."""
     docs = documents(10, seed=23)
@@ -160,8 +178,10 @@ def test_a_unit_whose_replica_dies_every_time_is_given_up_and_a_rerun_completes_
     assert len(kills) == MAX_ATTEMPTS
     assert not report.success and report.committed == 0
     assert list(report.failed) == ["part-000.parquet"]
-    assert re.fullmatch(rf"its replica died {MAX_ATTEMPTS} times while running it alone \(last: \w+Error\)",
-                        report.failed["part-000.parquet"])
+    assert re.fullmatch(
+        rf"its replica died {MAX_ATTEMPTS} times while running it alone \(last: \w+Error\)",
+        report.failed["part-000.parquet"],
+    )
     assert not (out / "part-000.parquet").exists() and not (out / "_SUCCESS").exists()
     assert [r["relative"] for r in _failed_records(out)] == ["part-000.parquet"]
 
@@ -179,23 +199,27 @@ def _failed_records(out: Path) -> list[dict]:
 
 # --- faults contained ---------------------------------------------------------------------------------------
 
+
 @pytest.fixture
 def ray_with_faults():
     """start(*faults, system_config=None): a local Ray (two CPUs) whose worker processes inject `faults` under
-    faulty:// (tests/fixtures/faults.py); this process, the driver, reads and writes without faults."""
-    import ray
+    faulty:// (tests/faults.py); this process, the driver, reads and writes without faults."""
+    with ExitStack() as stack:
 
-    def start(*injected: dict, system_config: dict | None = None):
-        faults.register()  # here too: the driver lists and plans faulty:// inputs
-        ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning",
-                 runtime_env={"worker_process_setup_hook": "tests.fixtures.faults.register",
-                              # workers import tests.fixtures.faults from the repository, which is not installed
-                              "env_vars": {faults.ENV: json.dumps(list(injected)), "PYTHONPATH": str(REPO)}},
-                 _system_config=system_config or {})
-        return ray
+        def start(*injected: dict, system_config: dict | None = None):
+            faults.register()  # here too: the driver lists and plans faulty:// inputs
+            return stack.enter_context(
+                local_ray(
+                    runtime_env={
+                        "worker_process_setup_hook": "tests.faults.register",
+                        # workers import tests.faults from the repository, which is not installed
+                        "env_vars": {faults.ENV: json.dumps(list(injected)), "PYTHONPATH": str(REPO)},
+                    },
+                    _system_config=system_config or {},
+                )
+            )
 
-    yield start
-    ray.shutdown()
+        yield start
 
 
 def _poison_and_innocent(tmp_path: Path, tiny_checkpoint) -> tuple[Path, list[dict], SummarizeSettings]:
@@ -209,8 +233,9 @@ def _poison_and_innocent(tmp_path: Path, tiny_checkpoint) -> tuple[Path, list[di
 
 def _assert_poison_failed_alone(report, out: Path, innocent: list[dict]) -> None:
     assert list(report.failed) == ["part-000.parquet"], report.failed
-    assert re.fullmatch(rf"its replica died {MAX_ATTEMPTS} times while running it alone \(last: .+\)",
-                        report.failed["part-000.parquet"]), report.failed
+    assert re.fullmatch(
+        rf"its replica died {MAX_ATTEMPTS} times while running it alone \(last: .+\)", report.failed["part-000.parquet"]
+    ), report.failed
     assert report.committed == 1 and not report.success
     assert_every_row_once(read_output(out), innocent)
     assert [r["relative"] for r in _failed_records(out)] == ["part-000.parquet"]
@@ -233,8 +258,9 @@ def test_a_poison_unit_fails_alone_and_the_unit_beside_it_commits(ray_with_fault
 
 
 @pytest.mark.slow
-def test_replicas_killed_by_rays_memory_monitor_are_retried_and_only_the_hog_fails(ray_with_faults, tiny_checkpoint,
-                                                                                  tmp_path):
+def test_replicas_killed_by_rays_memory_monitor_are_retried_and_only_the_hog_fails(
+    ray_with_faults, tiny_checkpoint, tmp_path
+):
     """Reading part-000 allocates memory until Ray's memory monitor kills the replica (its threshold set 3 GiB
     above what this machine uses now). Each kill is a retry, never a driver traceback; the unit that hogs memory
     fails alone and the one beside it commits."""
@@ -244,8 +270,10 @@ def test_replicas_killed_by_rays_memory_monitor_are_retried_and_only_the_hog_fai
         pytest.skip("less than 3 GiB of memory free")
     corpus, innocent, settings = _poison_and_innocent(tmp_path, tiny_checkpoint)
     out = tmp_path / "out"
-    ray_with_faults(faults.fault("open:rb", "*/part-000.parquet", "hog"),
-                    system_config={"memory_usage_threshold": threshold, "memory_monitor_refresh_ms": 100})
+    ray_with_faults(
+        faults.fault("open:rb", "*/part-000.parquet", "hog"),
+        system_config={"memory_usage_threshold": threshold, "memory_monitor_refresh_ms": 100},
+    )
 
     report = run(settings, f"faulty://{corpus}", str(out), replicas=1, progress_every=1)
 
@@ -262,8 +290,10 @@ def test_transient_storage_errors_are_retried_with_backoff_and_counted(ray_with_
     corpus = tmp_path / "corpus"
     write_shards(corpus, docs, files=2, row_group_size=10, partition=None)
     out = tmp_path / "out"
-    ray_with_faults(faults.fault("open:rb", "*/part-001.parquet", "reset", times=2),
-                    faults.fault("mv", "*/_lakesum/staging/*", "reset", times=1))
+    ray_with_faults(
+        faults.fault("open:rb", "*/part-001.parquet", "reset", times=2),
+        faults.fault("mv", "*/_lakesum/staging/*", "reset", times=1),
+    )
     settings = SummarizeSettings(model=str(tiny_checkpoint), **dict(FAST, rows_per_unit=20))
     printed = io.StringIO()
 
@@ -278,8 +308,7 @@ def test_transient_storage_errors_are_retried_with_backoff_and_counted(ray_with_
 
 
 @pytest.mark.slow
-def test_progress_counts_rows_as_they_are_summarized_before_their_unit_commits(ray_local, tiny_checkpoint,
-                                                                              tmp_path):
+def test_progress_counts_rows_as_they_are_summarized_before_their_unit_commits(ray_per_test, tiny_checkpoint, tmp_path):
     """One unit of 480 rows, summarized 32 rows at a time: the replica's heartbeats make the progress line count
     rows while the unit runs, not only once it commits."""
     docs = documents(480, seed=27, max_sentences=3)
@@ -288,13 +317,17 @@ def test_progress_counts_rows_as_they_are_summarized_before_their_unit_commits(r
     settings = SummarizeSettings(model=str(tiny_checkpoint), **dict(FAST, rows_per_unit=480))
     printed = io.StringIO()
 
-    report = run(settings, str(corpus), str(tmp_path / "out"), replicas=1, progress_every=0.2, out=printed,
-                 json_logs=True)
+    report = run(
+        settings, str(corpus), str(tmp_path / "out"), replicas=1, progress_every=0.2, out=printed, json_logs=True
+    )
 
     assert report.success
     lines = [json.loads(line) for line in printed.getvalue().splitlines() if line.startswith('{"time"')]
-    partial = [line["documents"] for line in lines if line["event"] == "progress" and line["units"] == 0
-               and 0 < line["documents"] < len(docs)]
+    partial = [
+        line["documents"]
+        for line in lines
+        if line["event"] == "progress" and line["units"] == 0 and 0 < line["documents"] < len(docs)
+    ]
     assert partial, [line for line in lines if line["event"] == "progress"]
     assert partial == sorted(partial)
 
@@ -309,14 +342,16 @@ def test_a_hung_replica_is_killed_after_replica_timeout_and_the_job_completes(ti
     write_shards(corpus, docs, files=4, row_group_size=10)
     out = tmp_path / "out"
     with RayHead(num_cpus=2) as head:
-        command = job_command(tiny_checkpoint, corpus, out, "--replicas", "1", "--progress-every", "1",
-                              "--replica-timeout", "20")
+        command = job_command(
+            tiny_checkpoint, corpus, out, "--replicas", "1", "--progress-every", "1", "--replica-timeout", "20"
+        )
         with open(tmp_path / "job.log", "wb") as log:
             driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=head.client_env())
             try:
                 busy = lambda: busy_replicas(psutil.Process(head.proc.pid), out)  # noqa: E731
-                victim = wait_for(lambda: committed_count(out) >= 1 and busy() or driver.poll() is not None, 180,
-                                  "a busy replica")
+                victim = wait_for(
+                    lambda: committed_count(out) >= 1 and busy() or driver.poll() is not None, 180, "a busy replica"
+                )
                 assert driver.poll() is None, (tmp_path / "job.log").read_text()[-3000:]
                 stopped = victim[0]
                 stopped.send_signal(signal.SIGSTOP)

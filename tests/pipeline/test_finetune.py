@@ -1,5 +1,6 @@
 """Fine-tuning on the replicas: data-parallel equals one big batch, a tiny model learns, resume, compatibility,
 and the guards (non-finite steps skipped, nothing non-finite saved, empty slices, checked resume, fsync)."""
+
 from __future__ import annotations
 
 import json
@@ -19,16 +20,23 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from jobs.finetune import build_parser
-from model import MT5ForConditionalGeneration, MT5Tokenizer, ModelLoadError
+from model import ModelLoadError, MT5ForConditionalGeneration, MT5Tokenizer
 from pipeline.errors import InputError
 from pipeline.finetune import finetune
-from pipeline.train import (TRAIN_LOG, FinetuneSettings, Trainer, TrainingError, load_examples, prepare_for_training,
-                            save_final)
-from tests.fixtures.checkpoints import build_trainable_checkpoint
-from tests.fixtures.corpus import first_words_task
+from pipeline.train import (
+    TRAIN_LOG,
+    FinetuneSettings,
+    Trainer,
+    TrainingError,
+    load_examples,
+    prepare_for_training,
+    save_final,
+)
+from synthetic.checkpoints import build_trainable_checkpoint
+from synthetic.corpus import first_words_task
+from tests.pipeline.helpers import REPO, local_job_env
 
-REPO = Path(__file__).resolve().parents[2]
-# The learnable task: the summary is the document's first two words (tests/fixtures/corpus.py).
+# The learnable task: the summary is the document's first two words (synthetic/corpus.py).
 TASK = dict(max_input_tokens=32, max_target_tokens=8, label_smoothing=0.0, batch_size=32, warmup_steps=20)
 
 
@@ -56,8 +64,9 @@ def _one_process(settings: FinetuneSettings, base: Path, out: Path, replicas: in
     model = MT5ForConditionalGeneration.from_pretrained(base)
     prepare_for_training(model, single)
     out.mkdir()
-    Trainer(model, MT5Tokenizer.from_pretrained(base), single, load_examples(single.train, "text", "summary"),
-            0, 1, "cpu").run(resume=False)
+    Trainer(
+        model, MT5Tokenizer.from_pretrained(base), single, load_examples(single.train, "text", "summary"), 0, 1, "cpu"
+    ).run(resume=False)
     model.save_pretrained(out)
 
 
@@ -83,9 +92,16 @@ def test_two_replicas_step_with_the_gradient_of_one_process_with_accumulated_bat
     """AdamW divides each step by the root of its second moment, which turns rounding-level differences in
     small gradients into learning-rate-sized updates: its weights cannot be compared to rounding after a few
     steps, but its first step's moments are the gradient itself (exp_avg = (1 - beta1) * clipped gradient)."""
-    settings = FinetuneSettings(model=str(base), train=str(data / "train.parquet"), output_model=str(tmp_path / "ddp"),
-                                max_steps=2, save_every=1, lr=1e-3, optimizer="adamw",
-                                **{**TASK, "batch_size": 4, "warmup_steps": 0})
+    settings = FinetuneSettings(
+        model=str(base),
+        train=str(data / "train.parquet"),
+        output_model=str(tmp_path / "ddp"),
+        max_steps=2,
+        save_every=1,
+        lr=1e-3,
+        optimizer="adamw",
+        **{**TASK, "batch_size": 4, "warmup_steps": 0},
+    )
     finetune(settings, replicas=2)
     _one_process(settings, base, tmp_path / "single", replicas=2)
 
@@ -103,8 +119,15 @@ def test_two_replicas_equal_one_process_with_accumulated_batches(ray_local, base
     """With plain SGD an update is lr x gradient, so gradients that agree to rounding give weights that agree to
     rounding after several steps: each step adds lr x (a rounding-level gradient difference) to the weights, and
     differences in the weights change the next gradients by as little."""
-    settings = FinetuneSettings(model=str(base), train=str(data / "train.parquet"), output_model=str(tmp_path / "ddp"),
-                                max_steps=4, lr=1.0, optimizer="sgd", **{**TASK, "batch_size": 4, "warmup_steps": 0})
+    settings = FinetuneSettings(
+        model=str(base),
+        train=str(data / "train.parquet"),
+        output_model=str(tmp_path / "ddp"),
+        max_steps=4,
+        lr=1.0,
+        optimizer="sgd",
+        **{**TASK, "batch_size": 4, "warmup_steps": 0},
+    )
     finetune(settings, replicas=2)
     _one_process(settings, base, tmp_path / "single", replicas=2)
 
@@ -115,15 +138,28 @@ def test_two_replicas_equal_one_process_with_accumulated_batches(ray_local, base
     # Each tensor is held to the rounding of its update, plus an ulp of its weights for each step's add and one
     # for the subtraction above: a tensor that barely moves is held to its weights' ulps.
     ulp = torch.finfo(torch.float32).eps
-    weights_ulps = {k: (settings.max_steps + 1) * ulp * max(float(one[k].abs().max()), float(initial[k].abs().max()))
-                    for k in one}
+    weights_ulps = {
+        k: (settings.max_steps + 1) * ulp * max(float(one[k].abs().max()), float(initial[k].abs().max())) for k in one
+    }
     _assert_close_relative_to_tensor({k: ddp[k] - initial[k] for k in ddp}, moved, GRADIENT_RTOL, floor=weights_ulps)
 
 
 def _learn(base: Path, data: Path, out: Path, method: str, steps: int, lr: float) -> dict:
-    settings = FinetuneSettings(model=str(base), train=str(data / "train.parquet"), eval=str(data / "eval.parquet"),
-                                output_model=str(out), method=method, max_steps=steps, lr=lr, optimizer="adamw",
-                                lora_rank=16, lora_alpha=32, lora_dropout=0.0, log_every=10, **TASK)
+    settings = FinetuneSettings(
+        model=str(base),
+        train=str(data / "train.parquet"),
+        eval=str(data / "eval.parquet"),
+        output_model=str(out),
+        method=method,
+        max_steps=steps,
+        lr=lr,
+        optimizer="adamw",
+        lora_rank=16,
+        lora_alpha=32,
+        lora_dropout=0.0,
+        log_every=10,
+        **TASK,
+    )
     report = finetune(settings, replicas=1)
     log = [json.loads(line) for line in (out / TRAIN_LOG).read_text().splitlines()]
     assert {"step", "loss", "lr", "tokens_per_second"} <= set(log[0])
@@ -140,11 +176,10 @@ def _learn(base: Path, data: Path, out: Path, method: str, steps: int, lr: float
 @pytest.mark.slow
 def test_tiny_model_learns_first_words_task_with_full_fine_tuning(ray_local, base, data, tmp_path):
     scores = _learn(base, data, tmp_path / "full", "full", steps=800, lr=3e-3)
-    # ROUGE-1 averages over every summary word of the 63 evaluated documents: the trained model scored 41.6 on a
-    # Xeon with AVX-512 and AMX, a random one scores 0. Exact match is not held to a bar: at this training budget
-    # only a few documents come out whole (2 of 63 on that Xeon; 4 or more on the AVX2 EPYCs that passed the old
-    # bar of 5%), a count whose spread across CPUs, where rounding sends 800 AdamW steps down other paths, is
-    # as large as any bar below it.
+    # ROUGE-1 averages over every summary word of the 63 evaluated documents; a random model scores 0. Exact match
+    # is not held to a bar: at this training budget only a few documents come out whole, a count whose spread
+    # across CPUs, where rounding sends 800 AdamW steps down other paths, is as large as any bar below it.
+    # Measured scores: benchmarks/README.md, "Numerics".
     assert scores["rouge1"] > 25.0, scores
 
 
@@ -153,8 +188,18 @@ def pretrained(ray_local, base, first_word, tmp_path_factory):
     """LoRA adapts a trained model, not a random one (whose frozen random embeddings and head leave adapters
     little to work with): this one was fully fine-tuned on the task for a few steps, and is still poor at it."""
     out = tmp_path_factory.mktemp("pretrained")
-    finetune(FinetuneSettings(model=str(base), train=str(first_word / "train.parquet"), output_model=str(out),
-                              max_steps=40, lr=3e-3, optimizer="adamw", **TASK), replicas=1)
+    finetune(
+        FinetuneSettings(
+            model=str(base),
+            train=str(first_word / "train.parquet"),
+            output_model=str(out),
+            max_steps=40,
+            lr=3e-3,
+            optimizer="adamw",
+            **TASK,
+        ),
+        replicas=1,
+    )
     return out
 
 
@@ -168,7 +213,9 @@ def first_word(tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["lora", "qlora"])
-def test_adapters_improve_a_briefly_trained_model_on_the_first_word_task(ray_local, pretrained, first_word, tmp_path, method):
+def test_adapters_improve_a_briefly_trained_model_on_the_first_word_task(
+    ray_local, pretrained, first_word, tmp_path, method
+):
     before = _scores(pretrained, first_word / "eval.parquet")
     scores = _learn(pretrained, first_word, tmp_path / method, method, steps=400, lr=5e-3)
     assert (tmp_path / method / "adapter" / "adapter_model.safetensors").exists()
@@ -181,8 +228,13 @@ def _scores(model_dir: Path, eval_path: Path) -> dict:
 
     rows = pq.read_table(eval_path).to_pylist()
     model, tokenizer = MT5ForConditionalGeneration.from_pretrained(model_dir), MT5Tokenizer.from_pretrained(model_dir)
-    batch = tokenizer([r["text"] for r in rows], max_length=TASK["max_input_tokens"], truncation=True, padding=True,
-                      return_tensors="pt")
+    batch = tokenizer(
+        [r["text"] for r in rows],
+        max_length=TASK["max_input_tokens"],
+        truncation=True,
+        padding=True,
+        return_tensors="pt",
+    )
     out = model.generate(**batch, num_beams=4, max_new_tokens=TASK["max_target_tokens"])
     predictions = tokenizer.batch_decode(out, skip_special_tokens=True)
     scores = rouge(predictions, [r["summary"] for r in rows])
@@ -195,35 +247,72 @@ def test_saved_checkpoint_loads_in_transformers_with_identical_logits(ray_local,
     import transformers
 
     out = tmp_path / "lora"
-    finetune(FinetuneSettings(model=str(base), train=str(data / "train.parquet"), output_model=str(out),
-                              method="lora", max_steps=20, lr=1e-2, optimizer="adamw", **TASK), replicas=1)
+    finetune(
+        FinetuneSettings(
+            model=str(base),
+            train=str(data / "train.parquet"),
+            output_model=str(out),
+            method="lora",
+            max_steps=20,
+            lr=1e-2,
+            optimizer="adamw",
+            **TASK,
+        ),
+        replicas=1,
+    )
     ours = MT5ForConditionalGeneration.from_pretrained(out)
     reference = transformers.MT5ForConditionalGeneration.from_pretrained(out).eval()
-    batch = MT5Tokenizer.from_pretrained(out)(["Erste jahr über die Stadt.", "House of north water."],
-                                              padding=True, return_tensors="pt")
+    batch = MT5Tokenizer.from_pretrained(out)(
+        ["Erste jahr über die Stadt.", "House of north water."], padding=True, return_tensors="pt"
+    )
     dec = torch.tensor([[0, 5, 6], [0, 7, 8]])
     with torch.no_grad():
         expected = reference(**batch, decoder_input_ids=dec).logits
         got = ours(**batch, decoder_input_ids=dec).logits
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    assert not torch.equal(_params(out)["lm_head.weight"], _params(base)["lm_head.weight"]) or \
-        any(not torch.equal(_params(out)[k], _params(base)[k]) for k in _params(base))
+    assert not torch.equal(_params(out)["lm_head.weight"], _params(base)["lm_head.weight"]) or any(
+        not torch.equal(_params(out)[k], _params(base)[k]) for k in _params(base)
+    )
 
 
 @pytest.mark.slow
 def test_killed_job_resumes_to_the_parameters_of_an_uninterrupted_run(base, data, tmp_path):
     def command(out: Path, *extra: str) -> list[str]:
-        return [sys.executable, str(REPO / "jobs/finetune.py"), "--model", str(base), "--train",
-                str(data / "train.parquet"), "--output-model", str(out), "--max-steps", "60", "--save-every", "20",
-                "--lr", "1e-3", "--optimizer", "adamw", "--batch-size", "16", "--max-input-tokens", "32",
-                "--max-target-tokens", "8", "--seed", "3", *extra]
+        return [
+            sys.executable,
+            str(REPO / "jobs/finetune.py"),
+            "--model",
+            str(base),
+            "--train",
+            str(data / "train.parquet"),
+            "--output-model",
+            str(out),
+            "--max-steps",
+            "60",
+            "--save-every",
+            "20",
+            "--lr",
+            "1e-3",
+            "--optimizer",
+            "adamw",
+            "--batch-size",
+            "16",
+            "--max-input-tokens",
+            "32",
+            "--max-target-tokens",
+            "8",
+            "--seed",
+            "3",
+            *extra,
+        ]
 
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"}
+    env = local_job_env()
     subprocess.run(command(tmp_path / "straight"), check=True, env=env, timeout=600, capture_output=True)
 
     killed = tmp_path / "killed"
-    job = subprocess.Popen(command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           start_new_session=True)
+    job = subprocess.Popen(
+        command(killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     deadline = time.monotonic() + 300
     while not list((killed / "_checkpoints").glob("step-00000020")) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -242,8 +331,14 @@ def test_killed_job_resumes_to_the_parameters_of_an_uninterrupted_run(base, data
 
 def test_bad_input_is_refused_before_any_replica_trains(ray_local, base, data, tmp_path):
     def settings(**changes):
-        return FinetuneSettings(**{**dict(model=str(base), train=str(data / "train.parquet"),
-                                          output_model=str(tmp_path / "out"), max_steps=2), **changes})
+        return FinetuneSettings(
+            **{
+                **dict(
+                    model=str(base), train=str(data / "train.parquet"), output_model=str(tmp_path / "out"), max_steps=2
+                ),
+                **changes,
+            }
+        )
 
     pq.write_table(pa.table({"text": ["a b c"], "headline": ["a"]}), tmp_path / "no_summary.parquet")
     with pytest.raises(InputError, match=r"no_summary\.parquet.*'summary' is missing.*--summary-column"):
@@ -262,9 +357,24 @@ def test_bad_input_is_refused_before_any_replica_trains(ray_local, base, data, t
 
 
 def test_fp16_flag_exits_2_with_the_reason(base, data, tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "jobs/finetune.py"), "--model", str(base), "--train",
-                           str(data / "train.parquet"), "--output-model", str(tmp_path / "o"), "--dtype", "float16"],
-                          capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": "local"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs/finetune.py"),
+            "--model",
+            str(base),
+            "--train",
+            str(data / "train.parquet"),
+            "--output-model",
+            str(tmp_path / "o"),
+            "--dtype",
+            "float16",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=local_job_env(),
+    )
     assert done.returncode == 2 and "diverges in float16" in done.stderr
 
 
@@ -274,9 +384,19 @@ ROWS = [(r["text"], r["summary"]) for r in first_words_task(16, seed=1)]  # 12 r
 
 
 def _trainer(base: Path, out: Path, rows: list = ROWS, rank: int = 0, world: int = 1, **changes) -> Trainer:
-    settings = FinetuneSettings(**{**TASK, "batch_size": 8, "warmup_steps": 0, "model": str(base),
-                                   "train": "rows given to the Trainer", "output_model": str(out), "lr": 0.1,
-                                   "optimizer": "sgd", **changes})
+    settings = FinetuneSettings(
+        **{
+            **TASK,
+            "batch_size": 8,
+            "warmup_steps": 0,
+            "model": str(base),
+            "train": "rows given to the Trainer",
+            "output_model": str(out),
+            "lr": 0.1,
+            "optimizer": "sgd",
+            **changes,
+        }
+    )
     model = MT5ForConditionalGeneration.from_pretrained(base)
     prepare_for_training(model, settings)
     return Trainer(model, MT5Tokenizer.from_pretrained(base), settings, rows, rank, world, "cpu")
@@ -345,12 +465,36 @@ def test_diverged_job_exits_1_with_the_reason_and_saves_no_model(base, data, tmp
     """An infinite learning rate makes every weight that has a gradient infinite after step 1, so every later
     step is non-finite: the replica's TrainingError reaches the command line as one message, not a Ray traceback."""
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, str(REPO / "jobs/finetune.py"), "--model", str(base), "--train",
-                           str(data / "train.parquet"), "--output-model", str(out), "--max-steps", "10",
-                           "--optimizer", "sgd", "--lr", "inf", "--batch-size", "4", "--max-input-tokens", "32",
-                           "--max-target-tokens", "8", "--max-nonfinite-steps", "2"],
-                          capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"})
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "jobs/finetune.py"),
+            "--model",
+            str(base),
+            "--train",
+            str(data / "train.parquet"),
+            "--output-model",
+            str(out),
+            "--max-steps",
+            "10",
+            "--optimizer",
+            "sgd",
+            "--lr",
+            "inf",
+            "--batch-size",
+            "4",
+            "--max-input-tokens",
+            "32",
+            "--max-target-tokens",
+            "8",
+            "--max-nonfinite-steps",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=local_job_env(),
+    )
     assert done.returncode == 1, done.stderr
     assert "finetune.py: error: steps 2-3: the loss or gradient was not finite 2 steps in a row" in done.stderr
     assert "Traceback" not in done.stderr
@@ -362,21 +506,23 @@ def _train_one_rank(rank: int, world: int, init_method: str, base: str, out: str
     """One replica of a gloo process group, in a process of its own as a replica actor is."""
     torch.set_num_threads(1)
     # a timeout, so that a replica left waiting in a collective fails the test instead of hanging it
-    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
         trainer = _trainer(Path(base), Path(out), rows, rank, world, max_steps=2, batch_size=4)
         trainer.run(resume=False)
-        save_file({n: p.detach().contiguous() for n, p in trainer.model.named_parameters()},
-                  Path(out) / f"rank-{rank}.safetensors")
+        save_file(
+            {n: p.detach().contiguous() for n, p in trainer.model.named_parameters()},
+            Path(out) / f"rank-{rank}.safetensors",
+        )
     finally:
         dist.destroy_process_group()
 
 
 def test_a_replica_whose_slice_is_empty_trains_along_with_zero_gradient(base, tmp_path):
     """3 rows and 2 replicas of 4 rows each: every step, replica 0 gets all 3 rows and replica 1 none."""
-    torch.multiprocessing.spawn(_train_one_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(base),
-                                                       str(tmp_path), ROWS[:3]), nprocs=2)
+    torch.multiprocessing.spawn(
+        _train_one_rank, args=(2, f"file://{tmp_path / 'rendezvous'}", str(base), str(tmp_path), ROWS[:3]), nprocs=2
+    )
     zero, one = load_file(tmp_path / "rank-0.safetensors"), load_file(tmp_path / "rank-1.safetensors")
     initial = dict(MT5ForConditionalGeneration.from_pretrained(base).named_parameters())
     assert all(torch.equal(zero[k], one[k]) for k in zero)  # the same summed gradient on both
@@ -386,15 +532,32 @@ def test_a_replica_whose_slice_is_empty_trains_along_with_zero_gradient(base, tm
 
 def test_resume_with_other_settings_or_replicas_exits_2_naming_each_difference(base, data, tmp_path):
     out = tmp_path / "out"
-    flags = ["--model", str(base), "--train", str(data / "train.parquet"), "--output-model", str(out),
-             "--max-steps", "3", "--save-every", "1", "--batch-size", "4"]
+    flags = [
+        "--model",
+        str(base),
+        "--train",
+        str(data / "train.parquet"),
+        "--output-model",
+        str(out),
+        "--max-steps",
+        "3",
+        "--save-every",
+        "1",
+        "--batch-size",
+        "4",
+    ]
     started = vars(build_parser().parse_args(flags))  # the run as these flags start it, on one replica
-    _trainer(base, out, **{k: v for k, v in started.items() if k not in ("replicas", "cpus_per_replica", "resume")}
-             ).run(resume=False)
+    _trainer(
+        base, out, **{k: v for k, v in started.items() if k not in ("replicas", "cpus_per_replica", "resume")}
+    ).run(resume=False)
     log_before = (out / TRAIN_LOG).read_text()
-    done = subprocess.run([sys.executable, str(REPO / "jobs/finetune.py"), *flags, "--lr", "0.01", "--replicas", "2",
-                           "--resume"], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": str(REPO), "RAY_ADDRESS": "local"})
+    done = subprocess.run(
+        [sys.executable, str(REPO / "jobs/finetune.py"), *flags, "--lr", "0.01", "--replicas", "2", "--resume"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=local_job_env(),
+    )
     assert done.returncode == 2, done.stderr
     assert "step-00000002: --resume must continue the run" in done.stderr
     assert "--lr 0.0005 (now 0.01); --replicas 1 (now 2)" in done.stderr
@@ -432,4 +595,4 @@ def test_checkpoint_files_are_fsynced_before_the_rename_and_the_folder_after(bas
     rename = events.index(("replace", str(tmp), str(folder)))
     synced = {path for kind, path, *_ in events[:rename] if kind == "fsync"}
     assert {str(tmp / f.name) for f in folder.iterdir()} | {str(tmp)} <= synced, events
-    assert ("fsync", str(folder.parent)) in events[rename + 1:], events
+    assert ("fsync", str(folder.parent)) in events[rename + 1 :], events

@@ -1,4 +1,5 @@
 """One writer per output: the lease on local disk, S3 (moto's server) and memory://, and a second job refused."""
+
 from __future__ import annotations
 
 import json
@@ -10,9 +11,12 @@ import pyarrow as pa
 import pytest
 
 from pipeline.commit import OutputLocation
+from pipeline.footers import inspect_shards
 from pipeline.lease import LeaseHeld, LeaseLost
-from pipeline.shards import inspect_shards, list_shards, plan_units
-from tests.pipeline.conftest import documents, write_parquet
+from pipeline.listing import list_shards
+from pipeline.units import plan_units
+from synthetic.corpus import documents, write_shards
+from tests.pipeline.helpers import FAST, job_command, numbered_rows, write_parquet
 
 SETTINGS = {"model": "m", "model_hash": "0f3c", "rows_per_unit": 4}
 OUT_SCHEMA = pa.schema([("id", pa.int64()), ("summary", pa.string()), ("error", pa.string())])
@@ -20,16 +24,21 @@ OUT_SCHEMA = pa.schema([("id", pa.int64()), ("summary", pa.string()), ("error", 
 
 def _units(root: str):
     fs = fsspec.filesystem("file", auto_mkdir=True)
-    write_parquet(fs, f"{root}/part-0.parquet", documents(0, 4))
+    write_parquet(fs, f"{root}/part-0.parquet", numbered_rows(0, 4))
     input_fs, shards = list_shards(root)
     infos, _ = inspect_shards(input_fs, shards)
     return plan_units(infos, 4)
 
 
 def _batches(unit):
-    yield pa.RecordBatch.from_arrays([pa.array(range(unit.num_rows), pa.int64()),
-                                      pa.array(["s"] * unit.num_rows), pa.nulls(unit.num_rows, pa.string())],
-                                     schema=OUT_SCHEMA)
+    yield pa.RecordBatch.from_arrays(
+        [
+            pa.array(range(unit.num_rows), pa.int64()),
+            pa.array(["s"] * unit.num_rows),
+            pa.nulls(unit.num_rows, pa.string()),
+        ],
+        schema=OUT_SCHEMA,
+    )
 
 
 @pytest.fixture(params=["local", "memory", "s3"])
@@ -98,12 +107,9 @@ def test_a_job_on_an_output_another_run_holds_exits_2_and_runs_once_it_is_free(r
     """Finding 5 of issue 12: a second run on an output being written was accepted, and both exited 0."""
     from pipeline.driver import run
     from pipeline.settings import SummarizeSettings
-    from tests.fixtures.corpus import documents as corpus_documents
-    from tests.fixtures.corpus import write_shards
-    from tests.pipeline.test_cluster import FAST, job_command
 
     corpus, out = tmp_path / "corpus", tmp_path / "out"
-    write_shards(corpus, corpus_documents(20, seed=5), files=2, row_group_size=10)
+    write_shards(corpus, documents(20, seed=5), files=2, row_group_size=10)
     holder = OutputLocation(str(out)).lease(timeout=60)  # the first run, alive and renewing
     holder.start_heartbeat()
     try:

@@ -1,4 +1,5 @@
 """What a replica loads: the settings' vocabulary restriction, quantization and CPU head packing, in order."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,7 +1,7 @@
 """Prometheus metrics are emitted during a run and can be scraped from Ray's metrics endpoint."""
+
 from __future__ import annotations
 
-import socket
 import time
 import urllib.request
 
@@ -11,20 +11,15 @@ import pytest
 
 from pipeline.driver import run
 from pipeline.settings import SummarizeSettings
-from tests.fixtures.corpus import documents
+from synthetic.corpus import documents
+from tests.pipeline.helpers import free_port, local_ray
 
 
 @pytest.fixture
 def ray_with_metrics():
-    import ray
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning", _metrics_export_port=port,
-             _system_config={"metrics_report_interval_ms": 1000})
-    yield port
-    ray.shutdown()
+    port = free_port()
+    with local_ray(_metrics_export_port=port, _system_config={"metrics_report_interval_ms": 1000}):
+        yield port
 
 
 def scrape(port: int) -> str:
@@ -43,12 +38,13 @@ def test_documents_and_tokens_are_scraped_from_rays_metrics_endpoint(ray_with_me
     deadline, text = time.monotonic() + 60, ""
     while time.monotonic() < deadline:
         text = scrape(ray_with_metrics)
-        if 'lakesum_documents_total{' in text and "lakesum_accelerator_memory_bytes{" in text:
+        if "lakesum_documents_total{" in text and "lakesum_accelerator_memory_bytes{" in text:
             break
         time.sleep(1)
     lines = [line for line in text.splitlines() if line.startswith("ray_lakesum_")]
-    summarized = [line for line in lines if line.startswith("ray_lakesum_documents_total{") and 'outcome="summarized"' in line]
-    empty = [line for line in lines if line.startswith("ray_lakesum_documents_total{") and 'outcome="empty"' in line]
+    documents_total = [line for line in lines if line.startswith("ray_lakesum_documents_total{")]
+    summarized = [line for line in documents_total if 'outcome="summarized"' in line]
+    empty = [line for line in documents_total if 'outcome="empty"' in line]
     assert summarized and float(summarized[0].rsplit(" ", 1)[1]) == 19, lines
     assert empty and float(empty[0].rsplit(" ", 1)[1]) == 1, lines
     assert any(line.startswith("ray_lakesum_tokens_total{") and 'kind="generated"' in line for line in lines), lines

@@ -1,4 +1,5 @@
 """Transient storage errors: which errors are retried, the backoff, a read resumed and a write replayed."""
+
 from __future__ import annotations
 
 import errno
@@ -9,8 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 from fsspec.implementations.local import LocalFileSystem
 
+from pipeline.footers import ShardReadError
+from pipeline.listing import Shard
 from pipeline.retry import Backoff, Replayable, is_transient, read_resuming, with_retries
-from pipeline.shards import Shard, ShardReadError, WorkUnit
+from pipeline.units import WorkUnit
 
 FAST = Backoff(tries=3, first=0.001, most=0.001)
 
@@ -18,8 +21,9 @@ FAST = Backoff(tries=3, first=0.001, most=0.001)
 def _client_error(code: str, status: int):
     from botocore.exceptions import ClientError
 
-    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                       "GetObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "GetObject"
+    )
 
 
 def _translated(code: str, status: int) -> OSError:
@@ -38,32 +42,40 @@ def _wrapped(error: BaseException) -> ShardReadError:
         return wrapped
 
 
-@pytest.mark.parametrize("error", [
-    ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
-    BrokenPipeError(errno.EPIPE, "Broken pipe"),
-    TimeoutError("read timed out"),
-    OSError(errno.ETIMEDOUT, "Connection timed out"),
-    _translated("SlowDown", 503),  # throttling
-    _translated("InternalError", 500),
-    _translated("SomethingNew", 502),  # a code s3fs does not know: EIO, with the 502 in its cause
-    _client_error("RequestLimitExceeded", 429),
-], ids=lambda e: type(e).__name__ + ":" + str(getattr(e, "errno", "")))
+@pytest.mark.parametrize(
+    "error",
+    [
+        ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"),
+        BrokenPipeError(errno.EPIPE, "Broken pipe"),
+        TimeoutError("read timed out"),
+        OSError(errno.ETIMEDOUT, "Connection timed out"),
+        _translated("SlowDown", 503),  # throttling
+        _translated("InternalError", 500),
+        _translated("SomethingNew", 502),  # a code s3fs does not know: EIO, with the 502 in its cause
+        _client_error("RequestLimitExceeded", 429),
+    ],
+    ids=lambda e: type(e).__name__ + ":" + str(getattr(e, "errno", "")),
+)
 def test_transient_storage_errors_are_retried_even_inside_a_shard_read_error(error):
     assert is_transient(error)
     assert is_transient(_wrapped(error))
 
 
-@pytest.mark.parametrize("error", [
-    FileNotFoundError(errno.ENOENT, "No such file"),
-    PermissionError(errno.EACCES, "Permission denied"),
-    _translated("NoSuchKey", 404),
-    _translated("AccessDenied", 403),
-    _translated("SomethingNew", 400),
-    OSError(errno.EIO, "Input/output error"),  # a failing local disk
-    pa.ArrowInvalid("Parquet magic bytes not found in footer"),  # corrupt data
-    UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
-    RuntimeError("a bug"),
-], ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize(
+    "error",
+    [
+        FileNotFoundError(errno.ENOENT, "No such file"),
+        PermissionError(errno.EACCES, "Permission denied"),
+        _translated("NoSuchKey", 404),
+        _translated("AccessDenied", 403),
+        _translated("SomethingNew", 400),
+        OSError(errno.EIO, "Input/output error"),  # a failing local disk
+        pa.ArrowInvalid("Parquet magic bytes not found in footer"),  # corrupt data
+        UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte"),
+        RuntimeError("a bug"),
+    ],
+    ids=lambda e: type(e).__name__,
+)
 def test_lasting_errors_are_not_retried(error):
     assert not is_transient(error)
     assert not is_transient(_wrapped(error))
@@ -74,7 +86,7 @@ def test_a_lasting_error_raised_while_handling_a_transient_one_is_not_retried():
         try:
             raise ConnectionResetError(errno.ECONNRESET, "reset")
         except ConnectionResetError:
-            raise FileNotFoundError(errno.ENOENT, "gone meanwhile")
+            raise FileNotFoundError(errno.ENOENT, "gone meanwhile")  # noqa: B904 (the implicit chain is the case)
     except FileNotFoundError as error:
         assert not is_transient(error)
 

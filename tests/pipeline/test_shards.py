@@ -1,47 +1,46 @@
 """Inputs -> shards -> work units -> output names, against real Parquet and Arrow files (local, memory://, s3://)."""
+
 from __future__ import annotations
 
+import os
+
 import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import pyarrow as pa
 import pytest
+from fsspec.implementations.local import LocalFileSystem
 
+from model.storage import open_filesystem
 from pipeline.errors import InputError
-from pipeline.shards import (
-    Shard,
-    ShardInfo,
-    ShardReadError,
-    WorkUnit,
-    check_columns,
-    inspect_shard,
-    inspect_shards,
-    list_shards,
-    open_filesystem,
-    plan_units,
-    read_unit,
-)
-from tests.pipeline.conftest import SECRET, documents, write_arrow, write_feather, write_parquet
+from pipeline.footers import ShardInfo, ShardReadError, check_columns, inspect_shard, inspect_shards
+from pipeline.listing import Shard, list_shards
+from pipeline.units import WorkUnit, known_units, plan_units, read_unit
+from tests.pipeline.helpers import SECRET, numbered_rows, write_arrow, write_feather, write_parquet
 
 LOCAL = fsspec.filesystem("file", auto_mkdir=True)  # for writing test lakes
 
 
 def _lake(root, fs=LOCAL) -> None:
     """A Hive-partitioned lake with the files Spark and friends leave around."""
-    write_parquet(fs, f"{root}/date=2026-11-01/part-0.parquet", documents(0, 10), row_group_size=4)
-    write_parquet(fs, f"{root}/date=2026-11-01/part-1.parquet", documents(10, 5))
-    write_parquet(fs, f"{root}/date=2026-11-02/part-0.parquet", documents(15, 7), row_group_size=3)
-    write_arrow(fs, f"{root}/date=2026-11-02/part-1.arrow", documents(22, 6), batch_rows=2)
-    write_parquet(fs, f"{root}/date=2026-12-01/part-0.parquet", documents(28, 2))
+    write_parquet(fs, f"{root}/date=2026-11-01/part-0.parquet", numbered_rows(0, 10), row_group_size=4)
+    write_parquet(fs, f"{root}/date=2026-11-01/part-1.parquet", numbered_rows(10, 5))
+    write_parquet(fs, f"{root}/date=2026-11-02/part-0.parquet", numbered_rows(15, 7), row_group_size=3)
+    write_arrow(fs, f"{root}/date=2026-11-02/part-1.arrow", numbered_rows(22, 6), batch_rows=2)
+    write_parquet(fs, f"{root}/date=2026-12-01/part-0.parquet", numbered_rows(28, 2))
     fs.pipe(f"{root}/_SUCCESS", b"")
     fs.pipe(f"{root}/date=2026-11-01/.part-0.parquet.crc", b"crc")
     fs.pipe(f"{root}/date=2026-11-01/_part-9.parquet", b"not committed")
-    write_parquet(fs, f"{root}/_temporary/0/part-0.parquet", documents(100, 1))
-    write_parquet(fs, f"{root}/.hidden/part-0.parquet", documents(200, 1))
+    write_parquet(fs, f"{root}/_temporary/0/part-0.parquet", numbered_rows(100, 1))
+    write_parquet(fs, f"{root}/.hidden/part-0.parquet", numbered_rows(200, 1))
     fs.pipe(f"{root}/date=2026-11-01/notes.txt", b"not a shard")
 
 
-LAKE_FILES = ["date=2026-11-01/part-0.parquet", "date=2026-11-01/part-1.parquet", "date=2026-11-02/part-0.parquet",
-              "date=2026-11-02/part-1.arrow", "date=2026-12-01/part-0.parquet"]
+LAKE_FILES = [
+    "date=2026-11-01/part-0.parquet",
+    "date=2026-11-01/part-1.parquet",
+    "date=2026-11-02/part-0.parquet",
+    "date=2026-11-02/part-1.arrow",
+    "date=2026-12-01/part-0.parquet",
+]
 
 
 def _all_rows(fs, units: list[WorkUnit], column: str = "id") -> list:
@@ -73,8 +72,11 @@ def test_trailing_slash_and_file_uri_give_the_same_shards(tmp_path):
 def test_glob_is_relative_to_its_directory_prefix_and_double_star_may_prefix_a_name(tmp_path):
     _lake(tmp_path / "lake")
     _, shards = list_shards(f"{tmp_path}/lake/date=2026-11-*/**.parquet")
-    assert [s.relative for s in shards] == ["date=2026-11-01/part-0.parquet", "date=2026-11-01/part-1.parquet",
-                                            "date=2026-11-02/part-0.parquet"]
+    assert [s.relative for s in shards] == [
+        "date=2026-11-01/part-0.parquet",
+        "date=2026-11-01/part-1.parquet",
+        "date=2026-11-02/part-0.parquet",
+    ]
 
 
 def test_glob_matching_partition_folders_takes_every_shard_below_them(tmp_path):
@@ -85,8 +87,9 @@ def test_glob_matching_partition_folders_takes_every_shard_below_them(tmp_path):
 
 def test_list_of_files_is_relative_to_their_common_parent(tmp_path):
     _lake(tmp_path / "lake")
-    _, shards = list_shards([f"{tmp_path}/lake/date=2026-12-01/part-0.parquet",
-                             f"{tmp_path}/lake/date=2026-11-01/part-1.parquet"])
+    _, shards = list_shards(
+        [f"{tmp_path}/lake/date=2026-12-01/part-0.parquet", f"{tmp_path}/lake/date=2026-11-01/part-1.parquet"]
+    )
     assert [s.relative for s in shards] == ["date=2026-11-01/part-1.parquet", "date=2026-12-01/part-0.parquet"]
 
 
@@ -98,10 +101,18 @@ def test_single_file_is_relative_to_its_folder(tmp_path):
 
 def test_list_of_partition_folders_keeps_the_partitions_in_relative_paths(tmp_path):
     _lake(tmp_path / "lake")
-    _, shards = list_shards([f"{tmp_path}/lake/date=2026-12-01", f"{tmp_path}/lake/date=2026-11-02",
-                             f"{tmp_path}/lake/date=2026-11-02/part-0.parquet"])  # named twice: listed once
-    assert [s.relative for s in shards] == ["date=2026-11-02/part-0.parquet", "date=2026-11-02/part-1.arrow",
-                                            "date=2026-12-01/part-0.parquet"]
+    _, shards = list_shards(
+        [
+            f"{tmp_path}/lake/date=2026-12-01",
+            f"{tmp_path}/lake/date=2026-11-02",
+            f"{tmp_path}/lake/date=2026-11-02/part-0.parquet",
+        ]
+    )  # named twice: listed once
+    assert [s.relative for s in shards] == [
+        "date=2026-11-02/part-0.parquet",
+        "date=2026-11-02/part-1.arrow",
+        "date=2026-12-01/part-0.parquet",
+    ]
 
 
 def test_no_shards_is_an_input_error_naming_the_input(tmp_path):
@@ -135,7 +146,7 @@ def test_unknown_protocol_is_an_input_error_without_the_credentials():
 
 
 def test_open_filesystem_takes_the_first_of_a_list(tmp_path):
-    fs, root = open_filesystem([str(tmp_path), "/elsewhere"])
+    fs, root = open_filesystem([str(tmp_path), "/elsewhere"], None, error=InputError)
     assert root == str(tmp_path)
     assert isinstance(fs, type(LOCAL))
 
@@ -155,7 +166,7 @@ def test_parquet_footer_gives_rows_per_row_group_and_the_schema(tmp_path):
 
 @pytest.mark.parametrize("kind", ["arrow", "feather", "ipc-compressed"])
 def test_arrow_ipc_files_give_rows_per_record_batch(tmp_path, kind):
-    table = documents(0, 11)
+    table = numbered_rows(0, 11)
     path = f"{tmp_path}/shard.{'feather' if kind == 'feather' else kind.split('-')[0]}"
     if kind == "feather":
         write_feather(LOCAL, path, table, chunk_rows=4)
@@ -228,7 +239,7 @@ def test_arrow_row_counts_come_from_the_footer_and_batch_headers_not_the_data(tm
 
 def test_arrow_file_without_batches_is_a_zero_row_shard(tmp_path):
     path = tmp_path / "empty.arrow"
-    with pa.ipc.new_file(str(path), documents(0, 0).schema):
+    with pa.ipc.new_file(str(path), numbered_rows(0, 0).schema):
         pass
     fs, [shard] = list_shards(str(path))
     info = inspect_shard(fs, shard)
@@ -236,7 +247,7 @@ def test_arrow_file_without_batches_is_a_zero_row_shard(tmp_path):
 
 
 def test_arrow_stream_format_is_read_as_one_group(tmp_path):
-    write_arrow(LOCAL, f"{tmp_path}/stream.ipc", documents(0, 9), batch_rows=2, stream=True)
+    write_arrow(LOCAL, f"{tmp_path}/stream.ipc", numbered_rows(0, 9), batch_rows=2, stream=True)
     fs, [shard] = list_shards(f"{tmp_path}/stream.ipc")
 
     info = inspect_shard(fs, shard)
@@ -251,8 +262,9 @@ def test_corrupt_parquet_fails_alone_naming_the_file(tmp_path, damage):
     _lake(tmp_path / "lake")
     victim = tmp_path / "lake" / "date=2026-11-02" / "part-0.parquet"
     data = victim.read_bytes()
-    victim.write_bytes({"garbage": b"this is not parquet" * 50, "truncated": data[: len(data) // 2],
-                        "empty": b""}[damage])
+    victim.write_bytes(
+        {"garbage": b"this is not parquet" * 50, "truncated": data[: len(data) // 2], "empty": b""}[damage]
+    )
     fs, shards = list_shards(str(tmp_path / "lake"))
 
     infos, errors = inspect_shards(fs, shards)
@@ -265,10 +277,49 @@ def test_corrupt_parquet_fails_alone_naming_the_file(tmp_path, damage):
         inspect_shard(fs, error.shard)
 
 
+def test_footers_read_by_worker_processes_equal_those_read_inline(tmp_path):
+    _lake(tmp_path / "lake")
+    (tmp_path / "lake" / "date=2026-11-02" / "part-0.parquet").write_bytes(b"this is not parquet" * 50)
+    fs, shards = list_shards(str(tmp_path / "lake"))
+    inline = inspect_shards(fs, shards)
+    in_processes = inspect_shards(fs, shards, processes_from=1)
+    assert in_processes[0] == inline[0] and len(inline[0]) == len(LAKE_FILES) - 1
+    assert [(e.shard, e.reason) for e in in_processes[1]] == [(e.shard, e.reason) for e in inline[1]]
+
+
+def test_an_unchanged_local_file_is_known_by_its_stat_and_a_rewrite_is_not(tmp_path, monkeypatch):
+    from pipeline import commit, footers, listing
+
+    _lake(tmp_path / "lake")
+    fs, listed = list_shards(str(tmp_path / "lake"))
+    assert all(shard.stat is None for shard in listed)  # just written: within the settle time, not trusted
+    monkeypatch.setattr(listing, "STAT_SETTLE_NS", 0)
+    fs, listed = list_shards(str(tmp_path / "lake"))
+    records = {
+        u.shard.relative: [commit._unit_record(u)] for u in plan_units(inspect_shards(fs, listed)[0], 4) if u.start == 0
+    }
+    reads = []
+    real_footer = footers._parquet_footer
+    monkeypatch.setattr(footers, "_parquet_footer", lambda f: reads.append(1) or real_footer(f))
+    shard = next(s for s in listed if s.relative == "date=2026-11-01/part-1.parquet")
+    [known] = known_units(fs, shard, records[shard.relative])
+    assert known.id == records[shard.relative][0].id and reads == []
+
+    # Rewritten with other text and its modification time put back: the change time and inode tell.
+    path = tmp_path / "lake" / shard.relative
+    before = path.stat()
+    write_parquet(LOCAL, str(path), numbered_rows(20, 5))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    fs, relisted = list_shards(str(tmp_path / "lake"))
+    shard = next(s for s in relisted if s.relative == shard.relative)
+    assert known_units(fs, shard, records[shard.relative]) is None and reads == [1]
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated"])
 def test_corrupt_arrow_fails_naming_the_file(tmp_path, damage):
     path = tmp_path / "part-0.arrow"
-    write_arrow(LOCAL, str(path), documents(0, 50), batch_rows=10)
+    write_arrow(LOCAL, str(path), numbered_rows(0, 50), batch_rows=10)
     data = path.read_bytes()
     path.write_bytes(b"\x00garbage" * 40 if damage == "garbage" else data[: len(data) - 30])
     fs, [shard] = list_shards(str(path))
@@ -288,8 +339,9 @@ def test_missing_text_column_names_shard_columns_and_flag():
     info = _info(pa.schema([("id", pa.int64()), ("body", pa.string()), ("lang", pa.string())]))
     with pytest.raises(InputError) as error:
         check_columns(info, "text", "id")
-    assert str(error.value) == ("date=1/part-0.parquet: column 'text' is missing (columns: id, body, lang); "
-                                "pass --text-column")
+    assert str(error.value) == (
+        "date=1/part-0.parquet: column 'text' is missing (columns: id, body, lang); pass --text-column"
+    )
 
 
 def test_text_column_of_the_wrong_type_is_named_with_its_type():
@@ -303,8 +355,7 @@ def test_missing_explicit_id_column_is_named():
     info = _info(pa.schema([("doc", pa.int64()), ("text", pa.string())]))
     with pytest.raises(InputError) as error:
         check_columns(info, "text", "id")
-    assert str(error.value) == ("date=1/part-0.parquet: column 'id' is missing (columns: doc, text); "
-                                "pass --id-column")
+    assert str(error.value) == ("date=1/part-0.parquet: column 'id' is missing (columns: doc, text); pass --id-column")
     check_columns(info, "text", None)  # no id column asked for: fine
 
 
@@ -313,8 +364,10 @@ def test_input_column_named_like_an_output_column_is_refused(column):
     info = _info(pa.schema([("id", pa.int64()), ("text", pa.string()), (column, pa.string())]))
     with pytest.raises(InputError) as error:
         check_columns(info, "text", "id")
-    assert str(error.value) == (f"date=1/part-0.parquet: column '{column}' collides with the output column of that "
-                                "name (outputs add summary, error); rename it in the input")
+    assert str(error.value) == (
+        f"date=1/part-0.parquet: column '{column}' collides with the output column of that "
+        "name (outputs add summary, error); rename it in the input"
+    )
 
 
 @pytest.mark.parametrize("text_type", [pa.string(), pa.large_string(), pa.string_view(), pa.null()])
@@ -333,17 +386,23 @@ def test_text_column_named_summary_is_not_a_collision():
 
 def _sized(relative: str, group_rows: tuple[int, ...]) -> ShardInfo:
     fmt = "arrow" if relative.endswith((".arrow", ".feather", ".ipc")) else "parquet"
-    return ShardInfo(Shard(f"/lake/{relative}", relative, fmt, 1), sum(group_rows), group_rows,
-                     pa.schema([("text", pa.string())]))
+    return ShardInfo(
+        Shard(f"/lake/{relative}", relative, fmt, 1), sum(group_rows), group_rows, pa.schema([("text", pa.string())])
+    )
 
 
 def test_big_file_is_split_into_consecutive_row_group_ranges():
     units = plan_units([_sized("date=1/part-0.parquet", (3, 3, 3, 3, 3))], rows_per_unit=7)
     assert [(u.start, u.stop, u.num_rows, u.whole_file) for u in units] == [
-        (0, 2, 6, False), (2, 4, 6, False), (4, 5, 3, False)]
-    assert [u.output_relative for u in units] == ["date=1/part-0.rg00000-00002.parquet",
-                                                  "date=1/part-0.rg00002-00004.parquet",
-                                                  "date=1/part-0.rg00004-00005.parquet"]
+        (0, 2, 6, False),
+        (2, 4, 6, False),
+        (4, 5, 3, False),
+    ]
+    assert [u.output_relative for u in units] == [
+        "date=1/part-0.rg00000-00002.parquet",
+        "date=1/part-0.rg00002-00004.parquet",
+        "date=1/part-0.rg00004-00005.parquet",
+    ]
 
 
 def test_a_row_group_bigger_than_a_unit_is_a_unit_of_its_own():
@@ -352,16 +411,19 @@ def test_a_row_group_bigger_than_a_unit_is_a_unit_of_its_own():
 
 
 def test_file_that_fits_is_one_whole_unit_named_like_its_input_as_parquet():
-    units = plan_units([_sized("date=1/part-0.arrow", (3, 4)), _sized("date=1/part-1.parquet", (5,))],
-                       rows_per_unit=7)
+    units = plan_units([_sized("date=1/part-0.arrow", (3, 4)), _sized("date=1/part-1.parquet", (5,))], rows_per_unit=7)
     assert [(u.start, u.stop, u.num_rows, u.whole_file, u.output_relative) for u in units] == [
-        (0, 2, 7, True, "date=1/part-0.parquet"), (0, 1, 5, True, "date=1/part-1.parquet")]
+        (0, 2, 7, True, "date=1/part-0.parquet"),
+        (0, 1, 5, True, "date=1/part-1.parquet"),
+    ]
 
 
 def test_zero_row_files_still_get_one_unit():
     units = plan_units([_sized("empty.parquet", ()), _sized("empty-groups.parquet", (0, 0))], rows_per_unit=5)
     assert [(u.shard.relative, u.start, u.stop, u.num_rows, u.whole_file) for u in units] == [
-        ("empty-groups.parquet", 0, 2, 0, True), ("empty.parquet", 0, 0, 0, True)]
+        ("empty-groups.parquet", 0, 2, 0, True),
+        ("empty.parquet", 0, 0, 0, True),
+    ]
 
 
 def test_planning_is_deterministic_and_ids_are_unique_and_file_name_safe():
@@ -375,8 +437,9 @@ def test_planning_is_deterministic_and_ids_are_unique_and_file_name_safe():
 
 
 def test_two_inputs_with_one_output_name_are_refused():
-    with pytest.raises(InputError, match="part-0.arrow and date=1/part-0.parquet would both be written to "
-                                         "date=1/part-0.parquet"):
+    with pytest.raises(
+        InputError, match="part-0.arrow and date=1/part-0.parquet would both be written to date=1/part-0.parquet"
+    ):
         plan_units([_sized("date=1/part-0.arrow", (1,)), _sized("date=1/part-0.parquet", (1,))], rows_per_unit=5)
 
 
@@ -391,8 +454,11 @@ def test_read_unit_streams_exactly_its_rows_in_order(tmp_path):
     assert not errors
     units = plan_units(infos, rows_per_unit=4)
     assert [(u.shard.relative, u.start, u.stop) for u in units][:4] == [
-        ("date=2026-11-01/part-0.parquet", 0, 1), ("date=2026-11-01/part-0.parquet", 1, 2),
-        ("date=2026-11-01/part-0.parquet", 2, 3), ("date=2026-11-01/part-1.parquet", 0, 1)]
+        ("date=2026-11-01/part-0.parquet", 0, 1),
+        ("date=2026-11-01/part-0.parquet", 1, 2),
+        ("date=2026-11-01/part-0.parquet", 2, 3),
+        ("date=2026-11-01/part-1.parquet", 0, 1),
+    ]
 
     for unit in units:
         batches = list(read_unit(fs, unit))
@@ -413,7 +479,7 @@ def test_read_unit_projects_columns_in_the_order_asked(tmp_path):
 
 
 def test_read_unit_of_a_zero_row_file_yields_nothing(tmp_path):
-    write_parquet(LOCAL, f"{tmp_path}/empty.parquet", documents(0, 0))
+    write_parquet(LOCAL, f"{tmp_path}/empty.parquet", numbered_rows(0, 0))
     fs, shards = list_shards(str(tmp_path))
     [unit] = plan_units(inspect_shards(fs, shards)[0], rows_per_unit=5)
     assert unit.num_rows == 0
@@ -421,7 +487,7 @@ def test_read_unit_of_a_zero_row_file_yields_nothing(tmp_path):
 
 
 def test_read_failure_after_planning_is_a_shard_read_error_naming_the_file(tmp_path):
-    write_parquet(LOCAL, f"{tmp_path}/part-0.parquet", documents(0, 20), row_group_size=5)
+    write_parquet(LOCAL, f"{tmp_path}/part-0.parquet", numbered_rows(0, 20), row_group_size=5)
     fs, shards = list_shards(str(tmp_path))
     [unit] = plan_units(inspect_shards(fs, shards)[0], rows_per_unit=100)
     data = (tmp_path / "part-0.parquet").read_bytes()

@@ -1,5 +1,6 @@
 """The Summarizer's stages on their own (no Ray): bad rows are rows, every text type reads, long documents are cut
 before tokenizing, and running out of memory in generation costs a smaller window, not the rows."""
+
 from __future__ import annotations
 
 import random
@@ -10,13 +11,14 @@ import pytest
 import torch
 
 from model import MT5ForConditionalGeneration, MT5Tokenizer
-from model.continuous import generate_stream
+from model.decode import generate_stream
 from pipeline.errors import InputError
+from pipeline.footers import ShardInfo, check_columns
+from pipeline.listing import Shard
 from pipeline.settings import SummarizeSettings
-from pipeline.shards import Shard, ShardInfo, check_columns
 from pipeline.stages import MAX_CHARS_PER_TOKEN, Summarizer
-from tests.fixtures.corpus import documents
-from tests.fixtures.spiece import _CJK_WORDS, _WORDS
+from synthetic.corpus import documents
+from synthetic.spiece import CJK_WORDS, WORDS
 
 # Two beams, so that the window arithmetic (rows = documents x beams) is exercised; four documents at once.
 SETTINGS = dict(num_beams=2, max_new_tokens=6, batch_size=4, max_input_tokens=64, max_batch_tokens=1024)
@@ -43,8 +45,9 @@ def clean(model_and_tokenizer, tiny_checkpoint, docs):
 
 def _summarize(model_and_tokenizer, checkpoint, table: pa.Table, tokenizer=None, **settings):
     model, own_tokenizer = model_and_tokenizer
-    summarizer = Summarizer(model, tokenizer or own_tokenizer,
-                            SummarizeSettings(model=str(checkpoint), **{**SETTINGS, **settings}))
+    summarizer = Summarizer(
+        model, tokenizer or own_tokenizer, SummarizeSettings(model=str(checkpoint), **{**SETTINGS, **settings})
+    )
     try:
         return summarizer.summarize_table(table)
     finally:
@@ -70,8 +73,8 @@ def _info(schema: pa.Schema) -> ShardInfo:
 
 # --- bad rows are rows ----------------------------------------------------------------------------------------
 
-def test_invalid_utf8_in_a_parquet_file_fails_only_its_row(model_and_tokenizer, tiny_checkpoint, docs, clean,
-                                                            tmp_path):
+
+def test_invalid_utf8_in_a_parquet_file_fails_only_its_row(model_and_tokenizer, tiny_checkpoint, docs, clean, tmp_path):
     """Parquet keeps the bad bytes and pyarrow reads them back unchecked: the row gets an error naming the byte and
     its offset, and every other row gets the summary of a clean run."""
     table = pa.table({"id": [d["id"] for d in docs], "text": _text_column(docs, pa.string())})
@@ -80,22 +83,32 @@ def test_invalid_utf8_in_a_parquet_file_fails_only_its_row(model_and_tokenizer, 
 
     rows = out.to_pylist()
     assert rows[BAD_ROW]["summary"] is None
-    assert rows[BAD_ROW]["error"] == ("column 'text' is not valid UTF-8 (byte 0xe9 at offset 6); fix the row in the "
-                                      "input")
+    assert rows[BAD_ROW]["error"] == (
+        "column 'text' is not valid UTF-8 (byte 0xe9 at offset 6); fix the row in the input"
+    )
     for n, (row, summary) in enumerate(zip(rows, clean)):
         if n != BAD_ROW:
             assert row["summary"] == summary and row["error"] is None, n
     assert stats.rows == len(docs) and stats.failed_rows == 1 and stats.empty == 0
 
 
-TEXT_TYPES = [pa.string(), pa.large_string(), pa.string_view(), pa.binary(), pa.large_binary(), pa.binary_view(),
-              pa.dictionary(pa.int32(), pa.string()), pa.dictionary(pa.int32(), pa.large_string()),
-              pa.dictionary(pa.int32(), pa.binary())]
+TEXT_TYPES = [
+    pa.string(),
+    pa.large_string(),
+    pa.string_view(),
+    pa.binary(),
+    pa.large_binary(),
+    pa.binary_view(),
+    pa.dictionary(pa.int32(), pa.string()),
+    pa.dictionary(pa.int32(), pa.large_string()),
+    pa.dictionary(pa.int32(), pa.binary()),
+]
 
 
 @pytest.mark.parametrize("text_type", TEXT_TYPES, ids=str)
-def test_every_text_type_is_accepted_and_summarized_as_a_string_column(model_and_tokenizer, tiny_checkpoint, docs,
-                                                                       clean, text_type):
+def test_every_text_type_is_accepted_and_summarized_as_a_string_column(
+    model_and_tokenizer, tiny_checkpoint, docs, clean, text_type
+):
     """Dictionary-encoded, large, view and UTF-8 binary text columns pass the job's column check and give the
     summaries of a plain string column; a value that is not UTF-8 fails its own row in each of them."""
     table = pa.table({"id": [d["id"] for d in docs], "text": _text_column(docs, text_type)})
@@ -104,7 +117,7 @@ def test_every_text_type_is_accepted_and_summarized_as_a_string_column(model_and
 
     out, stats = _summarize(model_and_tokenizer, tiny_checkpoint, table)
     summaries, errors = out.column("summary").to_pylist(), out.column("error").to_pylist()
-    assert summaries[:BAD_ROW] + summaries[BAD_ROW + 1:] == clean[:BAD_ROW] + clean[BAD_ROW + 1:]
+    assert summaries[:BAD_ROW] + summaries[BAD_ROW + 1 :] == clean[:BAD_ROW] + clean[BAD_ROW + 1 :]
     assert summaries[BAD_ROW] is None and "not valid UTF-8 (byte 0xe9 at offset 6)" in errors[BAD_ROW]
     assert stats.failed_rows == 1
 
@@ -121,6 +134,7 @@ def test_check_columns_still_refuses_a_text_column_that_is_not_text(text_type):
 
 
 # --- long documents -------------------------------------------------------------------------------------------
+
 
 class RecordingTokenizer:
     """The real tokenizer, noting the longest text it is asked to tokenize."""
@@ -140,9 +154,9 @@ class RecordingTokenizer:
 def _long_text(kind: str, chars: int) -> str:
     rng = random.Random(7)
     if kind == "unspaced":  # Chinese as it is written: one "word" of two million characters
-        words, separator = [w for words in _CJK_WORDS.values() for w in words], ""
+        words, separator = [w for words in CJK_WORDS.values() for w in words], ""
     else:
-        words = [w for words in _WORDS.values() for w in words]
+        words = [w for words in WORDS.values() for w in words]
         # wide: more characters per token than the first cut allows for, so the cut has to be doubled
         separator = " " * 12 if kind == "wide-spaced" else " "
     pieces, length = [], 0
@@ -154,7 +168,8 @@ def _long_text(kind: str, chars: int) -> str:
 
 @pytest.mark.parametrize("kind", ["spaced", "wide-spaced", "unspaced"])
 def test_long_document_is_cut_before_tokenizing_and_summarized_as_its_token_truncation(
-        model_and_tokenizer, tiny_checkpoint, docs, kind):
+    model_and_tokenizer, tiny_checkpoint, docs, kind
+):
     """A 2-million-character document: the tokenizer never sees more than MAX_CHARS_PER_TOKEN x max_input_tokens
     characters of it, and its summary is generate()'s on the whole document truncated to max_input_tokens."""
     model, tokenizer = model_and_tokenizer
@@ -175,15 +190,19 @@ def test_long_document_is_cut_before_tokenizing_and_summarized_as_its_token_trun
 
 # --- out of memory in generation ------------------------------------------------------------------------------
 
-CPU_OUT_OF_MEMORY = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
-                                 "memory: you tried to allocate 1125899906842624 bytes. Error code 12 (Cannot "
-                                 "allocate memory)")
+CPU_OUT_OF_MEMORY = RuntimeError(
+    "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+    "memory: you tried to allocate 1125899906842624 bytes. Error code 12 (Cannot "
+    "allocate memory)"
+)
 
 
-@pytest.mark.parametrize("fault", [torch.OutOfMemoryError("CUDA out of memory (injected)"), CPU_OUT_OF_MEMORY],
-                         ids=["cuda", "cpu"])
-def test_out_of_memory_halves_the_window_and_redoes_only_unfinished_rows(model_and_tokenizer, tiny_checkpoint, docs,
-                                                                         clean, monkeypatch, fault):
+@pytest.mark.parametrize(
+    "fault", [torch.OutOfMemoryError("CUDA out of memory (injected)"), CPU_OUT_OF_MEMORY], ids=["cuda", "cpu"]
+)
+def test_out_of_memory_halves_the_window_and_redoes_only_unfinished_rows(
+    model_and_tokenizer, tiny_checkpoint, docs, clean, monkeypatch, fault
+):
     """Generation runs out of memory whenever it is asked for more than one document at once, after finishing
     one: the window is halved twice (4 documents, 2, 1), the rows already finished are not decoded again, and
     the summaries are a clean run's."""
@@ -217,8 +236,9 @@ def test_out_of_memory_halves_the_window_and_redoes_only_unfinished_rows(model_a
         _summarize(model_and_tokenizer, tiny_checkpoint, pa.Table.from_pylist(docs))
 
 
-def test_document_out_of_memory_alone_fails_only_its_row(model_and_tokenizer, tiny_checkpoint, docs, clean,
-                                                         monkeypatch):
+def test_document_out_of_memory_alone_fails_only_its_row(
+    model_and_tokenizer, tiny_checkpoint, docs, clean, monkeypatch
+):
     """One document runs out of memory whenever it is admitted: the window is halved down to one document, then
     that document alone gets an error and every other one its summary."""
     poison = 6
@@ -229,12 +249,51 @@ def test_document_out_of_memory_alone_fails_only_its_row(model_and_tokenizer, ti
                 if row == poison:
                     raise torch.OutOfMemoryError("CUDA out of memory (injected)")
                 yield row, ids
+
         return generate_stream(model, documents(), config, max_rows=max_rows, max_tokens=max_tokens)
 
     monkeypatch.setattr("pipeline.stages.generate_stream", poisoned_stream)
     out, stats = _summarize(model_and_tokenizer, tiny_checkpoint, pa.Table.from_pylist(docs))
     summaries, errors = out.column("summary").to_pylist(), out.column("error").to_pylist()
     assert summaries[poison] is None and errors[poison].startswith("out of memory summarizing this document alone")
-    assert summaries[:poison] + summaries[poison + 1:] == clean[:poison] + clean[poison + 1:]
-    assert errors[:poison] + errors[poison + 1:] == [None] * (len(docs) - 1)
+    assert summaries[:poison] + summaries[poison + 1 :] == clean[:poison] + clean[poison + 1 :]
+    assert errors[:poison] + errors[poison + 1 :] == [None] * (len(docs) - 1)
     assert stats.oom_retries == 2 and stats.failed_rows == 1
+
+
+# --- one stream -----------------------------------------------------------------------------------------------
+
+
+def test_windows_of_small_row_groups_share_one_stream(model_and_tokenizer, tiny_checkpoint, docs, clean, monkeypatch):
+    """Row groups of two rows make windows of two rows. Their rows join one stream, batch_size documents at once,
+    rather than a stream per window that drains at its end; the summaries are a clean run's. (Each decode step
+    is slowed, so that the windows are all queued while the first one decodes.)"""
+    import time
+
+    from model.decode_batch import DecodeBatch
+    from pipeline.stages import Stats
+
+    streams, widths = [], []
+
+    def counted_stream(model, rows, config, max_rows, max_tokens):
+        streams.append(max_rows)
+        return generate_stream(model, rows, config, max_rows=max_rows, max_tokens=max_tokens)
+
+    original = DecodeBatch.logits
+
+    def slow_logits(self):
+        widths.append(len(self))
+        time.sleep(0.05)
+        return original(self)
+
+    monkeypatch.setattr("pipeline.stages.generate_stream", counted_stream)
+    monkeypatch.setattr(DecodeBatch, "logits", slow_logits)
+    model, tokenizer = model_and_tokenizer
+    summarizer = Summarizer(model, tokenizer, SummarizeSettings(model=str(tiny_checkpoint), **SETTINGS))
+    try:
+        out = list(summarizer.stream(pa.Table.from_pylist(docs).to_batches(max_chunksize=2), Stats()))
+    finally:
+        summarizer.close()
+    assert pa.Table.from_batches(out).column("summary").to_pylist() == clean
+    assert len(streams) == 1
+    assert max(widths) == SETTINGS["batch_size"]

@@ -1,4 +1,5 @@
 """The summarize job end to end on a local Ray: exactly once, in order, equal to generate, bad input answered."""
+
 from __future__ import annotations
 
 import json
@@ -6,25 +7,19 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-from model import MT5ForConditionalGeneration, MT5Tokenizer, ModelLoadError
+from model import ModelLoadError, MT5ForConditionalGeneration, MT5Tokenizer
 from model.generate import GenerationConfig
 from pipeline.driver import model_fingerprint, run
 from pipeline.errors import InputError, OutputError
 from pipeline.settings import SummarizeSettings
 from pipeline.stages import EMPTY_TEXT, Stats, Summarizer
-from tests.fixtures.corpus import documents, write_shards
-
-REPO = Path(__file__).resolve().parents[2]
-SETTINGS = dict(num_beams=2, max_new_tokens=8, rows_per_unit=10, batch_size=4, max_input_tokens=256,
-                max_batch_tokens=1024)
+from synthetic.corpus import documents, write_shards
+from tests.pipeline.helpers import REPO, SETTINGS, local_job_env, read_output
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +33,6 @@ def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
     write_shards(root, docs, files=3, row_group_size=8)
     return root, docs
-
-
-def read_output(out) -> pa.Table:
-    return pads.dataset(str(out), format="parquet", partitioning="hive").to_table()
 
 
 def test_every_row_once_in_order_and_equal_to_generate(ray_local, corpus, tiny_checkpoint, tmp_path):
@@ -69,9 +60,10 @@ def test_every_row_once_in_order_and_equal_to_generate(ray_local, corpus, tiny_c
     by_id = {row["id"]: row for row in table.to_pylist()}
     fine = [d for d in docs if d["text"] and d["text"].strip()]
     for start in range(0, len(fine), 8):
-        chunk = fine[start:start + 8]
-        batch = tokenizer([d["text"] for d in chunk], max_length=256, truncation=True, padding=True,
-                          return_tensors="pt")
+        chunk = fine[start : start + 8]
+        batch = tokenizer(
+            [d["text"] for d in chunk], max_length=256, truncation=True, padding=True, return_tensors="pt"
+        )
         out = model.generate(**batch, **settings.generation())
         for doc, summary in zip(chunk, tokenizer.batch_decode(out, skip_special_tokens=True)):
             assert by_id[doc["id"]]["summary"] == summary, doc["id"]
@@ -122,8 +114,9 @@ def test_broken_model_fails_before_the_cluster_works(ray_local, corpus, tiny_che
     with pytest.raises(ModelLoadError, match="spiece.model"):
         run(SummarizeSettings(model=str(broken), **SETTINGS), str(root), str(tmp_path / "out"), replicas=1)
     with pytest.raises(ModelLoadError, match="nowhere"):
-        run(SummarizeSettings(model=str(tmp_path / "nowhere"), **SETTINGS), str(root), str(tmp_path / "out"),
-            replicas=1)
+        run(
+            SummarizeSettings(model=str(tmp_path / "nowhere"), **SETTINGS), str(root), str(tmp_path / "out"), replicas=1
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -133,10 +126,25 @@ def test_corrupt_shard_fails_alone_and_the_job_exits_1(corpus, tiny_checkpoint, 
     data = tmp_path / "data"
     shutil.copytree(root, data)
     (data / "lang_group=b" / "part-999.parquet").write_bytes(b"PAR1 this is not parquet at all PAR1")
-    cmd = [sys.executable, str(REPO / "jobs/summarize.py"), "--model", str(tiny_checkpoint), "--input", str(data),
-           "--output", str(tmp_path / "out"), "--replicas", "1", "--num-beams", "1", "--max-new-tokens", "4",
-           "--rows-per-unit", "30"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
+    cmd = [
+        sys.executable,
+        str(REPO / "jobs/summarize.py"),
+        "--model",
+        str(tiny_checkpoint),
+        "--input",
+        str(data),
+        "--output",
+        str(tmp_path / "out"),
+        "--replicas",
+        "1",
+        "--num-beams",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--rows-per-unit",
+        "30",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=local_job_env())
     assert done.returncode == 1, done.stderr
     assert "FAILED lang_group=b/part-999.parquet" in done.stderr
     assert read_output(tmp_path / "out").num_rows == len(docs)
@@ -146,18 +154,20 @@ def test_corrupt_shard_fails_alone_and_the_job_exits_1(corpus, tiny_checkpoint, 
 
 
 def test_usage_errors_exit_2(tiny_checkpoint, tmp_path):
-    cmd = [sys.executable, str(REPO / "jobs/summarize.py"), "--model", str(tiny_checkpoint), "--input",
-           str(tmp_path), "--output", str(tmp_path / "out"), "--num-beams", "0"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=_env())
+    cmd = [
+        sys.executable,
+        str(REPO / "jobs/summarize.py"),
+        "--model",
+        str(tiny_checkpoint),
+        "--input",
+        str(tmp_path),
+        "--output",
+        str(tmp_path / "out"),
+        "--num-beams",
+        "0",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=local_job_env())
     assert done.returncode == 2 and "--num-beams must be >= 1" in done.stderr
-
-
-def _env() -> dict:
-    import os
-    env = dict(os.environ)
-    env["RAY_ADDRESS"] = "local"  # a Ray of its own, not one that `ray start` left on this machine
-    env["PYTHONPATH"] = str(REPO)
-    return env
 
 
 @pytest.mark.parametrize("num_beams", [1, 3])
@@ -167,8 +177,14 @@ def test_summaries_with_continuous_batching_equal_generate_per_document(corpus, 
     _, docs = corpus
     model = MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
     tokenizer = MT5Tokenizer.from_pretrained(tiny_checkpoint)
-    settings = SummarizeSettings(model=str(tiny_checkpoint), num_beams=num_beams, max_new_tokens=12, batch_size=4,
-                                 max_input_tokens=256, max_batch_tokens=512)
+    settings = SummarizeSettings(
+        model=str(tiny_checkpoint),
+        num_beams=num_beams,
+        max_new_tokens=12,
+        batch_size=4,
+        max_input_tokens=256,
+        max_batch_tokens=512,
+    )
     summarizer = Summarizer(model, tokenizer, settings)
     table, stats = summarizer.summarize_table(pa.Table.from_pylist(docs))
     summarizer.close()
@@ -185,6 +201,7 @@ def test_summaries_with_continuous_batching_equal_generate_per_document(corpus, 
 
 # --- overlap ----------------------------------------------------------------------------------------
 
+
 class SleepingModel:
     """Stands in for the accelerator: 0.2 s per batch_size documents, then EOS right away."""
 
@@ -197,7 +214,7 @@ class SleepingModel:
         rows = list(rows)
         for start in range(0, len(rows), max_rows):
             time.sleep(self.seconds)
-            yield from ((key, [0, 1]) for key, _ in rows[start:start + max_rows])
+            yield from ((key, [0, 1]) for key, _ in rows[start : start + max_rows])
 
 
 def test_reading_tokenizing_and_writing_hide_behind_the_model(tiny_checkpoint, monkeypatch):
@@ -213,7 +230,7 @@ def test_reading_tokenizing_and_writing_hide_behind_the_model(tiny_checkpoint, m
     def slow_reader():
         for start in range(0, len(docs), 8):
             time.sleep(0.1)
-            yield pa.RecordBatch.from_pylist(docs[start:start + 8])
+            yield pa.RecordBatch.from_pylist(docs[start : start + 8])
 
     stats = Stats()
     start = time.perf_counter()
@@ -263,7 +280,8 @@ def test_model_identity_is_its_bytes_not_its_file_times(tiny_checkpoint, tmp_pat
 
 
 def test_a_hub_id_is_pinned_to_one_commit_recorded_in_the_manifest_and_loaded_by_every_replica(
-        tiny_checkpoint, tmp_path, monkeypatch):
+    tiny_checkpoint, tmp_path, monkeypatch
+):
     """No hub is reachable here: an HF cache laid out as huggingface_hub writes it, read offline by the job and by
     its replicas (a local Ray started by the job, so they share its environment)."""
     commit, later = "0123456789abcdef0123456789abcdef01234567", "89abcdef0123456789abcdef0123456789abcdef"
@@ -274,8 +292,20 @@ def test_a_hub_id_is_pinned_to_one_commit_recorded_in_the_manifest_and_loaded_by
     corpus, out = tmp_path / "corpus", tmp_path / "out"
     write_shards(corpus, documents(12, seed=4), files=2, row_group_size=6)
     env = {**_job_env(), "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}
-    command = [sys.executable, str(REPO / "jobs/summarize.py"), "--model", "lakesum-test/tiny-mt5", "--input",
-               str(corpus), "--output", str(out), "--num-beams", "1", "--max-new-tokens", "4"]
+    command = [
+        sys.executable,
+        str(REPO / "jobs/summarize.py"),
+        "--model",
+        "lakesum-test/tiny-mt5",
+        "--input",
+        str(corpus),
+        "--output",
+        str(out),
+        "--num-beams",
+        "1",
+        "--max-new-tokens",
+        "4",
+    ]
 
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -312,14 +342,18 @@ def test_a_rerun_parses_only_the_footers_of_files_that_changed(ray_local, tiny_c
     settings = SummarizeSettings(model=str(tiny_checkpoint), **dict(SETTINGS, num_beams=1, max_new_tokens=4))
     inspected = []
     real = pipeline.driver.inspect_shards
-    monkeypatch.setattr(pipeline.driver, "inspect_shards",
-                        lambda fs, shards: inspected.append([s.relative for s in shards]) or real(fs, shards))
+    monkeypatch.setattr(
+        pipeline.driver,
+        "inspect_shards",
+        lambda fs, shards: inspected.append([s.relative for s in shards]) or real(fs, shards),
+    )
 
     assert run(settings, str(corpus), str(out), replicas=1).success
     assert run(settings, str(corpus), str(out), replicas=1).success
     rewritten = pq.read_table(paths[1])
-    pq.write_table(rewritten.set_column(2, "text", pa.array(["new text"] * rewritten.num_rows)), paths[1],
-                   row_group_size=4)
+    pq.write_table(
+        rewritten.set_column(2, "text", pa.array(["new text"] * rewritten.num_rows)), paths[1], row_group_size=4
+    )
     again = run(settings, str(corpus), str(out), replicas=1)
     assert again.success and again.redone == 1 and again.stats.rows == 8
     assert [len(x) for x in inspected] == [3, 0, 1] and inspected[2] == [paths[1].relative_to(corpus).as_posix()]

@@ -1,5 +1,6 @@
 """--output-vocabulary through the job: summaries use only the sample's pieces; a missing file or another
 sample is answered before any work."""
+
 from __future__ import annotations
 
 import pyarrow.dataset as pads
@@ -11,10 +12,11 @@ from pipeline.driver import run
 from pipeline.errors import InputError, OutputError
 from pipeline.settings import SummarizeSettings
 from pipeline.vocabulary import kept_ids
-from tests.fixtures.corpus import documents, write_shards
+from synthetic.corpus import documents, write_shards
 
-SETTINGS = dict(num_beams=2, max_new_tokens=8, rows_per_unit=20, batch_size=8, max_input_tokens=64,
-                max_batch_tokens=512)
+SETTINGS = dict(
+    num_beams=2, max_new_tokens=8, rows_per_unit=20, batch_size=8, max_input_tokens=64, max_batch_tokens=512
+)
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +31,10 @@ def corpus(tmp_path_factory):
 def sample(tmp_path):
     """A user's sample text: English and German documents, one a line."""
     path = tmp_path / "sample.txt"
-    path.write_text("\n".join(d["text"] for d in documents(60, seed=7, max_sentences=2) if d["lang"] in ("en", "de")),
-                    encoding="utf-8")
+    path.write_text(
+        "\n".join(d["text"] for d in documents(60, seed=7, max_sentences=2) if d["lang"] in ("en", "de")),
+        encoding="utf-8",
+    )
     return path
 
 
@@ -39,8 +43,9 @@ def test_summaries_use_only_the_pieces_of_the_sample(ray_local, corpus, tiny_che
     settings = SummarizeSettings(model=str(tiny_checkpoint), output_vocabulary=str(sample), **SETTINGS)
     report = run(settings, str(root), str(tmp_path / "out"), replicas=1, progress_every=5)
     assert report.success and report.stats.rows == len(docs)
-    summaries = {r["id"]: r["summary"] for r in pads.dataset(str(tmp_path / "out"), format="parquet").to_table()
-                 .to_pylist()}
+    summaries = {
+        r["id"]: r["summary"] for r in pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    }
 
     # What the restricted model generates in this process, whose ids we can see.
     tokenizer = MT5Tokenizer.from_pretrained(tiny_checkpoint)
@@ -54,11 +59,13 @@ def test_summaries_use_only_the_pieces_of_the_sample(ray_local, corpus, tiny_che
         assert summaries[doc["id"]] == summary, doc["id"]
 
 
-def test_another_sample_behind_the_same_path_is_refused_like_other_settings(ray_local, corpus, tiny_checkpoint,
-                                                                            sample, tmp_path):
+def test_another_sample_behind_the_same_path_is_refused_like_other_settings(
+    ray_local, corpus, tiny_checkpoint, sample, tmp_path
+):
     root, _ = corpus
-    settings = SummarizeSettings(model=str(tiny_checkpoint), output_vocabulary=str(sample),
-                                 **{**SETTINGS, "max_new_tokens": 2})
+    settings = SummarizeSettings(
+        model=str(tiny_checkpoint), output_vocabulary=str(sample), **{**SETTINGS, "max_new_tokens": 2}
+    )
     assert run(settings, str(root), str(tmp_path / "out"), replicas=1).success
     sample.write_text(sample.read_text(encoding="utf-8") + "\nэто река озеро город", encoding="utf-8")
     with pytest.raises(OutputError, match="output_vocabulary_hash.*--overwrite"):
@@ -80,9 +87,36 @@ def test_a_missing_or_empty_sample_fails_before_any_work(ray_local, corpus, tiny
 def test_the_flags_reach_the_settings_and_int8_dynamic_refuses_half_precision(tiny_checkpoint, tmp_path, capsys):
     from jobs.summarize import build_parser, main
 
-    args = build_parser().parse_args(["--model", "m", "--input", "i", "--output", "o", "--output-vocabulary",
-                                      "s3://bucket/sample.txt", "--quantization", "int8-dynamic"])
+    args = build_parser().parse_args(
+        [
+            "--model",
+            "m",
+            "--input",
+            "i",
+            "--output",
+            "o",
+            "--output-vocabulary",
+            "s3://bucket/sample.txt",
+            "--quantization",
+            "int8-dynamic",
+        ]
+    )
     assert (args.output_vocabulary, args.quantization) == ("s3://bucket/sample.txt", "int8-dynamic")
-    assert main(["--model", str(tiny_checkpoint), "--input", str(tmp_path), "--output", str(tmp_path / "out"),
-                 "--quantization", "int8-dynamic", "--dtype", "bfloat16"]) == 2
+    assert (
+        main(
+            [
+                "--model",
+                str(tiny_checkpoint),
+                "--input",
+                str(tmp_path),
+                "--output",
+                str(tmp_path / "out"),
+                "--quantization",
+                "int8-dynamic",
+                "--dtype",
+                "bfloat16",
+            ]
+        )
+        == 2
+    )
     assert "--quantization int8-dynamic computes in float32" in capsys.readouterr().err

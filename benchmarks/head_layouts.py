@@ -1,0 +1,99 @@
+"""The output head's matmul on CPU, in each layout it could be held in: which one model/packed.py keeps.
+
+    .venv/bin/python benchmarks/head_layouts.py --threads 1 --out benchmarks/results/head-layouts.json
+
+mT5's head is [vocab, d_model] ([250112, 512] for mt5-small); a decode step multiplies [rows, d_model] by it,
+rows being batch x beams. Timed, at each row count, interleaved so that other load on the machine hits every
+layout alike (median of --repeats calls):
+- float32 row-major: nn.Linear as loaded (MKL, transposed B);
+- float32 column-major: the same weight stored transposed (MKL, plain B), the layout that was dropped;
+- float32 oneDNN-packed: model.packed.PackedLinear, the layout model.load_for_inference gives a CPU head;
+- int8-dynamic: what quantization="int8-dynamic" makes of the head, where no float layout applies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def layouts(vocab: int, d_model: int) -> dict:
+    from model.packed import PackedLinear
+    from model.quantize import _dynamic_int8_layer
+
+    torch.manual_seed(0)
+    linear = nn.Linear(d_model, vocab, bias=False).requires_grad_(False)
+    row_major = linear.weight.detach().contiguous()
+    column_major = row_major.t().contiguous().t()
+    packed, int8 = PackedLinear(linear), _dynamic_int8_layer(linear)
+    return {
+        "fp32 row-major": lambda x: F.linear(x, row_major),
+        "fp32 column-major": lambda x: F.linear(x, column_major),
+        "fp32 oneDNN-packed": packed,
+        "int8-dynamic": int8,
+    }
+
+
+def main(argv=None) -> None:
+    from benchmarks.run import machine, write_report
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--vocab", type=int, default=250112)
+    p.add_argument("--d-model", type=int, default=512)
+    p.add_argument("--rows", default="1,4,16,64,128", help="row counts: batch x beams of a decode step")
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    load_before = os.getloadavg()[0]
+    heads = layouts(args.vocab, args.d_model)
+    results = []
+    with torch.inference_mode():
+        for rows in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(rows, args.d_model)
+            times: dict[str, list[float]] = {name: [] for name in heads}
+            for head in heads.values():
+                head(x)
+            for _ in range(args.repeats):
+                for name, head in heads.items():
+                    start = time.perf_counter()
+                    head(x)
+                    times[name].append(time.perf_counter() - start)
+            results.append({"rows": rows, **{name: round(1000 * statistics.median(t), 2) for name, t in times.items()}})
+    report = {
+        "benchmark": "lakesum CPU output-head layouts, median ms per [rows, d_model] x [d_model, vocab]",
+        "command": "python "
+        + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine(argparse.Namespace(threads=args.threads, device="cpu")),
+        "setup": {"vocab": args.vocab, "d_model": args.d_model, "repeats": args.repeats},
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "results": results,
+    }
+    print(
+        f"{report['machine']['cpu']}, {args.threads} thread(s), torch {torch.__version__}, load average "
+        f"{report['load_average'][0]} -> {report['load_average'][1]}; median ms"
+    )
+    print("| rows | " + " | ".join(heads) + " |")
+    print("|---" * (len(heads) + 1) + "|")
+    for r in results:
+        print(f"| {r['rows']} | " + " | ".join(f"{r[name]:.1f}" for name in heads) + " |")
+    write_report(report, args.out, "head-layouts")
+
+
+if __name__ == "__main__":
+    main()

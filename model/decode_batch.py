@@ -1,0 +1,226 @@
+"""The documents decoding together, and the rows, caches and encoder side they hold, as documents join and leave.
+
+A document takes a slot: rows_per_document consecutive rows (num_beams for beam search, one per sample
+when sampling several, else one), each with its sequence, length and self-attention caches, and one
+encoder side (cross-attention keys and values, mask) shared by its rows. New documents are encoded
+together, in groups of similar length, and start at position 0 while the others go on, each row at its
+own length: the decoder's bias and cache writes are per row. Finished documents leave, or hand their
+slots to the next ones, so that the steps compute only what is still decoding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from typing import TYPE_CHECKING
+
+import torch
+
+from .modules import KVCache
+
+if TYPE_CHECKING:
+    from .decode import Search
+    from .generate import GenerationConfig
+
+Document = tuple[Hashable, list[int]]  # (key, input token ids)
+
+# A group encoded together pads each source to at most this much more than its own length.
+ENCODE_PADDING = 1.1
+
+
+def length_groups(lengths: list[int]) -> list[list[int]]:
+    """Indices of `lengths` in groups to encode together, longest first: a source joins the current group
+    while the group's longest is within ENCODE_PADDING of it, so padding stays under ~10%."""
+    groups: list[list[int]] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if groups and lengths[groups[-1][0]] <= ENCODE_PADDING * lengths[i]:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
+class StepBuffers:
+    """Vocabulary-sized tensors of a decode step, in memory reused from step to step. A fresh [rows, 250k]
+    tensor per step costs more in page faults than in arithmetic: glibc serves allocations that big with
+    new pages from the OS and returns them when freed, and each first touch faults (measured on CPU: a
+    fresh 16 MiB copy 9.6 ms, into reused memory 1.7 ms; a [16, 512] x [512, 250k] matmul is ~110 ms)."""
+
+    def __init__(self):
+        self.tensors: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, rows: int, like: torch.Tensor, vocab: int) -> torch.Tensor:
+        """A [rows, vocab] tensor of `like`'s dtype and device (contents undefined)."""
+        held = self.tensors.get(name)
+        if held is None or held.shape[0] < rows or held.dtype != like.dtype or held.device != like.device:
+            held = self.tensors[name] = torch.empty(
+                max(rows, held.shape[0] if held is not None else 0), vocab, dtype=like.dtype, device=like.device
+            )
+        return held[:rows]
+
+    def logits(self, model, hidden: torch.Tensor) -> torch.Tensor:
+        """model.lm_logits(hidden) [rows, vocab] as float32, written into the reused buffer."""
+        rows = hidden.shape[0]
+        return model.lm_logits(hidden, out=self.get("logits", rows, hidden, model.config.vocab_size)).float()
+
+
+class DecodeBatch:
+    """Per document (slot): its key, source length and encoder side. Per row: sequence [max_len] (past its
+    length, decoder_start, which the logits processors rely on), length (decoder start included), whether
+    it is still decoding, and the caches. The search (model/decode.py) keeps its own per-document state and
+    is resized with the slots."""
+
+    def __init__(self, model, config: GenerationConfig, search: Search):
+        c = model.config
+        self.model, self.config, self.search = model, config, search
+        self.group = search.rows_per_document
+        self.max_len = config.total_length()
+        self.vocab_size = c.vocab_size
+        self.device = model.device
+        dtype = model.shared.weight.dtype
+        self.keys: list[Hashable] = []
+        self.source_lengths: list[int] = []
+        self.sequences = torch.empty(0, self.max_len, dtype=torch.long, device=self.device)
+        self.lengths = torch.empty(0, dtype=torch.long, device=self.device)
+        self.decoding = torch.empty(0, dtype=torch.bool, device=self.device)
+        self.caches = [
+            KVCache(0, c.num_heads, self.max_len, c.d_kv, dtype, self.device) for _ in range(c.num_decoder_layers)
+        ]
+        empty = torch.empty(0, c.num_heads, 0, c.d_kv, dtype=dtype, device=self.device)
+        self.cross_kv = [(empty, empty) for _ in range(c.num_decoder_layers)]  # per slot
+        self.encoder_mask = torch.empty(0, 0, dtype=torch.long, device=self.device)  # per slot
+        self.buffers = StepBuffers()
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def logits(self) -> torch.Tensor:
+        """Logits [rows, vocab] (float32) for the next token of every row."""
+        positions = (self.lengths - 1)[:, None]
+        tokens = torch.gather(self.sequences, 1, positions)
+        hidden = self.model.decoder(
+            self.model.shared(tokens), self.cross_kv, self.encoder_mask, caches=self.caches, positions=positions
+        )
+        return self.buffers.logits(self.model, hidden[:, -1])
+
+    def reorder_rows(self, index: torch.Tensor) -> None:
+        """Row i's caches continue from row index[i]'s (beam search)."""
+        for cache in self.caches:
+            cache.select(index)
+
+    def finished(self) -> list[int]:
+        """The slots none of whose rows is still decoding (a host sync)."""
+        return (~self.decoding.view(-1, self.group).any(1)).nonzero().squeeze(1).tolist()
+
+    # --- documents in and out -------------------------------------------------------------------------
+
+    def refill(self, free: list[int], documents: list[Document]) -> None:
+        """Put `documents` in the `free` slots (then in new ones), and drop the free slots left over."""
+        reused, added = free[: len(documents)], len(documents) - min(len(free), len(documents))
+        if documents:
+            k_v, mask = self._encode([ids for _, ids in documents])
+            if added:
+                self._append(added)
+            slots = reused + list(range(len(self) - added, len(self)))
+            self._widen_sources(mask.shape[1])
+            index = torch.tensor(slots, device=self.device)
+            width = mask.shape[1]
+            for (k, v), (new_k, new_v) in zip(self.cross_kv, k_v):
+                k[index, :, :width], v[index, :, :width] = new_k, new_v
+            self.encoder_mask[index] = 0
+            self.encoder_mask[index, :width] = mask
+            rows = self._rows(index)
+            self.sequences[rows] = self.config.decoder_start_token_id
+            self.lengths[rows] = 1
+            self.decoding[rows] = True
+            self.search.start(index)
+            for slot, (key, ids) in zip(slots, documents):
+                self.keys[slot], self.source_lengths[slot] = key, len(ids)
+        leaving = set(free[len(documents) :])
+        if leaving:
+            self._select([s for s in range(len(self)) if s not in leaving])
+        self._trim_sources()
+
+    def _rows(self, slots: torch.Tensor) -> torch.Tensor:
+        return (slots[:, None] * self.group + torch.arange(self.group, device=self.device)).view(-1)
+
+    def _encode(self, rows: list[list[int]]):
+        """Each decoder layer's cross-attention (keys, values) [docs, heads, longest, d_kv] for these sources,
+        and their mask [docs, longest]. Encoded in groups of similar length (length_groups), since
+        the encoder is compute-bound and every padded position costs it as much as a real one."""
+        c = self.model.config
+        longest = max(len(r) for r in rows)
+        mask = torch.zeros((len(rows), longest), dtype=torch.long)
+        for n, row in enumerate(rows):
+            mask[n, : len(row)] = 1
+        mask = mask.to(self.device)
+        dtype = self.model.shared.weight.dtype
+        k_v = [
+            (
+                torch.zeros(len(rows), c.num_heads, longest, c.d_kv, dtype=dtype, device=self.device),
+                torch.zeros(len(rows), c.num_heads, longest, c.d_kv, dtype=dtype, device=self.device),
+            )
+            for _ in range(c.num_decoder_layers)
+        ]
+        for group in length_groups([len(r) for r in rows]):
+            width = len(rows[group[0]])
+            input_ids = torch.full((len(group), width), self.config.pad_token_id, dtype=torch.long)
+            for n, i in enumerate(group):
+                input_ids[n, : len(rows[i])] = torch.tensor(rows[i])
+            input_ids, index = input_ids.to(self.device), torch.tensor(group, device=self.device)
+            encoded = self.model.encode(input_ids, mask[index, :width])
+            for (k, v), (new_k, new_v) in zip(k_v, self.model.decoder.project_cross_kv(encoded)):
+                k[index, :, :width], v[index, :, :width] = new_k, new_v
+        return k_v, mask
+
+    def _append(self, slots: int) -> None:
+        """Room for `slots` more documents, at the end."""
+        self.keys += [None] * slots
+        self.source_lengths += [0] * slots
+        mask = self.encoder_mask
+        self.encoder_mask = torch.cat([mask, mask.new_zeros(slots, mask.shape[1])])
+        self.cross_kv = [
+            (torch.cat([k, k.new_zeros(slots, *k.shape[1:])]), torch.cat([v, v.new_zeros(slots, *v.shape[1:])]))
+            for k, v in self.cross_kv
+        ]
+        rows = slots * self.group
+        self.sequences = torch.cat([self.sequences, self.sequences.new_zeros(rows, self.max_len)])
+        self.lengths = torch.cat([self.lengths, self.lengths.new_ones(rows)])
+        self.decoding = torch.cat([self.decoding, self.decoding.new_zeros(rows)])
+        for cache in self.caches:
+            cache.append(rows)
+        self.search.grow(slots)
+
+    def _select(self, slots: list[int]) -> None:
+        """Only these documents go on: the others' rows, caches and encoder side are dropped."""
+        index = torch.tensor(slots, dtype=torch.long, device=self.device)
+        rows = self._rows(index)
+        self.keys = [self.keys[s] for s in slots]
+        self.source_lengths = [self.source_lengths[s] for s in slots]
+        self.encoder_mask = self.encoder_mask.index_select(0, index)
+        self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
+        self.sequences = self.sequences.index_select(0, rows)
+        self.lengths = self.lengths.index_select(0, rows)
+        self.decoding = self.decoding.index_select(0, rows)
+        self.reorder_rows(rows)
+        self.search.select(index)
+
+    def _widen_sources(self, width: int) -> None:
+        """Room for a source of `width` tokens on the encoder side (padding: masked out)."""
+        extra = width - self.encoder_mask.shape[1]
+        if extra <= 0:
+            return
+        self.cross_kv = [
+            (
+                torch.cat([k, k.new_zeros(k.shape[0], k.shape[1], extra, k.shape[3])], 2),
+                torch.cat([v, v.new_zeros(v.shape[0], v.shape[1], extra, v.shape[3])], 2),
+            )
+            for k, v in self.cross_kv
+        ]
+        self.encoder_mask = torch.cat([self.encoder_mask, self.encoder_mask.new_zeros(len(self), extra)], 1)
+
+    def _trim_sources(self) -> None:
+        """Cross-attention reads only as many source positions as the longest source still decoding."""
+        width = max(self.source_lengths, default=0)
+        if width < self.encoder_mask.shape[1]:
+            self.cross_kv = [(k[:, :, :width], v[:, :, :width]) for k, v in self.cross_kv]
+            self.encoder_mask = self.encoder_mask[:, :width]

@@ -1,0 +1,54 @@
+"""The one way to load a model for summarizing: the checkpoint, its output vocabulary restricted, quantized,
+and its head laid out for the CPU, in that order.
+
+The replica and the Ray Data adapter (pipeline/replica.py) and the benchmarks load through
+load_for_inference, so that what they measure is what a job runs. The order is the recipe:
+- restrict before quantizing, so that int8-dynamic quantizes the smaller head (model/vocabulary.py);
+- pack last: only a float32 head on CPU is packed, and a quantized one stays as it is (model/packed.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from .mt5 import MT5ForConditionalGeneration
+from .packed import pack_head_for_cpu
+from .quantize import METHODS as QUANTIZATIONS
+from .quantize import quantize
+from .vocabulary import restrict_vocabulary
+
+
+def load_for_inference(
+    source: str | Path,
+    *,
+    dtype: torch.dtype | str = "auto",
+    device: str | torch.device = "cpu",
+    quantization: str = "none",
+    kept_ids: Iterable[int] | None = None,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> MT5ForConditionalGeneration:
+    """An mT5 model ready to generate, in eval mode and for inference only (a packed head takes no gradient:
+    model.packed.unpack_head puts the plain one back for training).
+
+    source, revision, cache_dir: as MT5ForConditionalGeneration.from_pretrained.
+    dtype: "auto" is bfloat16 on a GPU and float32 on CPU (which int8-dynamic and the packed head need).
+    quantization: one of model.quantize.METHODS.
+    kept_ids: the only ids the model may generate (restrict_vocabulary), or None for the whole vocabulary.
+    """
+    if quantization not in QUANTIZATIONS:  # before reading any weight
+        raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+    device = torch.device(device)
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    model = MT5ForConditionalGeneration.from_pretrained(
+        source, dtype=dtype, device=device, revision=revision, cache_dir=cache_dir
+    )
+    if kept_ids is not None:
+        restrict_vocabulary(model, kept_ids)
+    quantize(model, quantization)
+    pack_head_for_cpu(model)
+    return model

@@ -1,0 +1,73 @@
+"""The logits processors transformers applies before choosing a token, in its order, as tensor ops with no
+host sync. Each row has its own length: rows of a decode batch joined it at different steps."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .generate import GenerationConfig
+
+NEG_INF = float("-inf")
+
+
+class LogitsProcessor:
+    def __init__(self, config: GenerationConfig):
+        self.config = config
+
+    def __call__(self, sequences: torch.Tensor, scores: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """scores [rows, vocab] float32, changed in place, for the next token after each row's first
+        `lengths` [rows] tokens of `sequences` [rows, max_len] (decoder start included). Past its length a row
+        holds decoder_start, a token every sequence has, so the repetition penalty is unchanged by it."""
+        c = self.config
+        if c.repetition_penalty != 1.0:
+            seen = torch.gather(scores, 1, sequences)
+            seen = torch.where(seen < 0, seen * c.repetition_penalty, seen / c.repetition_penalty)
+            scores = scores.scatter(1, sequences, seen)
+        if c.no_repeat_ngram_size > 0:
+            scores = ban_repeated_ngrams(sequences, scores, c.no_repeat_ngram_size, lengths)
+        if c.min_length > 0 or c.min_new_tokens is not None:
+            too_short = (lengths < c.min_length) | (lengths - 1 < (c.min_new_tokens or 0))
+            scores[:, c.eos_token_id] = scores[:, c.eos_token_id].masked_fill(too_short, NEG_INF)
+        if c.do_sample:
+            scores = self.warp(scores)
+        return scores
+
+    def warp(self, scores: torch.Tensor) -> torch.Tensor:
+        """Temperature, top-k and top-p, for sampling."""
+        c = self.config
+        # Beam sampling leaves one token besides EOS, so that beams can continue.
+        min_tokens_to_keep = 2 if c.num_beams > 1 else 1
+        if c.temperature != 1.0:
+            scores = scores / c.temperature
+        if c.top_k:
+            k = min(max(c.top_k, min_tokens_to_keep), scores.shape[-1])
+            threshold = torch.topk(scores, k)[0][..., -1, None]
+            scores = scores.masked_fill(scores < threshold, NEG_INF)
+        if c.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, descending=False)
+            cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+            drop = cumulative <= (1 - c.top_p)
+            drop[..., -min_tokens_to_keep:] = False
+            scores = scores.masked_fill(drop.scatter(1, order, drop), NEG_INF)
+        return scores
+
+
+def ban_repeated_ngrams(sequences: torch.Tensor, scores: torch.Tensor, n: int, lengths: torch.Tensor) -> torch.Tensor:
+    """Forbid, in place, any token that would complete an n-gram already in a row's first `lengths` tokens.
+
+    sequences [rows, max_len]. The bans are written straight into `scores` at the few ids concerned
+    (O(rows x length) work): a [rows, vocab] mask of the 250k vocabulary would cost three passes over it
+    per step."""
+    if sequences.shape[1] < n:
+        return scores
+    windows = sequences.unfold(1, n, 1)  # [rows, max_len - n + 1, n]
+    last = lengths[:, None] - n + 1 + torch.arange(n - 1, device=sequences.device)
+    prefix = torch.gather(sequences, 1, last.clamp(min=0))  # each row's last n-1 tokens
+    inside = torch.arange(windows.shape[1], device=sequences.device)[None, :] + n <= lengths[:, None]
+    match = (windows[:, :, :-1] == prefix[:, None, :]).all(-1) & inside  # [rows, windows]
+    # min(score, +inf) leaves a score as it is and min(score, -inf) bans it, whatever the duplicates' order.
+    ban = torch.where(match, NEG_INF, float("inf")).to(scores.dtype)
+    return scores.scatter_reduce_(1, windows[:, :, -1], ban, reduce="amin")

@@ -1,0 +1,95 @@
+"""The jobs' flags: every setting has one, its default is the library's, and the settings are built from them."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+
+from jobs import cli
+from jobs import finetune as finetune_job
+from jobs import summarize as summarize_job
+from pipeline.driver import run
+from pipeline.finetune import finetune
+from pipeline.settings import SummarizeSettings
+from pipeline.train import FinetuneSettings
+
+JOBS = [
+    (summarize_job, SummarizeSettings, run, ["--model", "m", "--input", "i", "--output", "o"]),
+    (finetune_job, FinetuneSettings, finetune, ["--model", "m", "--train", "t", "--output-model", "o"]),
+]
+
+
+@pytest.mark.parametrize("job,settings_class,function,required", JOBS, ids=["summarize", "finetune"])
+def test_every_setting_has_a_flag_whose_default_is_the_librarys(job, settings_class, function, required):
+    args = job.build_parser().parse_args(required)
+    for field in dataclasses.fields(settings_class):
+        assert hasattr(args, field.name), f"no flag sets {settings_class.__name__}.{field.name}"
+        if field.default is not dataclasses.MISSING:
+            assert getattr(args, field.name) == field.default, field.name
+    for name, parameter in inspect.signature(function).parameters.items():
+        if hasattr(args, name) and parameter.default is not inspect.Parameter.empty:
+            assert getattr(args, name) == parameter.default, name
+
+
+def test_summarize_flags_build_the_settings_and_the_runs_arguments():
+    parser = summarize_job.build_parser()
+    args = parser.parse_args(
+        [
+            "--model",
+            "m",
+            "--input",
+            "i",
+            "--output",
+            "o",
+            "--num-beams",
+            "2",
+            "--id-column",
+            "",
+            "--length-penalty",
+            "0.6",
+            "--overwrite",
+            "--progress-every",
+            "2",
+        ]
+    )
+    settings = cli.settings_from(SummarizeSettings, args, id_column=args.id_column or None)
+    assert settings == SummarizeSettings(model="m", num_beams=2, id_column=None, length_penalty=0.6)
+    arguments = cli.arguments_for(run, args)
+    assert arguments["overwrite"] is True and arguments["progress_every"] == 2.0 and arguments["replicas"] == 1
+    assert "settings" not in arguments and "input_url" not in arguments
+
+
+def test_finetune_flags_build_the_settings_with_switches_and_optional_numbers():
+    args = finetune_job.build_parser().parse_args(
+        [
+            "--model",
+            "m",
+            "--train",
+            "t",
+            "--output-model",
+            "o",
+            "--gradient-checkpointing",
+            "--max-steps",
+            "3",
+            "--resume",
+        ]
+    )
+    settings = cli.settings_from(FinetuneSettings, args)
+    assert settings.gradient_checkpointing is True and settings.max_steps == 3 and settings.lr == 5e-4
+    assert cli.arguments_for(finetune, args) == {"replicas": 1, "resume": True, "cpus_per_replica": 1}
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--replicas", "0"], "--replicas: must be >= 1, got 0"),
+        (["--replica-timeout", "-1"], "--replica-timeout: must be >= 0, got -1"),
+    ],
+)
+def test_out_of_range_flags_are_usage_errors_naming_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit) as exit:
+        summarize_job.main(["--model", "m", "--input", "i", "--output", "o", *flags])
+    assert exit.value.code == cli.USAGE
+    assert message in capsys.readouterr().err
