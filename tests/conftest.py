@@ -61,6 +61,19 @@ def pytest_report_header(config):
     return describe()
 
 
+def pytest_runtest_logreport(report):
+    """Print a failure the moment it happens, not only in the summary at the end: a test that takes this
+    process down with it (a Ray driver whose raylet dies exits at once) would otherwise leave CI's log with
+    an `F` and no word of what failed."""
+    if not report.failed:
+        return
+    import sys
+
+    lines = report.longreprtext.splitlines()
+    sys.stdout.write(f"\nFAILED {report.nodeid} ({report.when})\n" + "\n".join(lines[-80:]) + "\n")
+    sys.stdout.flush()
+
+
 EXIT_STATUS = pytest.StashKey[int]()
 
 
