@@ -33,6 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from synthetic.corpus import first_words_finetune_flags  # noqa: E402
+
 CACHE = ROOT / "benchmarks" / ".cache"
 
 # The demo's recipe (jobs/demo.py finetune_walkthrough) with more data and steps, on one CPU thread (about 4 min).
@@ -42,30 +44,7 @@ RECIPE = dict(
     words=2,
     d_model=128,
     model_seed=0,
-    finetune=[
-        "--method",
-        "full",
-        "--max-steps",
-        "3000",
-        "--lr",
-        "3e-3",
-        "--optimizer",
-        "adamw",
-        "--batch-size",
-        "32",
-        "--max-input-tokens",
-        "32",
-        "--max-target-tokens",
-        "8",
-        "--label-smoothing",
-        "0",
-        "--warmup-steps",
-        "20",
-        "--log-every",
-        "50",
-        "--save-every",
-        "1000",
-    ],
+    finetune=[*first_words_finetune_flags(steps=3000, log_every=50), "--save-every", "1000"],
 )
 HELD_OUT_SEED = 9
 

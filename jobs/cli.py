@@ -14,6 +14,8 @@ import sys
 import types
 import typing
 
+from pipeline.placement import DEVICES, Placement
+
 # Exit statuses: 0 success, FAILED when the work ran and some of it failed, USAGE when something was found wrong
 # before any work (flags, input, model, output).
 FAILED = 1
@@ -47,9 +49,39 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, source, **kwargs) -> No
 def add_replica_flags(parser: argparse.ArgumentParser, source) -> None:
     """--replicas and --cpus-per-replica, as both jobs take them; `source` is the function the job calls."""
     parser.add_argument(
-        "--replicas", type=at_least(1), default=1, help="model replicas (one GPU, or --cpus-per-replica cores, each)"
+        "--replicas",
+        type=at_least(1),
+        default=1,
+        help="model replicas (--gpus-per-replica GPUs, or --cpus-per-replica cores, each)",
     )
-    add_flag(parser, "--cpus-per-replica", source, help="CPU cores per replica when there is no GPU")
+    add_flag(parser, "--cpus-per-replica", source, help="CPU cores per replica on CPU")
+
+
+def add_placement_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of pipeline.placement.Placement: where replicas run, and how long to wait for them."""
+    add_flag(
+        parser,
+        "--device",
+        Placement,
+        choices=DEVICES,
+        help="auto: GPUs if the cluster shows any when the job starts, else CPU; cuda: wait for GPUs (an "
+        "autoscaling cluster), never fall back to CPU; cpu: ask for no GPU",
+    )
+    add_flag(parser, "--gpus-per-replica", Placement, help="GPUs per replica; a fraction shares one (0.25: four a GPU)")
+    add_flag(
+        parser,
+        "--accelerator-type",
+        Placement,
+        metavar="TYPE",
+        help="only GPUs of this Ray accelerator type (A100, H100, L4, T4, ...: ray.util.accelerators)",
+    )
+    add_flag(
+        parser,
+        "--placement-timeout",
+        Placement,
+        metavar="SECONDS",
+        help="replicas not placed with their model loaded by then are dropped, with a warning; none placed: exit 2",
+    )
 
 
 def settings_from(settings_class, args: argparse.Namespace, **overrides):

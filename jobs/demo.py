@@ -29,7 +29,7 @@ from jobs.summarize import main as summarize  # noqa: E402
 from model import ModelLoadError, MT5Config, MT5ForConditionalGeneration  # noqa: E402
 from model.checkpoint import resolve_checkpoint  # noqa: E402
 from synthetic.checkpoints import build_trainable_checkpoint  # noqa: E402
-from synthetic.corpus import documents, first_words_task, write_shards  # noqa: E402
+from synthetic.corpus import documents, first_words_finetune_flags, first_words_task, write_shards  # noqa: E402
 from synthetic.spiece import build_spiece_model  # noqa: E402
 
 XLSUM = "csebuetnlp/mT5_multilingual_XLSum"
@@ -110,26 +110,7 @@ def finetune_walkthrough(out: Path) -> int:
             str(data / "eval.parquet"),
             "--output-model",
             str(tuned),
-            "--method",
-            "full",
-            "--max-steps",
-            "800",
-            "--lr",
-            "3e-3",
-            "--optimizer",
-            "adamw",
-            "--batch-size",
-            "32",
-            "--max-input-tokens",
-            "32",
-            "--max-target-tokens",
-            "8",
-            "--label-smoothing",
-            "0",
-            "--warmup-steps",
-            "20",
-            "--log-every",
-            "20",
+            *first_words_finetune_flags(steps=800, log_every=20),
         ]
     )
     if status != 0:

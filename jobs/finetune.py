@@ -22,9 +22,10 @@ from functools import partial
 from jobs import cli
 from jobs.ray_address import joined_ray
 from model.errors import ModelLoadError
-from pipeline.errors import InputError, OutputError
+from pipeline.errors import InputError, OutputError, PlacementError
 from pipeline.finetune import finetune
 from pipeline.optim import OPTIMIZERS
+from pipeline.placement import Placement
 from pipeline.train import METHODS, FinetuneSettings, TrainingError
 
 
@@ -36,6 +37,7 @@ def build_parser():
     setting("--eval", help="evaluation shards: summarized after training, ROUGE to <output-model>/eval.json")
     setting("--output-model", help="where the fine-tuned checkpoint is written")
     cli.add_replica_flags(p, finetune)
+    cli.add_placement_flags(p)
     setting("--method", choices=METHODS)
     setting("--epochs")
     setting("--max-steps", help="overrides --epochs")
@@ -72,14 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = cli.settings_from(FinetuneSettings, args)
-    except ValueError as err:
+        placement = cli.settings_from(Placement, args)
+        placement.check("nf4" if settings.method == "qlora" else "none")  # before Ray starts
+    except (ValueError, PlacementError) as err:
         cli.error(parser, err)
         return cli.USAGE
 
     with joined_ray():
         try:
-            finetune(settings, **cli.arguments_for(finetune, args))
-        except (InputError, ModelLoadError, OutputError) as err:
+            finetune(settings, placement=placement, **cli.arguments_for(finetune, args))
+        except (InputError, ModelLoadError, OutputError, PlacementError) as err:
             cli.error(parser, err)
             return cli.USAGE
         except TrainingError as err:

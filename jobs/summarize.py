@@ -9,7 +9,7 @@ the job's PYTHONPATH.
 
 Exit status: 0 when every unit committed, 1 when some failed (each named on stderr), 2 for usage errors
 (bad flags, missing columns, a broken model, an output written with other settings, an output another run
-is writing).
+is writing, a setting the device cannot run, no replica placed within --placement-timeout).
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from jobs import cli
 from jobs.ray_address import joined_ray
 from model.errors import ModelLoadError
 from pipeline.driver import run
-from pipeline.errors import InputError, OutputError
+from pipeline.errors import InputError, OutputError, PlacementError
+from pipeline.placement import Placement
 from pipeline.settings import DTYPES, QUANTIZATIONS, SummarizeSettings
 
 
@@ -46,6 +47,7 @@ def build_parser():
     setting("--text-column")
     setting("--id-column", help="carried through and used in messages; '' for none")
     cli.add_replica_flags(p, run)
+    cli.add_placement_flags(p)
     setting("--batch-size", help="most documents decoded at once (continuous batching)")
     setting("--max-batch-tokens", help="documents x longest input, decoded at once")
     setting("--rows-per-unit", help="rows per work unit (big files are split)")
@@ -55,11 +57,16 @@ def build_parser():
     setting("--no-repeat-ngram-size", help="default: the checkpoint's generation config")
     setting("--length-penalty", help="default: the checkpoint's generation config")
     setting("--prefix", help="text put before every document (e.g. 'summarize: ')")
-    setting("--dtype", choices=DTYPES, help="auto: bfloat16 on GPU, float32 on CPU")
+    setting(
+        "--dtype",
+        choices=DTYPES,
+        help="auto: bfloat16 on a GPU that has it, else float16 (wo kept in float32); float32 on CPU",
+    )
     setting(
         "--quantization",
         choices=QUANTIZATIONS,
-        help="int8, nf4, fp4: bitsandbytes (GPU or CPU); int8-dynamic: torch's int8 matmuls, CPU and float32 only",
+        help="int8, nf4, fp4: bitsandbytes (GPU or CPU); int8-dynamic: torch's int8 matmuls, CPU and float32 only "
+        "(--device auto then runs on CPU)",
     )
     setting(
         "--output-vocabulary",
@@ -108,7 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = cli.settings_from(SummarizeSettings, args, id_column=args.id_column or None)
-    except ValueError as err:
+        placement = cli.settings_from(Placement, args)
+        placement.check(settings.quantization)  # before Ray starts
+    except (ValueError, PlacementError) as err:
         cli.error(parser, err)
         return cli.USAGE
 
@@ -116,9 +125,14 @@ def main(argv: list[str] | None = None) -> int:
     with joined_ray():
         try:
             report = run(
-                settings, inputs, args.output, **cli.arguments_for(run, args), json_logs=args.log_format == "json"
+                settings,
+                inputs,
+                args.output,
+                **cli.arguments_for(run, args),
+                placement=placement,
+                json_logs=args.log_format == "json",
             )
-        except (InputError, OutputError, ModelLoadError) as err:
+        except (InputError, OutputError, ModelLoadError, PlacementError) as err:
             cli.error(parser, err)
             return cli.USAGE
     return 0 if report.success else cli.FAILED

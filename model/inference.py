@@ -35,20 +35,39 @@ def load_for_inference(
     model.packed.unpack_head puts the plain one back for training).
 
     source, revision, cache_dir: as MT5ForConditionalGeneration.from_pretrained.
-    dtype: "auto" is bfloat16 on a GPU and float32 on CPU (which int8-dynamic and the packed head need).
+    dtype: as inference_dtype.
     quantization: one of model.quantize.METHODS.
     kept_ids: the only ids the model may generate (restrict_vocabulary), or None for the whole vocabulary.
     """
     if quantization not in QUANTIZATIONS:  # before reading any weight
         raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
     device = torch.device(device)
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" else "float32"
     model = MT5ForConditionalGeneration.from_pretrained(
-        source, dtype=dtype, device=device, revision=revision, cache_dir=cache_dir
+        source, dtype=inference_dtype(dtype, device), device=device, revision=revision, cache_dir=cache_dir
     )
     if kept_ids is not None:
         restrict_vocabulary(model, kept_ids)
     quantize(model, quantization)
     pack_head_for_cpu(model)
     return model
+
+
+def inference_dtype(dtype: torch.dtype | str, device: str | torch.device) -> torch.dtype | str:
+    """The dtype a model runs in on `device`. "auto": float32 on CPU (which int8-dynamic and the packed head need);
+    on a GPU, bfloat16 where it has bf16 arithmetic (Ampere and later), else float16 (T4, V100), with each
+    feed-forward's `wo` kept in float32 (model/weights.py) because mT5's activations overflow float16.
+
+    Raises ValueError for bfloat16 on a GPU without it: emulated, it would run many times slower.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return "float32" if dtype == "auto" else dtype
+    bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+    if dtype == "auto":
+        return "bfloat16" if bf16 else "float16"
+    if dtype in ("bfloat16", torch.bfloat16) and not bf16:
+        raise ValueError(
+            f"--dtype bfloat16: {torch.cuda.get_device_name(device)} has no bfloat16 arithmetic; use --dtype auto "
+            "(float16 there, with wo kept in float32) or float16"
+        )
+    return dtype

@@ -13,7 +13,16 @@ from torch import nn
 
 from . import checkpoint, weights
 from .config import MT5Config
-from .modules import CrossAttention, Decoder, Encoder, FeedForward, RelativePositionBias, RMSNorm, SelfAttention
+from .modules import (
+    CrossAttention,
+    Decoder,
+    Embedding,
+    Encoder,
+    FeedForward,
+    RelativePositionBias,
+    RMSNorm,
+    SelfAttention,
+)
 from .quantize import METHODS as QUANTIZATIONS
 from .quantize import is_quantized, quantize
 
@@ -172,7 +181,7 @@ class MT5PreTrainedModel(nn.Module):
 class MT5EncoderModel(MT5PreTrainedModel):
     def __init__(self, config: MT5Config):
         super().__init__(config)
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared = Embedding(config.vocab_size, config.d_model)
         self.encoder = Encoder(config)
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -187,7 +196,7 @@ class _EncoderDecoder(MT5PreTrainedModel):
 
     def __init__(self, config: MT5Config):
         super().__init__(config)
-        self.shared = nn.Embedding(config.vocab_size, config.d_model)
+        self.shared = Embedding(config.vocab_size, config.d_model)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
 

@@ -37,7 +37,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -48,6 +48,7 @@ from .errors import OutputError
 from .lease import DEFAULT_TIMEOUT as DEFAULT_LEASE_TIMEOUT
 from .lease import LEASE, Lease
 from .listing import Shard
+from .retry import Backoff, with_retries
 from .units import WorkUnit
 
 # 2: unit ids include the input's identity (version 1 outputs are refused: pass --overwrite once)
@@ -62,6 +63,7 @@ ROW_GROUP_ROWS = 64 * 1024
 ROW_GROUP_BYTES = 64 << 20
 COMPRESSION = "zstd"
 _ATTEMPT = re.compile(r"[A-Za-z0-9_-]{1,64}")
+T = TypeVar("T")
 
 
 class OutputLocation:
@@ -74,6 +76,10 @@ class OutputLocation:
         # it writes without a lease (tests of the protocol itself)
         self.generation = generation
         self._lease: Lease | None = None
+        # Reads and writes of the run's own files (manifest, markers, report) tried again after a transient
+        # storage error: an unattended nightly run must not fail on one throttled request.
+        self.storage_retries = 0
+        self.backoff = Backoff()
 
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -240,7 +246,7 @@ class OutputLocation:
         folder = self._path(META, "committed")
         self.fs.invalidate_cache(folder)  # other processes (replicas) write here
         try:
-            names = self.fs.ls(folder, detail=False)
+            names = self._retrying(lambda: self.fs.ls(folder, detail=False))
         except FileNotFoundError:
             names = []
         return set(index.get("id", ())) | {posixpath.basename(p)[: -len(".json")] for p in names if p.endswith(".json")}
@@ -330,7 +336,7 @@ class OutputLocation:
         done = all(unit_id in committed for unit_id in manifest["units"]["id"]) and not self.failed_units()
         self.write_report({**report, "success": done})
         if done:
-            self._put_bytes(self._path(SUCCESS), [])
+            self._retrying(lambda: write_atomically(self.fs, self._path(SUCCESS), []))
         else:
             self._remove_file(self._path(SUCCESS))
         return done
@@ -418,7 +424,7 @@ class OutputLocation:
     def _cat_index(self) -> dict[str, list]:
         """The compacted markers, one list a field (COMMIT_FIELDS)."""
         try:
-            index = json.loads(self.fs.cat_file(self._path(META, INDEX)))
+            index = json.loads(self._retrying(lambda: self.fs.cat_file(self._path(META, INDEX))))
         except FileNotFoundError:
             return {}
         except ValueError:
@@ -470,7 +476,7 @@ class OutputLocation:
     def _read_manifest(self) -> dict | None:
         path = self._path(META, "manifest.json")
         try:
-            manifest = json.loads(self.fs.cat_file(path))
+            manifest = json.loads(self._retrying(lambda: self.fs.cat_file(path)))
         except FileNotFoundError:
             return None
         except ValueError as e:
@@ -487,13 +493,13 @@ class OutputLocation:
     def _read_records(self, folder: str) -> dict[str, dict]:
         self.fs.invalidate_cache(folder)  # other processes (replicas) write here
         try:
-            names = [p for p in self.fs.ls(folder, detail=False) if p.endswith(".json")]
+            names = [p for p in self._retrying(lambda: self.fs.ls(folder, detail=False)) if p.endswith(".json")]
         except FileNotFoundError:
             return {}
         if not names:
             return {}
         records = {}
-        for path, data in self.fs.cat(names, on_error="omit").items():
+        for path, data in self._retrying(lambda: _cat_existing(self.fs, names)).items():
             try:
                 records[posixpath.basename(path)[: -len(".json")]] = json.loads(data)
             except ValueError:
@@ -504,12 +510,19 @@ class OutputLocation:
 
     def _put_json(self, path: str, obj: dict, indent: int | None = None) -> None:
         if indent is not None:
-            self._put_bytes(path, [json.dumps(obj, indent=indent, sort_keys=True, default=str).encode()])
+            data = json.dumps(obj, indent=indent, sort_keys=True, default=str).encode()
+            self._retrying(lambda: write_atomically(self.fs, path, [data]))
         else:
-            self._put_bytes(path, _json_chunks(obj))
+            self._retrying(lambda: write_atomically(self.fs, path, _json_chunks(obj)))
 
-    def _put_bytes(self, path: str, chunks: Iterable[bytes]) -> None:
-        write_atomically(self.fs, path, chunks)
+    def _retrying(self, call: Callable[[], T]) -> T:
+        """call(), tried again after a transient storage error. Only for calls that can be repeated as they
+        are: whole-file writes, reads, listings and deletes."""
+
+        def count(error: BaseException) -> None:
+            self.storage_retries += 1
+
+        return with_retries(call, backoff=self.backoff, on_retry=count)
 
     def _makedirs_for(self, path: str) -> None:
         if self.local:  # object stores have no folders; creating one on s3 would create a bucket
@@ -518,13 +531,13 @@ class OutputLocation:
     def _find(self, path: str) -> list[str]:
         self.fs.invalidate_cache(path)
         try:
-            return self.fs.find(path)
+            return self._retrying(lambda: self.fs.find(path))
         except FileNotFoundError:
             return []
 
     def _remove_file(self, path: str, quietly: bool = False) -> None:
         try:
-            self.fs.rm_file(path)
+            self._retrying(lambda: self.fs.rm_file(path))
         except FileNotFoundError:
             pass
         except OSError:
@@ -533,7 +546,7 @@ class OutputLocation:
 
     def _remove_files(self, paths: list[str]) -> None:
         if paths:
-            self.fs.rm(paths)
+            self._retrying(lambda: self.fs.rm(paths))
 
     def _remove_files_quietly(self, paths: list[str]) -> None:
         """Remove those of `paths` that exist (object stores delete in batches and ignore missing keys)."""
@@ -546,9 +559,22 @@ class OutputLocation:
     def _remove_tree(self, path: str) -> None:
         self.fs.invalidate_cache(path)
         try:
-            self.fs.rm(path, recursive=True)
+            self._retrying(lambda: self.fs.rm(path, recursive=True))
         except FileNotFoundError:
             pass
+
+
+def _cat_existing(fs, paths: list[str]) -> dict[str, bytes]:
+    """The contents of those of `paths` that exist. Any other error is raised, never passed over: a failure
+    record skipped on a dropped connection would let `finish` write `_SUCCESS`."""
+    found = {}
+    for path, data in fs.cat(paths, on_error="return").items():
+        if isinstance(data, FileNotFoundError):  # removed since the listing (compacted, or its unit redone)
+            continue
+        if isinstance(data, BaseException):
+            raise data
+        found[path] = data
+    return found
 
 
 class UnitRecord(NamedTuple):

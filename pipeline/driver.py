@@ -17,7 +17,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 
 from model import MT5ForConditionalGeneration, MT5Tokenizer
-from model.checkpoint import hub_commit
+from model.checkpoint import hub_commit, resolve_checkpoint
 from model.storage import redact_url
 
 from . import vocabulary
@@ -26,6 +26,7 @@ from .errors import InputError
 from .footers import ShardReadError, check_columns, describe, inspect_shard, inspect_shards
 from .listing import Shard, list_shards
 from .partitions import matches, parse_filter
+from .placement import DEFAULT_PLACEMENT, Placement, Target, wait_until_placed
 from .settings import SummarizeSettings
 from .stages import Stats
 from .units import WorkUnit, known_units, plan_units
@@ -51,7 +52,7 @@ class RunReport:
     committed: int = 0
     failed: dict[str, str] = field(default_factory=dict)  # shard relative path -> reason
     retries: int = 0  # units handed out again after their replica died
-    storage_retries: int = 0  # reads and writes of committed units tried again after a transient storage error
+    storage_retries: int = 0  # reads and writes (units, markers, manifest) tried again after a transient storage error
     hung_replicas: int = 0  # replicas killed for summarizing nothing for replica_timeout seconds
     stats: Stats = field(default_factory=Stats)
     seconds: float = 0.0
@@ -63,14 +64,15 @@ class RunReport:
         return out
 
 
-def model_fingerprint(source: str, revision: str | None = None) -> dict:
+def model_fingerprint(source: str, revision: str | None = None, storage_options: dict | None = None) -> dict:
     """The model's identity for the manifest: a hash of the names and bytes of its checkpoint files.
 
     Content, not file times: a fresh download or cache copy on a new cluster has new mtimes and the same bytes,
     and must not be refused as another model, while a checkpoint rewritten in place with new weights must be
     (issue 12). Reading every byte costs about a second per GB, small beside summarizing with the model.
     """
-    directory = MT5ForConditionalGeneration.check_pretrained(source, revision=revision)
+    directory = resolve_checkpoint(source, revision=revision, storage_options=storage_options)
+    MT5ForConditionalGeneration.check_pretrained(directory)
     MT5Tokenizer.from_pretrained(directory)  # a missing or broken spiece.model fails here, before any work
     digest = hashlib.sha256()
     for path in sorted(directory.iterdir()):
@@ -163,7 +165,7 @@ def plan(
     fs, shards = list_shards(input_url, storage_options, conditions)
     if not shards:
         raise InputError(f"no shard under {_redacted_names(input_url)} matches --partition-filter {partition_filter!r}")
-    identity = model_fingerprint(settings.model, settings.revision)
+    identity = model_fingerprint(settings.model, settings.revision, storage_options)
     # Recorded, not compared: a new commit of the same weights is the same model (model_hash decides).
     revision = identity.pop("model_revision")
     if settings.output_vocabulary:  # read now: a missing file fails here, before any replica starts
@@ -216,6 +218,7 @@ def run(
     overwrite: bool = False,
     storage_options: dict | None = None,
     cpus_per_replica: int = 1,
+    placement: Placement = DEFAULT_PLACEMENT,
     progress_every: float = 10.0,
     partition_filter: str | None = None,
     out=sys.stderr,
@@ -227,15 +230,18 @@ def run(
     """Summarize every shard under input_url into output_url. The caller owns ray.init().
 
     With `dry_run`, print what the run would do and return without touching the output or starting replicas.
+    `placement` says where replicas run; a device that cannot run the settings raises PlacementError first.
     """
     log = EventLog(out, json_logs)
     start = time.monotonic()
+    placement.check(settings.quantization)
     location = OutputLocation(output_url, storage_options)
     work = plan(settings, input_url, storage_options, partition_filter, location)
     if dry_run:
         changes = location.reconcile(work.manifest, units=work.units, overwrite=overwrite, **work.selection)
         _print_plan(changes, work, out)
         return RunReport(units=len(work.units), skipped=len(changes.skip), success=True)
+    target = placement.choose(cpus_per_replica, settings.quantization, log)  # the job's first log line
     # One writer at a time: the lease is taken before the output is touched and renewed while the run works.
     lease = location.lease(lease_timeout, note=lambda text: log("lease", text))
     lease.start_heartbeat()
@@ -294,12 +300,16 @@ def run(
                 min(replicas, len(todo)),
                 cpus_per_replica,
                 location.generation,
+                placement=placement,
+                target=target,
+                log=log,
             )
             _dispatch(actors, todo, work.schemas, location, report, progress, replica_timeout)
         lease.check()  # a run that lost its lease leaves the report and _SUCCESS to the run that holds it
         for relative, reason in report.failed.items():
             log("failed", f"FAILED {relative}: {reason}", shard=relative, reason=reason)
         report.seconds = time.monotonic() - start
+        report.storage_retries += location.storage_retries  # the driver's own: manifest, failure records
         report.success = location.finish({**report.to_dict(), "settings": work.manifest}) and not report.failed
     finally:
         lease.release()
@@ -349,23 +359,30 @@ def start_replicas(
     count: int,
     cpus_per_replica: int,
     generation: int | None = None,
+    *,
+    placement: Placement = DEFAULT_PLACEMENT,
+    target: Target | None = None,
+    log: EventLog | None = None,
 ) -> list:
-    """`count` Replica actors on the Ray the caller joined: one GPU each, or `cpus_per_replica` cores without GPUs.
-    Ray restarts one that dies; the summarization driver and the fine-tuning driver both start them here."""
+    """`count` Replica actors on the Ray the caller joined, each asking for what `target` says (by default the one
+    `placement` chooses on the cluster as it is now, logged). Returns those placed, with their model loaded,
+    within placement.placement_timeout; the others are dropped (pipeline/placement.py). Ray restarts one that
+    dies; the summarization driver and the fine-tuning driver both start them here."""
     import ray
 
     from .replica import HEARTBEAT_GROUP, UNITS_PER_REPLICA, Replica
 
-    gpus = ray.cluster_resources().get("GPU", 0)
-    resources = {"num_gpus": 1, "num_cpus": 1} if gpus else {"num_cpus": cpus_per_replica}
+    log = log or EventLog()
+    target = target or placement.choose(cpus_per_replica, settings.quantization, log)
     # units run in the default group's threads; heartbeats in a thread of their own, answered while units run
     actor = ray.remote(concurrency_groups={HEARTBEAT_GROUP: 1})(Replica).options(
-        max_restarts=-1, max_task_retries=0, max_concurrency=UNITS_PER_REPLICA, **resources
+        max_restarts=-1, max_task_retries=0, max_concurrency=UNITS_PER_REPLICA, **target.options
     )
-    return [
-        actor.remote(settings, input_url, output_url, storage_options, cpus_per_replica, generation)
+    actors = [
+        actor.remote(settings, input_url, output_url, storage_options, cpus_per_replica, generation, placement.device)
         for _ in range(count)
     ]
+    return wait_until_placed(actors, target, placement.placement_timeout, log)
 
 
 @dataclass

@@ -10,3 +10,10 @@ class InputError(Exception):
 
 class OutputError(Exception):
     """The output location cannot be used as asked (written with other settings, would overwrite inputs)."""
+
+
+class PlacementError(Exception):
+    """The replicas cannot run as asked: a setting the device cannot run, or no replica placed in time.
+
+    The message says what each replica asked for, what the cluster has, and which flag to change.
+    """

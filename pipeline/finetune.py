@@ -16,8 +16,9 @@ import ray
 
 from model import MT5ForConditionalGeneration, MT5Tokenizer
 
-from .driver import start_replicas
-from .errors import OutputError
+from .driver import EventLog, start_replicas
+from .errors import OutputError, PlacementError
+from .placement import DEFAULT_PLACEMENT, Placement
 from .settings import SummarizeSettings
 from .train import TRAIN_LOG, FinetuneSettings, TrainingError, check_resume, latest_checkpoint, load_examples
 
@@ -40,11 +41,17 @@ def inference_settings(settings: FinetuneSettings, on_gpu: bool) -> SummarizeSet
 
 
 def finetune(
-    settings: FinetuneSettings, *, replicas: int, resume: bool = False, cpus_per_replica: int = 1, out=sys.stderr
+    settings: FinetuneSettings,
+    *,
+    replicas: int,
+    resume: bool = False,
+    cpus_per_replica: int = 1,
+    placement: Placement = DEFAULT_PLACEMENT,
+    out=sys.stderr,
 ) -> dict:
     """Train, save the final model, evaluate. The caller owns ray.init(). Raises InputError / ModelLoadError /
-    OutputError (a --resume that would not continue the checkpoint's run) before any replica starts, and
-    TrainingError when training diverges."""
+    OutputError (a --resume that would not continue the checkpoint's run) / PlacementError (fewer replicas
+    placed than asked) before any replica trains, and TrainingError when training diverges."""
     # Everything that can be wrong is found before any replica trains.
     MT5ForConditionalGeneration.check_pretrained(settings.model)
     MT5Tokenizer.from_pretrained(settings.model)
@@ -53,14 +60,33 @@ def finetune(
     output = Path(settings.output_model)
     if resume and (checkpoint := latest_checkpoint(output)) is not None:
         check_resume(checkpoint, settings, replicas)
-    on_gpu = bool(ray.cluster_resources().get("GPU", 0))
+    quantization = "nf4" if settings.method == "qlora" else "none"
+    placement.check(quantization)
+    log = EventLog(out)
+    target = placement.choose(cpus_per_replica, quantization, log)
     output.mkdir(parents=True, exist_ok=True)
 
     start = time.monotonic()
     actors = start_replicas(
-        inference_settings(settings, on_gpu), settings.train, str(output), None, replicas, cpus_per_replica
+        inference_settings(settings, target.device == "cuda"),
+        settings.train,
+        str(output),
+        None,
+        replicas,
+        cpus_per_replica,
+        placement=placement,
+        target=target,
+        log=log,
     )
     try:
+        if len(actors) < replicas:
+            # Fewer ranks would change the global batch (and a --resume's world size): stop rather than train
+            # another run than the one asked for.
+            raise PlacementError(
+                f"{len(actors)} of {replicas} replicas were placed within --placement-timeout "
+                f"({placement.placement_timeout:g} s); fine-tuning needs all of them: ask for fewer --replicas, "
+                "or wait longer"
+            )
         address, port = ray.get(actors[0].train_address.remote())
         pending = [
             actor.train.remote(settings, rank, len(actors), address, port, resume) for rank, actor in enumerate(actors)

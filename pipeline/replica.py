@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator
 
@@ -18,6 +19,8 @@ import pyarrow as pa
 import torch
 
 from model import MT5Tokenizer, load_for_inference
+from model.checkpoint import resolve_checkpoint
+from model.inference import inference_dtype
 from model.packed import pack_head_for_cpu
 from model.storage import open_filesystem
 
@@ -25,6 +28,7 @@ from . import vocabulary
 from .commit import OutputLocation
 from .errors import InputError
 from .metrics import PipelineMetrics
+from .placement import torch_device
 from .retry import Replayable, is_transient, read_resuming, with_retries
 from .settings import SummarizeSettings
 from .stages import Stats, Summarizer, output_schema
@@ -37,19 +41,16 @@ HEARTBEAT_GROUP = "heartbeat"
 
 
 def load_model(settings: SummarizeSettings, device: str, storage_options: dict | None = None):
-    """The model as the settings ask (model.load_for_inference) and its tokenizer. `storage_options` open
-    the --output-vocabulary sample, whose pieces are the kept ids."""
-    tokenizer = MT5Tokenizer.from_pretrained(settings.model, revision=settings.revision)
+    """The model as the settings ask (model.load_for_inference) and its tokenizer. `storage_options` open a
+    checkpoint URI (s3://, gs://, ...) and the --output-vocabulary sample, whose pieces are the kept ids."""
+    # resolved once, so that the tokenizer and the weights come from the same local copy or hub commit
+    directory = resolve_checkpoint(settings.model, revision=settings.revision, storage_options=storage_options)
+    tokenizer = MT5Tokenizer.from_pretrained(directory)
     kept = None
     if settings.output_vocabulary:
         kept = vocabulary.kept_ids(tokenizer, vocabulary.read_sample(settings.output_vocabulary, storage_options))
     model = load_for_inference(
-        settings.model,
-        dtype=settings.dtype,
-        device=device,
-        quantization=settings.quantization,
-        kept_ids=kept,
-        revision=settings.revision,
+        directory, dtype=settings.dtype, device=device, quantization=settings.quantization, kept_ids=kept
     )
     return model, tokenizer
 
@@ -63,29 +64,41 @@ class Replica:
         storage_options: dict | None,
         cpu_threads: int,
         generation: int | None = None,
+        device: str = "auto",
     ):
+        """`device`: the job's --device; "cuda" makes a replica that torch gives no CUDA device fail."""
         import ray  # the actor runs inside Ray; the module stays importable without a cluster
 
-        gpus = ray.get_gpu_ids()
-        self.device = "cuda" if gpus and torch.cuda.is_available() else "cpu"
+        self.device = torch_device(device, ray.get_gpu_ids())
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads)
+        self.dtype = str(inference_dtype(settings.dtype, self.device))  # before the load: a GPU without bf16 fails
         model, tokenizer = load_model(settings, self.device, storage_options)
         self.summarizer = Summarizer(model, tokenizer, settings)
         self.fs, _ = open_filesystem(input_url, storage_options, error=InputError)
         # the run's lease generation: a unit of a run that lost its lease is never published
         self.location = OutputLocation(output_url, storage_options, generation=generation)
+        self._retries_lock = threading.Lock()
+        self._retries_reported = 0  # of the location's own retries (its markers), handed on in unit results
         self.text_column = settings.text_column
         self.metrics = PipelineMetrics()
         self.rows_done: dict[str, int] = {}  # attempt -> rows summarized so far, for each unit in flight
 
     def where(self) -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "device": self.device}
+        return {"host": socket.gethostname(), "pid": os.getpid(), "device": self.device, "dtype": self.dtype}
 
     def heartbeat(self) -> dict[str, int]:
         """Rows summarized so far by each unit in flight, by attempt. The driver calls it in HEARTBEAT_GROUP: rows
         that stop growing mean a hung replica, and its progress line counts them before their unit commits."""
         return self.rows_done.copy()  # one C call: atomic beside the unit threads that update it
+
+    def _location_retries_since_last(self) -> int:
+        """The retries the output location made for its own files (commit markers) since the last unit result:
+        shared by the units running side by side, so each is handed on once."""
+        with self._retries_lock:
+            new = self.location.storage_retries - self._retries_reported
+            self._retries_reported = self.location.storage_retries
+        return new
 
     def process(self, unit: WorkUnit, schema: pa.Schema, attempt: str) -> dict:
         """Summarize one unit and commit it; returns its statistics and the storage retries it took."""
@@ -110,7 +123,7 @@ class Replica:
         result = {
             "unit": unit.id,
             "seconds": time.perf_counter() - start,
-            "storage_retries": len(retried),
+            "storage_retries": len(retried) + self._location_retries_since_last(),
             **dataclasses.asdict(stats),
         }
         self.metrics.unit_done(result)
@@ -134,11 +147,15 @@ class Replica:
 
     def train(self, settings, rank: int, world: int, address: str, port: int, resume: bool) -> dict:
         """Join the process group, fine-tune this replica's model in place, and (rank 0) save it."""
+        import ray
         import torch.distributed as dist
 
         from .train import Trainer, load_examples, prepare_for_training, save_final
 
-        backend = "nccl" if self.device.startswith("cuda") else "gloo"
+        # NCCL refuses two ranks on one GPU; replicas that share GPUs (a fraction each) reduce through gloo, which
+        # takes CUDA tensors too, only slower.
+        whole_gpu = ray.get_runtime_context().get_assigned_resources().get("GPU", 0) >= 1
+        backend = "nccl" if self.device.startswith("cuda") and whole_gpu else "gloo"
         dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank, world_size=world)
         try:
             torch.manual_seed(settings.seed * 1000 + rank)  # dropout differs per replica, reproducibly

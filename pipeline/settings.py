@@ -19,7 +19,7 @@ class SummarizeSettings:
     text_column: str = "text"
     id_column: str | None = "id"
     prefix: str = ""
-    dtype: str = "auto"  # auto: bfloat16 on GPU, float32 on CPU
+    dtype: str = "auto"  # auto: model.inference.inference_dtype (bfloat16 on a GPU with it, float16 on one without)
     quantization: str = "none"
     # A UTF-8 text file (local or fsspec URI) in the languages summarized: summaries use only its pieces.
     output_vocabulary: str | None = None

@@ -2,8 +2,8 @@
 
 Every replica holds the same parameters and a different slice of each global batch. The loss of a
 micro-batch is its summed token loss divided by the number of target tokens in the whole global batch,
-and gradients are summed across replicas, so N replicas compute exactly the gradient one process would
-on the N-times-larger batch (up to float rounding), whatever the padding and lengths.
+and gradients are summed across replicas (by DistributedDataParallel), so N replicas compute exactly the
+gradient one process would on the N-times-larger batch (up to float rounding), whatever the padding and lengths.
 
 A step whose loss or gradient is not finite is skipped by every replica alike, and nothing non-finite is
 ever saved: too many skips in a row, or a non-finite weight, stop the run with a TrainingError.
@@ -11,6 +11,7 @@ ever saved: too many skips in a row, or a non-finite weight, stop the run with a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,6 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel
 
 from model.storage import atomic_path, sync_file
 
@@ -152,7 +154,10 @@ def _flag(column: str, text_column: str) -> str:
 
 
 class Trainer:
-    """Runs in every replica. rank 0 writes the log, the checkpoints and the final model."""
+    """Runs in every replica. rank 0 writes the log, the checkpoints and the final model.
+
+    With a process group (every replica's, at world size 1 too) the model trains wrapped in DDP, so that one
+    GPU runs the path many do; without one (world size 1 only) it trains as it is."""
 
     def __init__(
         self,
@@ -168,6 +173,11 @@ class Trainer:
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.examples, self.rank, self.world, self.device = examples, rank, world, device
         self.lora_config = lora_config
+        self.distributed = dist.is_initialized()
+        if world > 1 and not self.distributed:
+            raise ValueError(f"{world} replicas train in a process group: initialise it before the Trainer")
+        # Every trainable parameter takes part in every forward, so DDP needs no search for unused ones.
+        self.ddp = DistributedDataParallel(model) if self.distributed else None
         self.out = Path(settings.output_model)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.global_batch = settings.batch_size * settings.grad_accum * world
@@ -202,62 +212,75 @@ class Trainer:
         tgt = self.tokenizer(
             summaries, max_length=self.settings.max_target_tokens, truncation=True, padding=True, return_tensors="pt"
         )
-        labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100)
+        labels = tgt["input_ids"].masked_fill(tgt["attention_mask"] == 0, -100).to(self.device)
         return {
             "input_ids": enc["input_ids"].to(self.device),
             "attention_mask": enc["attention_mask"].to(self.device),
-            "labels": labels.to(self.device),
+            # the model's own shift of the labels: it then returns logits only, and train_step takes the one loss
+            "decoder_input_ids": self.model.shift_right(labels),
+            "labels": labels,
         }
 
     def _all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
+        """Summed over the replicas in place; `tensor` is on self.device (NCCL takes CUDA tensors only)."""
+        if self.distributed:
             dist.all_reduce(tensor)
         return tensor
+
+    def _micro_batch(self, last: bool):
+        """DDP reduces gradients in the backward of a step's last micro-batch; the others accumulate locally."""
+        if self.ddp is None or last:
+            return contextlib.nullcontext()
+        return self.ddp.no_sync()
 
     def train_step(self) -> dict:
         start = time.perf_counter()
         batches = [self._batch(rows) for rows in self._rows(self.step)]
-        local_tokens = sum(int((b["labels"] != -100).sum()) for b in batches)
-        global_tokens = int(self._all_reduce(torch.tensor(float(local_tokens))).item())
-        self.model.train()
-        self.optimizer.zero_grad(set_to_none=False)
-        # A replica whose slice of this step is empty (the short last batch of an epoch) still joins every
-        # all-reduce below, with zero gradients; before its first backward its gradients are None.
-        for p in self.params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        loss_sum = torch.zeros((), device=self.device)
+        counts = torch.zeros(2, device=self.device)  # [target tokens, input tokens] of this replica's rows
         for batch in batches:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-                logits = self.model(
-                    input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-                ).logits
-            loss = (
-                F.cross_entropy(
-                    logits.float().view(-1, logits.shape[-1]),
-                    batch["labels"].view(-1),
-                    ignore_index=-100,
-                    label_smoothing=self.settings.label_smoothing,
-                    reduction="sum",
+            counts += torch.stack([(batch["labels"] != -100).sum(), batch["attention_mask"].sum()])
+        if not batches:
+            # The short last batch of an epoch can leave this replica no rows, but DDP reduces gradients inside
+            # backward, so every replica must run one: a batch whose every target is ignored adds zero gradient.
+            empty = self._batch([0])
+            empty["labels"].fill_(-100)
+            batches = [empty]
+        totals = self._all_reduce(counts)  # [target tokens, input tokens] of the whole global batch
+        global_tokens = totals[0]
+        self.model.train()
+        self.optimizer.zero_grad()
+        forward = self.ddp if self.ddp is not None else self.model
+        loss_sum = torch.zeros((), device=self.device)
+        for index, batch in enumerate(batches):
+            with self._micro_batch(last=index == len(batches) - 1):
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+                    logits = forward(
+                        input_ids=batch["input_ids"],
+                        attention_mask=batch["attention_mask"],
+                        decoder_input_ids=batch["decoder_input_ids"],
+                    ).logits
+                loss = (
+                    F.cross_entropy(
+                        logits.float().view(-1, logits.shape[-1]),
+                        batch["labels"].view(-1),
+                        ignore_index=-100,
+                        label_smoothing=self.settings.label_smoothing,
+                        reduction="sum",
+                    )
+                    / global_tokens
                 )
-                / global_tokens
-            )
-            loss.backward()
+                # DDP averages gradients over the replicas; scaling the loss by their number turns that average
+                # into the sum, the gradient of the whole global batch (exact for a power-of-two world, else to
+                # an ulp). Simpler than a summing comm hook, and it keeps DDP's own reducer.
+                (loss * self.world).backward()
             loss_sum += loss.detach()
-        if self.world > 1:
-            # One flat all-reduce: the summed gradient is the big-batch gradient (the loss is pre-normalised).
-            grads = [p.grad for p in self.params]
-            flat = torch.cat([g.reshape(-1) for g in grads])
-            dist.all_reduce(flat)
-            offset = 0
-            for g in grads:
-                g.copy_(flat[offset : offset + g.numel()].view_as(g))
-                offset += g.numel()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.max_grad_norm)
         # Skip on a flag summed over the replicas, so that all of them skip the same steps and keep equal weights.
-        nonfinite = not (math.isfinite(float(loss_sum)) and math.isfinite(grad_norm))
-        loss_total, nonfinite_replicas = self._all_reduce(
-            torch.stack([loss_sum.float(), torch.tensor(float(nonfinite), device=self.device)])
+        nonfinite = ~(torch.isfinite(loss_sum) & torch.isfinite(grad_norm))
+        reduced = self._all_reduce(torch.stack([loss_sum, nonfinite.float()]))
+        # the step's one host read: whether to skip it, and what the log says of it
+        loss_total, nonfinite_replicas, grad_norm, target_tokens, input_tokens = torch.cat(
+            [reduced, grad_norm.float().view(1), totals]
         ).tolist()
         skipped = nonfinite_replicas > 0
         if skipped:
@@ -271,13 +294,12 @@ class Trainer:
         self.schedule.step()
         self.step += 1
         seconds = time.perf_counter() - start
-        input_tokens = self._all_reduce(torch.tensor(float(sum(int(b["attention_mask"].sum()) for b in batches))))
         return {
             "step": self.step,
             "loss": _finite_or_none(loss_total),
             "lr": self.schedule.get_last_lr()[0],
             "grad_norm": _finite_or_none(grad_norm),
-            "tokens_per_second": (float(input_tokens) + global_tokens) / seconds,
+            "tokens_per_second": (input_tokens + target_tokens) / seconds,
             "skipped": skipped,
             "skipped_steps": self.skipped_steps,
         }
@@ -343,14 +365,16 @@ class Trainer:
         """Raise TrainingError on every replica if any replica's weights or optimizer state are not finite
         (finite gradients can still overflow them); the flag is summed so that no replica waits alone."""
         names = {id(p): n for n, p in self.model.named_parameters()}
-        bad = [names[id(p)] for p in self.params if not torch.isfinite(p).all()]
-        bad += [
-            f"optimizer state {key!r} of {names[id(p)]}"
+        checked = [(names[id(p)], p) for p in self.params] + [
+            (f"optimizer state {key!r} of {names[id(p)]}", value)
             for p, state in self.optimizer.state.items()
             for key, value in state.items()
-            if isinstance(value, torch.Tensor) and value.is_floating_point() and not torch.isfinite(value).all()
+            if isinstance(value, torch.Tensor) and value.is_floating_point()
         ]
-        if self._all_reduce(torch.tensor(float(len(bad)), device=self.device)).item() > 0:
+        # one flag per tensor, on the device (AdamW keeps its step count on CPU), read back once
+        finite = torch.stack([torch.isfinite(t).all().to(self.device) for _, t in checked])
+        if self._all_reduce((~finite).any().float()).item() > 0:
+            bad = [name for (name, _), ok in zip(checked, finite.tolist()) if not ok]
             raise TrainingError(
                 f"step {self.step}: non-finite values in {_some(bad) or 'another replica'}; the "
                 f"checkpoint was not saved. Lower --lr and start again without --resume"
@@ -395,7 +419,7 @@ class Trainer:
         self._barrier()
 
     def _barrier(self) -> None:
-        if self.world > 1:
+        if self.distributed:
             dist.barrier()
 
     def load_latest_checkpoint(self) -> None:

@@ -71,7 +71,7 @@ def known_units(fs, shard: Shard, records: Sequence) -> list[WorkUnit] | None:
     rerun over a million unchanged files then reads no schema and no row-group list, and locally no footer.
     None for a changed file, or an Arrow one (whose identity needs its batch headers).
     """
-    if shard.stat is not None and shard.version is None and all(r.input_stat == shard.stat for r in records):
+    if shard.stat is not None and all(r.input_stat == shard.stat for r in records):
         identity = records[0].input_identity
     else:
         identity = footers.file_identity(fs, shard)

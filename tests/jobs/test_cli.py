@@ -12,6 +12,7 @@ from jobs import finetune as finetune_job
 from jobs import summarize as summarize_job
 from pipeline.driver import run
 from pipeline.finetune import finetune
+from pipeline.placement import Placement
 from pipeline.settings import SummarizeSettings
 from pipeline.train import FinetuneSettings
 
@@ -61,6 +62,28 @@ def test_summarize_flags_build_the_settings_and_the_runs_arguments():
     assert "settings" not in arguments and "input_url" not in arguments
 
 
+def test_placement_flags_reach_the_placement_with_the_librarys_defaults():
+    parser = summarize_job.build_parser()
+    required = ["--model", "m", "--input", "i", "--output", "o"]
+    assert cli.settings_from(Placement, parser.parse_args(required)) == Placement()
+    args = parser.parse_args(
+        [
+            *required,
+            "--device",
+            "cuda",
+            "--gpus-per-replica",
+            "0.25",
+            "--accelerator-type",
+            "H100",
+            "--placement-timeout",
+            "30",
+        ]
+    )
+    placement = cli.settings_from(Placement, args)
+    assert placement == Placement(device="cuda", gpus_per_replica=0.25, accelerator_type="H100", placement_timeout=30)
+    assert "device" not in cli.arguments_for(run, args)  # placement travels as one object, not as run()'s arguments
+
+
 def test_finetune_flags_build_the_settings_with_switches_and_optional_numbers():
     args = finetune_job.build_parser().parse_args(
         [
@@ -92,4 +115,16 @@ def test_out_of_range_flags_are_usage_errors_naming_the_flag(flags, message, cap
     with pytest.raises(SystemExit) as exit:
         summarize_job.main(["--model", "m", "--input", "i", "--output", "o", *flags])
     assert exit.value.code == cli.USAGE
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--gpus-per-replica", "1.5"], "--gpus-per-replica above 1 must be a whole number, got 1.5"),
+        (["--device", "cpu", "--accelerator-type", "T4"], "--accelerator-type T4 asks for GPUs, and --device cpu"),
+    ],
+)
+def test_placements_ray_could_never_make_are_usage_errors_naming_the_flag(flags, message, capsys):
+    assert summarize_job.main(["--model", "m", "--input", "i", "--output", "o", *flags]) == cli.USAGE
     assert message in capsys.readouterr().err

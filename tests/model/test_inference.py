@@ -35,3 +35,18 @@ def test_a_cpu_float32_head_is_packed_with_the_logits_of_the_plain_model(tiny_ch
 def test_an_unknown_quantization_fails_before_any_weight_is_read(tmp_path):
     with pytest.raises(ValueError, match="unknown quantization 'int4'"):
         ours.load_for_inference(tmp_path / "no-such-checkpoint", quantization="int4")
+
+
+def test_auto_dtype_is_bfloat16_only_on_a_gpu_with_it_and_bfloat16_is_refused_elsewhere(monkeypatch):
+    from model.inference import inference_dtype
+
+    assert inference_dtype("auto", "cpu") == "float32"
+    # A CPU machine has no GPU to ask: the GPU's answers are the two calls inference_dtype makes.
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert inference_dtype("auto", "cuda") == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert inference_dtype("auto", "cuda") == "float16"  # wo stays float32 (model/weights.py)
+    assert inference_dtype("float16", "cuda") == "float16"
+    with pytest.raises(ValueError, match="Tesla T4 has no bfloat16 arithmetic"):
+        inference_dtype("bfloat16", "cuda")

@@ -14,11 +14,13 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
+from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.commit import OutputLocation, manifest_units
 from pipeline.errors import OutputError
 from pipeline.footers import inspect_shards
 from pipeline.listing import list_shards
+from pipeline.retry import Backoff
 from pipeline.units import WorkUnit, plan_units, read_unit
 from tests.pipeline.helpers import SECRET, numbered_rows, write_arrow, write_parquet
 
@@ -636,3 +638,55 @@ def test_s3_input_and_output_end_to_end_with_resume_and_overwrite(s3):
     resumed.prepare({**SETTINGS, "num_beams": 1}, units=units, overwrite=True)
     s3fs_.invalidate_cache()
     assert sorted(p[len(bucket) + 5 :] for p in s3fs_.find(f"{bucket}/out")) == ["README.txt", "_lakesum/manifest.json"]
+
+
+class FlakyMemoryFileSystem(MemoryFileSystem):
+    """memory://, where the first write and the first read of each path fail as a dropped connection does."""
+
+    protocol = ("flakymemory",)
+    failed: set[tuple[str, str]] = set()
+
+    @classmethod
+    def _strip_protocol(cls, path):
+        return super()._strip_protocol(str(path).replace("flakymemory://", "memory://", 1))
+
+    def _fail_once(self, op: str, path: str) -> None:
+        if (op, path) not in self.failed:
+            self.failed.add((op, path))
+            raise ConnectionResetError(f"{op} {path}: connection reset by peer (injected)")
+
+    def pipe_file(self, path, value, *args, **kwargs):
+        self._fail_once("write", self._strip_protocol(path))
+        return super().pipe_file(path, value, *args, **kwargs)
+
+    def cat_file(self, path, *args, **kwargs):
+        self._fail_once("read", self._strip_protocol(path))
+        return super().cat_file(path, *args, **kwargs)
+
+
+def test_the_runs_own_files_are_written_and_read_through_transient_storage_errors(tmp_path, memory_root):
+    """Manifest, markers, failure records, report and _SUCCESS each meet a dropped connection first: the run
+    retries them (an unattended nightly run must not fail on one throttled request) and says how often."""
+    fsspec.register_implementation("flakymemory", FlakyMemoryFileSystem, clobber=True)
+    FlakyMemoryFileSystem.failed = set()
+    fs, units = _plan(LOCAL, f"{tmp_path}/lake")
+    location = OutputLocation(f"flakymemory://{memory_root}/out")
+    location.backoff = Backoff(first=0.0)  # no waiting in a test
+
+    location.prepare(SETTINGS, units=units)
+    _commit(location, fs, units)
+    location.record_failure(units[0], "a failure recorded through a dropped connection")
+    assert not location.finish({})
+    assert units[0].id in location.failed_units()
+
+    resumed = OutputLocation(f"flakymemory://{memory_root}/out")
+    resumed.backoff = Backoff(first=0.0)
+    resumed.prepare(SETTINGS, units=units)  # clears the failure: every unit is committed
+    assert set(resumed.committed_units()) == {u.id for u in units}
+    assert resumed.finish({})
+    written = {path for op, path in FlakyMemoryFileSystem.failed if op == "write"}
+    for name in ("_lakesum/manifest.json", "_lakesum/committed.json", "_lakesum/report.json", "_SUCCESS"):
+        assert f"{memory_root}/out/{name}" in written, name
+    assert location.storage_retries >= len(units) + 4 and resumed.storage_retries > 0
+    table = ds.dataset(f"{memory_root}/out", format="parquet", filesystem=fsspec.filesystem("memory")).to_table()
+    assert sorted(table.column("id").to_pylist()) == list(range(30))

@@ -3,6 +3,7 @@ and the guards (non-finite steps skipped, nothing non-finite saved, empty slices
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from jobs.finetune import build_parser
@@ -59,15 +61,27 @@ def _params(directory: Path) -> dict[str, torch.Tensor]:
 
 def _one_process(settings: FinetuneSettings, base: Path, out: Path, replicas: int) -> None:
     """What `replicas` replicas of `settings` compute, in this process: the same global batch as micro-batches
-    of the same rows, accumulated `replicas` times."""
+    of the same rows, accumulated `replicas` times, through DDP at world size 1 as on one GPU."""
     single = FinetuneSettings(**{**settings.__dict__, "grad_accum": replicas, "output_model": str(out)})
     model = MT5ForConditionalGeneration.from_pretrained(base)
     prepare_for_training(model, single)
     out.mkdir()
-    Trainer(
-        model, MT5Tokenizer.from_pretrained(base), single, load_examples(single.train, "text", "summary"), 0, 1, "cpu"
-    ).run(resume=False)
+    examples = load_examples(single.train, "text", "summary")
+    with _process_group_of_one(out.with_name(out.name + ".store")):
+        trainer = Trainer(model, MT5Tokenizer.from_pretrained(base), single, examples, 0, 1, "cpu")
+        assert trainer.ddp is not None
+        trainer.run(resume=False)
     model.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _process_group_of_one(store: Path):
+    """A gloo process group of this process alone, as a replica of a one-replica job has."""
+    dist.init_process_group("gloo", store=dist.FileStore(str(store), 1), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 # Replicas and the one process compute each micro-batch's gradient from the same rows, but in other processes
@@ -397,7 +411,8 @@ def _trainer(base: Path, out: Path, rows: list = ROWS, rank: int = 0, world: int
             **changes,
         }
     )
-    model = MT5ForConditionalGeneration.from_pretrained(base)
+    quantization = "nf4" if settings.method == "qlora" else "none"
+    model = MT5ForConditionalGeneration.from_pretrained(base, quantization=quantization)
     prepare_for_training(model, settings)
     return Trainer(model, MT5Tokenizer.from_pretrained(base), settings, rows, rank, world, "cpu")
 
@@ -530,6 +545,59 @@ def test_a_replica_whose_slice_is_empty_trains_along_with_zero_gradient(base, tm
     assert [r["step"] for r in _log(tmp_path)] == [1, 2]
 
 
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_one_replica_trains_through_ddp_to_the_weights_of_a_trainer_without_process_group(base, tmp_path, method):
+    """At world size 1 DDP's reduction is a copy, so the weights are bit for bit those of the plain model; two
+    micro-batches a step take the no_sync path too. What one GPU runs is then the path many GPUs run."""
+    settings = dict(max_steps=3, batch_size=4, grad_accum=2, method=method)
+    torch.manual_seed(0)  # the same adapter initialisation and dropout masks in both
+    plain = _trainer(base, tmp_path / "plain", **settings)
+    plain.run(resume=False)
+    with _process_group_of_one(tmp_path / "store"):
+        torch.manual_seed(0)
+        replica = _trainer(base, tmp_path / "ddp", **settings)
+        assert replica.ddp is not None
+        initial = [p.detach().clone() for p in replica.params]
+        replica.run(resume=False)
+    assert not any(torch.equal(p, before) for p, before in zip(replica.params, initial))  # every one trained
+    for (name, got), want in zip(replica.model.named_parameters(), plain.model.parameters()):
+        assert torch.equal(got, want), name
+
+
+def test_a_step_all_reduces_two_stacked_tensors_on_the_training_device(base, tmp_path, monkeypatch):
+    """Every collective takes tensors on the training device (NCCL takes CUDA tensors only), and the scalars
+    travel in two all-reduces a step: the token counts before the forward, the loss and skip flag after."""
+    reduced = []
+    all_reduce = dist.all_reduce
+
+    def recording_all_reduce(tensor, *args, **kwargs):
+        reduced.append((tensor.device, tensor.shape))
+        return all_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_reduce", recording_all_reduce)
+    with _process_group_of_one(tmp_path / "store"):
+        trainer = _trainer(base, tmp_path, max_steps=2, batch_size=4, grad_accum=2)
+        trainer.run(resume=False)
+    device = trainer.model.device
+    assert reduced == [(device, torch.Size([2]))] * 2 * 2  # per step: [target, input tokens], [loss, skip flag]
+
+
+def test_each_micro_batch_computes_one_cross_entropy_over_the_vocabulary(base, tmp_path, monkeypatch):
+    """The model is given decoder inputs, not labels, so it returns logits without a loss of its own that the
+    step would throw away; the step's label-smoothed loss is the one cross-entropy."""
+    calls = []
+    cross_entropy = F.cross_entropy
+
+    def counting_cross_entropy(*args, **kwargs):
+        calls.append(None)
+        return cross_entropy(*args, **kwargs)
+
+    monkeypatch.setattr(F, "cross_entropy", counting_cross_entropy)
+    trainer = _trainer(base, tmp_path, max_steps=1, batch_size=4, grad_accum=2)
+    trainer.train_step()
+    assert len(calls) == 2
+
+
 def test_resume_with_other_settings_or_replicas_exits_2_naming_each_difference(base, data, tmp_path):
     out = tmp_path / "out"
     flags = [
@@ -547,9 +615,9 @@ def test_resume_with_other_settings_or_replicas_exits_2_naming_each_difference(b
         "4",
     ]
     started = vars(build_parser().parse_args(flags))  # the run as these flags start it, on one replica
-    _trainer(
-        base, out, **{k: v for k, v in started.items() if k not in ("replicas", "cpus_per_replica", "resume")}
-    ).run(resume=False)
+    _trainer(base, out, **{k: v for k, v in started.items() if k in FinetuneSettings.__dataclass_fields__}).run(
+        resume=False
+    )
     log_before = (out / TRAIN_LOG).read_text()
     done = subprocess.run(
         [sys.executable, str(REPO / "jobs/finetune.py"), *flags, "--lr", "0.01", "--replicas", "2", "--resume"],
@@ -571,6 +639,20 @@ def test_resume_drops_the_log_lines_after_its_checkpoint(base, tmp_path):
         log.write('{"step": 5, "lo')  # a line the kill cut short
     _trainer(base, tmp_path, max_steps=4, save_every=2).run(resume=True)  # continues from step 2
     assert [r["step"] for r in _log(tmp_path)] == [1, 2, 3, 4]
+
+
+def test_adafactor_resumes_to_the_weights_of_an_uninterrupted_run(base, tmp_path):
+    """Adafactor's step count is a Python int (no host sync to read it): it travels in state.json's scalars."""
+    settings = dict(max_steps=4, save_every=2, optimizer="adafactor", lr=1e-2)
+    straight = _trainer(base, tmp_path / "straight", **settings)
+    straight.run(resume=False)
+    _trainer(base, tmp_path / "resumed", **settings).run(resume=False)
+    meta = json.loads((tmp_path / "resumed" / "_checkpoints" / "step-00000002" / "state.json").read_text())
+    assert meta["scalars"]["0/step"] == 2
+    resumed = _trainer(base, tmp_path / "resumed", **settings)
+    resumed.run(resume=True)  # steps 3 and 4 again, from the checkpoint of step 2
+    for (name, got), want in zip(resumed.model.named_parameters(), straight.model.parameters()):
+        assert torch.equal(got, want), name
 
 
 def test_checkpoint_files_are_fsynced_before_the_rename_and_the_folder_after(base, tmp_path, monkeypatch):

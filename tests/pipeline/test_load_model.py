@@ -23,3 +23,16 @@ def test_a_cpu_float32_replica_packs_its_head_and_an_int8_one_quantizes_it(tiny_
 
     model, _ = load_model(SummarizeSettings(model=str(tiny_checkpoint), quantization="int8-dynamic"), "cpu")
     assert isinstance(model.lm_head, DynamicLinear)
+
+
+def test_a_checkpoint_on_object_storage_loads_with_the_jobs_storage_options(s3, tiny_checkpoint, tmp_path, monkeypatch):
+    from pipeline.driver import model_fingerprint
+
+    fs, bucket, options = s3  # the credentials are in `options` only, not in the environment
+    monkeypatch.setenv("LAKESUM_CACHE", str(tmp_path / "cache"))
+    for path in tiny_checkpoint.iterdir():
+        fs.put_file(str(path), f"{bucket}/ck/{path.name}")
+    settings = SummarizeSettings(model=f"s3://{bucket}/ck")
+    model, tokenizer = load_model(settings, "cpu", options)
+    assert tokenizer("a lake").input_ids and model.config.d_model
+    assert model_fingerprint(settings.model, storage_options=options)["model_hash"]  # the driver's check, too

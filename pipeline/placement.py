@@ -1,0 +1,224 @@
+"""Where replicas run: the device a job chooses, what each replica asks Ray for, and the wait until they are placed.
+
+Placement holds the flags (--device, --gpus-per-replica, --accelerator-type, --placement-timeout).
+`target` turns them and the cluster's resources into a Target: the device, why, and the actor options. The
+summarization driver, the fine-tuning driver (through driver.start_replicas) and the Ray Data adapter all
+ask for replicas this way, and each replica picks its torch device with `torch_device`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from .errors import PlacementError
+
+DEVICES = ("auto", "cuda", "cpu")
+# Seconds a job waits for its replicas to be placed and to load their model (--placement-timeout). Long enough
+# for an autoscaler to start a GPU node and for mt5-xxl to load; short enough that a job asking for GPUs the
+# cluster will never have ends with a message rather than hanging.
+DEFAULT_PLACEMENT_TIMEOUT = 600.0
+# Quantizations that run only on CPU (torch's dynamic int8 matmuls).
+CPU_ONLY_QUANTIZATIONS = ("int8-dynamic",)
+
+
+@dataclass(frozen=True)
+class Placement:
+    # auto: GPUs if the cluster shows any now, else CPU; cuda: wait for GPUs, never fall back; cpu: no GPU
+    device: str = "auto"
+    # Ray's num_gpus per replica; a fraction shares a GPU (0.25: four replicas on one)
+    gpus_per_replica: float = 1.0
+    # one of Ray's accelerator types (ray.util.accelerators), e.g. A100, H100, T4; None: any GPU
+    accelerator_type: str | None = None
+    # replicas not placed (and loaded) by then are dropped; with none placed the job stops (exit 2)
+    placement_timeout: float = DEFAULT_PLACEMENT_TIMEOUT
+
+    def __post_init__(self):
+        if self.device not in DEVICES:
+            raise ValueError(f"--device {self.device!r}: use one of {', '.join(DEVICES)}")
+        if self.gpus_per_replica <= 0:
+            raise ValueError(f"--gpus-per-replica must be > 0, got {self.gpus_per_replica:g}")
+        if self.gpus_per_replica > 1 and self.gpus_per_replica != int(self.gpus_per_replica):
+            # Ray's rule: a share of one GPU, or whole GPUs
+            raise ValueError(f"--gpus-per-replica above 1 must be a whole number, got {self.gpus_per_replica:g}")
+        if self.placement_timeout <= 0:
+            raise ValueError(f"--placement-timeout must be > 0 seconds, got {self.placement_timeout:g}")
+        if self.accelerator_type is not None:
+            if self.device == "cpu":
+                raise ValueError(f"--accelerator-type {self.accelerator_type} asks for GPUs, and --device cpu for none")
+            spelled = {name.lower(): name for name in known_accelerator_types()}.get(self.accelerator_type.lower())
+            if spelled and spelled != self.accelerator_type:  # Ray matches resource names exactly
+                raise ValueError(f"--accelerator-type {self.accelerator_type!r}: Ray spells it {spelled!r}")
+
+    def check(self, quantization: str) -> None:
+        """Refuse, before any replica starts, what cannot run on the device asked for."""
+        if self.device == "cuda" and quantization in CPU_ONLY_QUANTIZATIONS:
+            raise PlacementError(
+                f"--quantization {quantization} runs on CPU only, and --device cuda asks for GPUs: use "
+                "--quantization int8 or nf4 (bitsandbytes) on GPUs, or --device cpu"
+            )
+
+    def choose(self, cpus_per_replica: int, quantization: str, log) -> Target:
+        """The target on the Ray the caller joined, as its resources are now, stated in the log's device line."""
+        import ray
+
+        target = self.target(ray.cluster_resources(), cpus_per_replica, quantization)
+        log("device", target.describe(), device=target.device, reason=target.reason, options=target.options)
+        return target
+
+    def target(self, cluster: dict, cpus_per_replica: int, quantization: str = "none") -> Target:
+        """The device and the actor options, given `cluster` (ray.cluster_resources()) as it is now."""
+        self.check(quantization)
+        gpus = cluster.get("GPU", 0)
+        if self.device == "cpu":
+            return _on_cpu("--device cpu", cpus_per_replica)
+        if self.device == "cuda":
+            return self._on_gpu("--device cuda: replicas wait for GPUs", cluster)
+        if quantization in CPU_ONLY_QUANTIZATIONS:
+            return _on_cpu(f"--quantization {quantization} runs on CPU only", cpus_per_replica)
+        if self.accelerator_type:
+            return self._on_gpu(f"--accelerator-type {self.accelerator_type} asks for GPUs", cluster)
+        if gpus:
+            return self._on_gpu(f"the cluster shows {gpus:g} GPU(s)", cluster)
+        # Ray has no public call that says whether an autoscaler could add GPU nodes, so auto cannot know
+        return _on_cpu(
+            "the cluster shows no GPU; on a cluster that scales GPU nodes from zero, pass --device cuda to wait "
+            "for them",
+            cpus_per_replica,
+        )
+
+    def _on_gpu(self, why: str, cluster: dict) -> Target:
+        options = {"num_cpus": 1, "num_gpus": self.gpus_per_replica}
+        share = f"{self.gpus_per_replica:g} GPU"
+        if self.accelerator_type:
+            options["accelerator_type"] = self.accelerator_type
+            share += f" of type {self.accelerator_type}"
+            if f"accelerator_type:{self.accelerator_type}" not in cluster:
+                if self.accelerator_type in known_accelerator_types():
+                    why += f"; no {self.accelerator_type} node is on the cluster now"
+                else:
+                    why += f"; {self.accelerator_type} is not one of Ray's known types, nor on the cluster now"
+        return Target("cuda", f"{why}; {share} per replica", options)
+
+
+DEFAULT_PLACEMENT = Placement()
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a Placement comes to on one cluster: the device, why, and each replica's Ray actor options."""
+
+    device: str  # "cuda" or "cpu"
+    reason: str
+    options: dict  # num_cpus, num_gpus, accelerator_type
+
+    def describe(self) -> str:
+        return f"device: {self.device} ({self.reason})"
+
+
+def _on_cpu(why: str, cpus_per_replica: int) -> Target:
+    # num_gpus stays 0: a replica on a GPU node must not hold a GPU it does not use
+    return Target("cpu", f"{why}; {cpus_per_replica} CPU core(s) per replica", {"num_cpus": cpus_per_replica})
+
+
+def known_accelerator_types() -> set[str]:
+    """Ray's named accelerator types (ray.util.accelerators). Ray also names other GPUs after their product name,
+    so a type outside this set is allowed, with a word in the device line."""
+    from ray.util.accelerators import accelerators
+
+    return {value for name, value in vars(accelerators).items() if name.isupper() and isinstance(value, str)}
+
+
+def wait_until_placed(actors: list, target: Target, timeout: float, log) -> list:
+    """The actors that are placed and have loaded their model within `timeout` seconds; the others are killed.
+
+    No unit goes to a replica before this returns, so one that can never be placed holds none. Raises
+    PlacementError when none is placed: the message says how many were asked, what each needed and what the
+    cluster has, or why the replicas' constructors failed.
+    """
+    import ray
+    from ray.exceptions import RayError
+
+    # Replica.where answers once the constructor (the model load) has finished
+    asked = {actor.where.remote(): index for index, actor in enumerate(actors)}
+    done, pending = ray.wait(list(asked), num_returns=len(asked), timeout=timeout)
+    placed, failures = [], []
+    kinds: dict[str, int] = {}  # "cuda bfloat16" -> replicas: GPUs of several kinds may differ in dtype
+    for ref in done:
+        index = asked[ref]
+        try:
+            where = ray.get(ref)
+        except RayError as err:  # its constructor raised: a missing CUDA, a dtype the GPU lacks, a broken model
+            failures.append(_constructor_error(err))
+            ray.kill(actors[index], no_restart=True)
+            continue
+        placed.append(index)
+        kind = f"{where['device']} {where['dtype']}"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    for ref in pending:
+        ray.kill(actors[asked[ref]], no_restart=True)
+    if not placed:
+        raise PlacementError(_none_placed(len(actors), target, timeout, failures, ray.cluster_resources()))
+    log(
+        "placed",
+        f"{len(placed)} replica(s) placed: " + ", ".join(f"{count} on {kind}" for kind, count in sorted(kinds.items())),
+        placed=len(placed),
+        kinds=kinds,
+    )
+    if len(placed) < len(actors):
+        missing = len(actors) - len(placed)
+        log(
+            "unplaced",
+            f"WARNING: {missing} of {len(actors)} replicas not placed within {timeout:g} s (each asks for "
+            f"{target.options}; the cluster has {_resources(ray.cluster_resources())}): running with {len(placed)}"
+            + (f"; a replica failed to start: {failures[0]}" if failures else ""),
+            asked=len(actors),
+            placed=len(placed),
+        )
+    return [actors[index] for index in sorted(placed)]
+
+
+def _none_placed(count: int, target: Target, timeout: float, failures: list[str], cluster: dict) -> str:
+    if failures:
+        return f"none of the {count} replica(s) started: {failures[0]}"
+    return (
+        f"none of the {count} replica(s) was placed within --placement-timeout {timeout:g} s: each asks for "
+        f"{target.options} and the cluster has {_resources(cluster)}. Use --device cpu, a smaller "
+        "--gpus-per-replica, another --accelerator-type, or a longer --placement-timeout while GPU nodes start"
+    )
+
+
+def _resources(cluster: dict) -> str:
+    shown = {name: value for name, value in cluster.items() if name in ("CPU", "GPU") or name.startswith("accel")}
+    return ", ".join(f"{name} {value:g}" for name, value in sorted(shown.items())) or "nothing"
+
+
+def _constructor_error(err) -> str:
+    """A failed constructor in one line: the exception it raised, which Ray gives only as the tail of a traceback."""
+    text = str(getattr(err, "cause", None) or err)
+    raised = list(re.finditer(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*", text, re.MULTILINE))
+    tail = text[raised[-1].start() :] if raised else text
+    return " ".join(tail.split())[:500]
+
+
+def torch_device(asked: str, gpu_ids) -> str:
+    """The torch device of a replica that Ray gave `gpu_ids`: CUDA where Ray gave it a GPU and torch sees one.
+
+    A GPU that torch cannot see (a CPU-only torch, a GPU resource declared by hand) means CPU, except under
+    --device cuda: that asked for GPUs, and a silent CPU run would be far slower than the user planned. It fails
+    here, in the replica, because only the replica's own node knows: the driver may run on a CPU-only head.
+    """
+    import torch
+
+    if gpu_ids and torch.cuda.is_available():
+        return "cuda"
+    if asked == "cuda":
+        import socket
+
+        raise PlacementError(
+            f"--device cuda: the replica on {socket.gethostname()} "
+            + (f"was given GPU {gpu_ids} by Ray, but torch sees no CUDA device" if gpu_ids else "holds no GPU")
+            + f" (torch {torch.__version__}, CUDA {torch.version.cuda or 'not built in'}). Install a CUDA build "
+            "of torch on the GPU nodes, or use --device cpu"
+        )
+    return "cpu"
