@@ -9,6 +9,7 @@ ask for replicas this way, and each replica picks its torch device with `torch_d
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass
 
 from .errors import PlacementError
@@ -137,26 +138,35 @@ def wait_until_placed(actors: list, target: Target, timeout: float, log) -> list
     cluster has, or why the replicas' constructors failed.
     """
     import ray
-    from ray.exceptions import RayError
+    from ray.exceptions import RayActorError, RayError
 
+    deadline = time.monotonic() + timeout
     # Replica.where answers once the constructor (the model load) has finished
     asked = {actor.where.remote(): index for index, actor in enumerate(actors)}
-    done, pending = ray.wait(list(asked), num_returns=len(asked), timeout=timeout)
     placed, failures = [], []
     kinds: dict[str, int] = {}  # "cuda bfloat16" -> replicas: GPUs of several kinds may differ in dtype
-    for ref in done:
-        index = asked[ref]
-        try:
-            where = ray.get(ref)
-        except RayError as err:  # its constructor raised: a missing CUDA, a dtype the GPU lacks, a broken model
-            failures.append(_constructor_error(err))
-            ray.kill(actors[index], no_restart=True)
-            continue
-        placed.append(index)
-        kind = f"{where['device']} {where['dtype']}"
-        kinds[kind] = kinds.get(kind, 0) + 1
-    for ref in pending:
-        ray.kill(actors[asked[ref]], no_restart=True)
+    while asked and (left := deadline - time.monotonic()) > 0:
+        done, _ = ray.wait(list(asked), num_returns=1, timeout=left)
+        for ref in done:
+            index = asked.pop(ref)
+            try:
+                where = ray.get(ref)
+            except RayActorError as err:
+                if not err.actor_init_failed:  # its process died while loading (killed, out of memory, node lost):
+                    asked[actors[index].where.remote()] = index  # Ray restarts it; ask the new one
+                    continue
+                failures.append(_constructor_error(err))  # a missing CUDA, a dtype the GPU lacks, a broken model
+                ray.kill(actors[index], no_restart=True)
+                continue
+            except RayError as err:
+                failures.append(_constructor_error(err))
+                ray.kill(actors[index], no_restart=True)
+                continue
+            placed.append(index)
+            kind = f"{where['device']} {where['dtype']}"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    for index in asked.values():
+        ray.kill(actors[index], no_restart=True)
     if not placed:
         raise PlacementError(_none_placed(len(actors), target, timeout, failures, ray.cluster_resources()))
     log(

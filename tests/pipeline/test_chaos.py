@@ -126,8 +126,11 @@ def _run_with_kills(head: RayHead, command: list[str], out: Path, rng: random.Ra
                     time.sleep(0.05)
                 if job.poll() is not None:
                     break
-                victim, replicas = victims.pop(0), head.replicas()
-                if victim == "replica" and replicas:
+                victim, replicas = victims[0], head.replicas()
+                if victim == "replica" and not replicas:
+                    continue  # its replicas are still starting (placed once their model loads): wait for one
+                victims.pop(0)
+                if victim == "replica":
                     rng.choice(replicas).send_signal(signal.SIGKILL)
                     kills["replica"] += 1
                 else:

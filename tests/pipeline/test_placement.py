@@ -183,3 +183,31 @@ def test_device_cuda_on_a_ray_without_gpus_exits_2_after_the_placement_timeout(c
 
 def _quiet(event: str, text: str, **fields) -> None:
     pass
+
+
+class _DiesOnceWhenAsked:
+    """A replica whose first process dies as the driver asks where it is (SIGKILLed, its node lost): Ray restarts
+    it. (A death inside the constructor Ray already hides: it restarts the creation and the call waits for it.)"""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def where(self) -> dict:
+        import os
+        from pathlib import Path
+
+        if not Path(self.marker).exists():
+            Path(self.marker).touch()
+            os._exit(1)  # the process dies, as a kill would: no exception for Ray to report
+        return {"device": "cpu", "dtype": "float32"}
+
+
+def test_a_replica_that_dies_before_it_answers_is_asked_again_not_dropped(ray_with_one_gpu, tmp_path):
+    from pipeline.placement import Target, wait_until_placed
+
+    actor = ray_with_one_gpu.remote(_DiesOnceWhenAsked).options(max_restarts=-1, max_task_retries=0, num_cpus=1)
+    replica = actor.remote(str(tmp_path / "died-once"))
+    lines = []
+    placed = wait_until_placed([replica], Target("cpu", "test", {"num_cpus": 1}), 60, lambda *a, **k: lines.append(a))
+    assert placed == [replica], lines
+    assert (tmp_path / "died-once").exists()  # it did die once
