@@ -545,8 +545,13 @@ class OutputLocation:
                 raise
 
     def _remove_files(self, paths: list[str]) -> None:
-        if paths:
+        if not paths:
+            return
+        try:
             self._retrying(lambda: self.fs.rm(paths))
+        except FileNotFoundError:  # some already gone: a retry after a delete that was partly done
+            for path in paths:
+                self._remove_file(path)
 
     def _remove_files_quietly(self, paths: list[str]) -> None:
         """Remove those of `paths` that exist (object stores delete in batches and ignore missing keys)."""

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from .errors import PlacementError
 
 DEVICES = ("auto", "cuda", "cpu")
-# Seconds a job waits for its replicas to be placed and to load their model (--placement-timeout). Long enough
-# for an autoscaler to start a GPU node and for mt5-xxl to load; short enough that a job asking for GPUs the
-# cluster will never have ends with a message rather than hanging.
+# Seconds a job waits for Ray to place its replicas (--placement-timeout); their model loads are not counted.
+# Long enough for an autoscaler to start a GPU node; short enough that a job asking for GPUs the cluster will
+# never have ends with a message rather than hanging.
 DEFAULT_PLACEMENT_TIMEOUT = 600.0
+# A replica whose process dies this often while loading its model (out of memory, each time) is given up on.
+MAX_DEATHS_WHILE_LOADING = 3
 # Quantizations that run only on CPU (torch's dynamic int8 matmuls).
 CPU_ONLY_QUANTIZATIONS = ("int8-dynamic",)
 
@@ -131,42 +133,68 @@ def known_accelerator_types() -> set[str]:
 
 
 def wait_until_placed(actors: list, target: Target, timeout: float, log) -> list:
-    """The actors that are placed and have loaded their model within `timeout` seconds; the others are killed.
+    """The actors that Ray places within `timeout` seconds, once they have loaded their model; the others are
+    killed. The timeout is for waiting on resources (GPU nodes that an autoscaler starts): a placed replica's
+    model load has no deadline, since a large checkpoint's download can take longer than any placement.
 
     No unit goes to a replica before this returns, so one that can never be placed holds none. Raises
     PlacementError when none is placed: the message says how many were asked, what each needed and what the
-    cluster has, or why the replicas' constructors failed.
+    cluster has, or why the replicas' constructors or model loads failed.
     """
     import ray
     from ray.exceptions import RayActorError, RayError
 
-    deadline = time.monotonic() + timeout
-    # Replica.where answers once the constructor (the model load) has finished
-    asked = {actor.where.remote(): index for index, actor in enumerate(actors)}
+    # Replica.placed answers once Ray has placed the actor, Replica.where once it has loaded its model. A replica
+    # whose process dies while loading is placed again by Ray, with a new timeout: asked `placed` again first, so
+    # that calls failing while Ray learns of the death are not counted as deaths.
+    deadlines = [time.monotonic() + timeout] * len(actors)
+    waiting = {actor.placed.remote(): index for index, actor in enumerate(actors)}
+    loading: dict = {}
+    deaths = [0] * len(actors)
     placed, failures = [], []
     kinds: dict[str, int] = {}  # "cuda bfloat16" -> replicas: GPUs of several kinds may differ in dtype
-    while asked and (left := deadline - time.monotonic()) > 0:
-        done, _ = ray.wait(list(asked), num_returns=1, timeout=left)
+
+    def failed(index: int, err: BaseException) -> None:
+        failures.append(_constructor_error(err))  # a missing CUDA, a dtype the GPU lacks, a broken model
+        ray.kill(actors[index], no_restart=True)
+
+    def place_again(index: int) -> None:
+        waiting[actors[index].placed.remote()] = index
+
+    while waiting or loading:
+        now = time.monotonic()
+        for ref, index in list(waiting.items()):
+            if deadlines[index] <= now:
+                del waiting[ref]
+                ray.kill(actors[index], no_restart=True)
+        left = min((deadlines[index] for index in waiting.values()), default=now) - now
+        done, _ = ray.wait([*waiting, *loading], num_returns=1, timeout=left if waiting else None)
         for ref in done:
-            index = asked.pop(ref)
+            was_loading = ref in loading
+            index = (loading if was_loading else waiting).pop(ref)
             try:
                 where = ray.get(ref)
             except RayActorError as err:
-                if not err.actor_init_failed:  # its process died while loading (killed, out of memory, node lost):
-                    asked[actors[index].where.remote()] = index  # Ray restarts it; ask the new one
-                    continue
-                failures.append(_constructor_error(err))  # a missing CUDA, a dtype the GPU lacks, a broken model
-                ray.kill(actors[index], no_restart=True)
+                if err.actor_init_failed:
+                    failed(index, err)
+                elif not was_loading:  # a call that reached the process Ray is replacing
+                    place_again(index)
+                elif (deaths[index] + 1) > MAX_DEATHS_WHILE_LOADING:
+                    failed(index, RuntimeError(f"its process died {deaths[index] + 1} times while loading the model"))
+                else:  # killed, out of memory, node lost
+                    deaths[index] += 1
+                    deadlines[index] = time.monotonic() + timeout
+                    place_again(index)
                 continue
             except RayError as err:
-                failures.append(_constructor_error(err))
-                ray.kill(actors[index], no_restart=True)
+                failed(index, err)
+                continue
+            if not was_loading:
+                loading[actors[index].where.remote()] = index
                 continue
             placed.append(index)
             kind = f"{where['device']} {where['dtype']}"
             kinds[kind] = kinds.get(kind, 0) + 1
-    for index in asked.values():
-        ray.kill(actors[index], no_restart=True)
     if not placed:
         raise PlacementError(_none_placed(len(actors), target, timeout, failures, ray.cluster_resources()))
     log(

@@ -73,8 +73,11 @@ class Replica:
         if self.device == "cpu":
             torch.set_num_threads(cpu_threads)
         self.dtype = str(inference_dtype(settings.dtype, self.device))  # before the load: a GPU without bf16 fails
-        model, tokenizer = load_model(settings, self.device, storage_options)
-        self.summarizer = Summarizer(model, tokenizer, settings)
+        # The model loads on first use, not here: the driver's placement wait (pipeline/placement.py) then tells a
+        # replica waiting for resources from one loading its model. A replica that Ray restarts loads it again.
+        self._model_settings = (settings, storage_options)
+        self._summarizer: Summarizer | None = None
+        self._load_lock = threading.Lock()
         self.fs, _ = open_filesystem(input_url, storage_options, error=InputError)
         # the run's lease generation: a unit of a run that lost its lease is never published
         self.location = OutputLocation(output_url, storage_options, generation=generation)
@@ -84,8 +87,23 @@ class Replica:
         self.metrics = PipelineMetrics()
         self.rows_done: dict[str, int] = {}  # attempt -> rows summarized so far, for each unit in flight
 
+    def placed(self) -> None:
+        """Answers as soon as Ray has placed the replica, before its model is loaded."""
+
     def where(self) -> dict:
+        """Where the replica runs, once its model is loaded."""
+        self.summarizer  # noqa: B018 (loads it)
         return {"host": socket.gethostname(), "pid": os.getpid(), "device": self.device, "dtype": self.dtype}
+
+    @property
+    def summarizer(self) -> Summarizer:
+        """The model and its tokenizer, loaded on first use (by one of the threads that ask at once)."""
+        with self._load_lock:
+            if self._summarizer is None:
+                settings, storage_options = self._model_settings
+                model, tokenizer = load_model(settings, self.device, storage_options)
+                self._summarizer = Summarizer(model, tokenizer, settings)
+        return self._summarizer
 
     def heartbeat(self) -> dict[str, int]:
         """Rows summarized so far by each unit in flight, by attempt. The driver calls it in HEARTBEAT_GROUP: rows

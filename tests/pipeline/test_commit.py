@@ -663,6 +663,14 @@ class FlakyMemoryFileSystem(MemoryFileSystem):
         self._fail_once("read", self._strip_protocol(path))
         return super().cat_file(path, *args, **kwargs)
 
+    def rm(self, path, *args, **kwargs):
+        """A delete of several files drops its connection once, after the first file is gone."""
+        if isinstance(path, list) and len(path) > 1 and ("rm", "several") not in self.failed:
+            self.failed.add(("rm", "several"))
+            super().rm(path[0])
+            raise ConnectionResetError("rm: connection reset by peer (injected)")
+        return super().rm(path, *args, **kwargs)
+
 
 def test_the_runs_own_files_are_written_and_read_through_transient_storage_errors(tmp_path, memory_root):
     """Manifest, markers, failure records, report and _SUCCESS each meet a dropped connection first: the run
@@ -690,3 +698,22 @@ def test_the_runs_own_files_are_written_and_read_through_transient_storage_error
     assert location.storage_retries >= len(units) + 4 and resumed.storage_retries > 0
     table = ds.dataset(f"{memory_root}/out", format="parquet", filesystem=fsspec.filesystem("memory")).to_table()
     assert sorted(table.column("id").to_pylist()) == list(range(30))
+
+
+def test_a_delete_retried_after_a_dropped_connection_removes_what_is_left(tmp_path, memory_root):
+    """Replacing an output deletes its files in one call; a connection dropped part-way is retried, and the files
+    the first try removed are not an error (fs.rm raises FileNotFoundError for them)."""
+    fsspec.register_implementation("flakymemory", FlakyMemoryFileSystem, clobber=True)
+    fs, units = _plan(LOCAL, f"{tmp_path}/lake")
+    location = OutputLocation(f"memory://{memory_root}/out")
+    location.prepare(SETTINGS, units=units)
+    _commit(location, fs, units)
+    assert location.finish({})
+
+    FlakyMemoryFileSystem.failed = set()
+    replaced = OutputLocation(f"flakymemory://{memory_root}/out")
+    replaced.backoff = Backoff(first=0.0)
+    replaced.prepare({**SETTINGS, "num_beams": 1}, units=units, overwrite=True)
+    assert ("rm", "several") in FlakyMemoryFileSystem.failed and replaced.storage_retries > 0
+    left = fsspec.filesystem("memory").find(f"{memory_root}/out")
+    assert [p for p in left if p.endswith(".parquet")] == []

@@ -289,18 +289,28 @@ def test_saved_checkpoint_loads_in_transformers_with_identical_logits(ray_local,
     )
 
 
+def _job_command(base: Path, data: Path, out: Path, *flags: str) -> list[str]:
+    """jobs/finetune.py fine-tuning `base` on `data`'s train set into `out`, as a user starts it."""
+    return [
+        sys.executable,
+        str(REPO / "jobs/finetune.py"),
+        "--model",
+        str(base),
+        "--train",
+        str(data / "train.parquet"),
+        "--output-model",
+        str(out),
+        *flags,
+    ]
+
+
 @pytest.mark.slow
 def test_killed_job_resumes_to_the_parameters_of_an_uninterrupted_run(base, data, tmp_path):
     def command(out: Path, *extra: str) -> list[str]:
-        return [
-            sys.executable,
-            str(REPO / "jobs/finetune.py"),
-            "--model",
-            str(base),
-            "--train",
-            str(data / "train.parquet"),
-            "--output-model",
-            str(out),
+        return _job_command(
+            base,
+            data,
+            out,
             "--max-steps",
             "60",
             "--save-every",
@@ -318,7 +328,7 @@ def test_killed_job_resumes_to_the_parameters_of_an_uninterrupted_run(base, data
             "--seed",
             "3",
             *extra,
-        ]
+        )
 
     env = local_job_env()
     subprocess.run(command(tmp_path / "straight"), check=True, env=env, timeout=600, capture_output=True)
@@ -372,18 +382,7 @@ def test_bad_input_is_refused_before_any_replica_trains(ray_local, base, data, t
 
 def test_fp16_flag_exits_2_with_the_reason(base, data, tmp_path):
     done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "jobs/finetune.py"),
-            "--model",
-            str(base),
-            "--train",
-            str(data / "train.parquet"),
-            "--output-model",
-            str(tmp_path / "o"),
-            "--dtype",
-            "float16",
-        ],
+        _job_command(base, data, tmp_path / "o", "--dtype", "float16"),
         capture_output=True,
         text=True,
         timeout=120,
@@ -481,15 +480,10 @@ def test_diverged_job_exits_1_with_the_reason_and_saves_no_model(base, data, tmp
     step is non-finite: the replica's TrainingError reaches the command line as one message, not a Ray traceback."""
     out = tmp_path / "out"
     done = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "jobs/finetune.py"),
-            "--model",
-            str(base),
-            "--train",
-            str(data / "train.parquet"),
-            "--output-model",
-            str(out),
+        _job_command(
+            base,
+            data,
+            out,
             "--max-steps",
             "10",
             "--optimizer",
@@ -504,7 +498,7 @@ def test_diverged_job_exits_1_with_the_reason_and_saves_no_model(base, data, tmp
             "8",
             "--max-nonfinite-steps",
             "2",
-        ],
+        ),
         capture_output=True,
         text=True,
         timeout=300,

@@ -185,29 +185,53 @@ def _quiet(event: str, text: str, **fields) -> None:
     pass
 
 
-class _DiesOnceWhenAsked:
-    """A replica whose first process dies as the driver asks where it is (SIGKILLed, its node lost): Ray restarts
-    it. (A death inside the constructor Ray already hides: it restarts the creation and the call waits for it.)"""
+class _DiesWhileLoading:
+    """A replica whose process dies `deaths` times while it loads its model (SIGKILLed, out of memory, its node
+    lost): Ray restarts it. (A death inside the constructor Ray already hides: it restarts the creation and the
+    call waits for it.)"""
 
-    def __init__(self, marker: str):
-        self.marker = marker
+    def __init__(self, marker: str, deaths: int = 1, load_seconds: float = 0.0):
+        self.marker, self.deaths, self.load_seconds = marker, deaths, load_seconds
+
+    def placed(self) -> None:
+        pass
 
     def where(self) -> dict:
         import os
+        import time
         from pathlib import Path
 
-        if not Path(self.marker).exists():
-            Path(self.marker).touch()
+        time.sleep(self.load_seconds)
+        died = Path(self.marker).read_text() if Path(self.marker).exists() else ""
+        if len(died) < self.deaths:
+            Path(self.marker).write_text(died + "x")
             os._exit(1)  # the process dies, as a kill would: no exception for Ray to report
         return {"device": "cpu", "dtype": "float32"}
 
 
-def test_a_replica_that_dies_before_it_answers_is_asked_again_not_dropped(ray_with_one_gpu, tmp_path):
+def _placed(ray, tmp_path, timeout: float, **replica) -> bool:
+    """Whether a _DiesWhileLoading replica is placed within `timeout` (killed after: its CPU is the next test's)."""
     from pipeline.placement import Target, wait_until_placed
 
-    actor = ray_with_one_gpu.remote(_DiesOnceWhenAsked).options(max_restarts=-1, max_task_retries=0, num_cpus=1)
-    replica = actor.remote(str(tmp_path / "died-once"))
-    lines = []
-    placed = wait_until_placed([replica], Target("cpu", "test", {"num_cpus": 1}), 60, lambda *a, **k: lines.append(a))
-    assert placed == [replica], lines
-    assert (tmp_path / "died-once").exists()  # it did die once
+    actor = ray.remote(_DiesWhileLoading).options(max_restarts=-1, max_task_retries=0, num_cpus=1)
+    replica = actor.remote(str(tmp_path / "deaths"), **replica)
+    try:
+        return wait_until_placed([replica], Target("cpu", "test", {"num_cpus": 1}), timeout, _quiet) == [replica]
+    finally:
+        ray.kill(replica, no_restart=True)
+
+
+def test_a_replica_that_dies_while_loading_is_asked_again_not_dropped(ray_with_one_gpu, tmp_path):
+    assert _placed(ray_with_one_gpu, tmp_path, 60, deaths=1)
+    assert (tmp_path / "deaths").read_text() == "x"  # it did die once
+
+
+def test_a_model_load_longer_than_the_placement_timeout_is_waited_for(ray_with_one_gpu, tmp_path):
+    """--placement-timeout bounds the wait for resources, not the model's download and load."""
+    assert _placed(ray_with_one_gpu, tmp_path, 20, deaths=0, load_seconds=22)
+
+
+def test_a_replica_that_dies_at_every_load_is_given_up(ray_with_one_gpu, tmp_path):
+    """Ray restarts it forever (max_restarts=-1), so the wait counts the deaths rather than hang."""
+    with pytest.raises(PlacementError, match="none of the 1 replica.*died 4 times while loading the model"):
+        _placed(ray_with_one_gpu, tmp_path, 60, deaths=10)
