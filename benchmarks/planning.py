@@ -64,6 +64,7 @@ def phase(name: str, lake: str, out: str, model: str) -> dict:
     from pipeline.driver import plan
     from pipeline.settings import SummarizeSettings
 
+    cpu_start = _cpu_seconds()
     start = time.perf_counter()
     location = OutputLocation(out)
     work = plan(SummarizeSettings(model=model), lake, None, "date=00042" if name == "filtered" else None, location)
@@ -90,8 +91,15 @@ def phase(name: str, lake: str, out: str, model: str) -> dict:
         "to_run": len(changes.run),
         "skipped": len(changes.skip),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
+        # user + system, this process and its footer workers: on a shared machine, what the phase cost itself
+        "cpu_seconds": round(_cpu_seconds() - cpu_start, 2),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
     }
+
+
+def _cpu_seconds() -> float:
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def cpu() -> str:
@@ -115,6 +123,7 @@ def main() -> None:
     if args.phase:
         print(json.dumps(phase(args.phase, str(lake), str(out), str(tiny_model(root)))))
         return
+    load_before = os.getloadavg()  # the machine may be shared: its load says how far to trust the seconds
     step = time.perf_counter()
     build_lake(lake, args.files, args.partitions)
     print(f"lake: {args.files:,} files in {args.partitions:,} partitions ({time.perf_counter() - step:.0f} s to build)")
@@ -143,12 +152,14 @@ def main() -> None:
         r = results[-1]
         print(
             f"{name:<9} {r['files']:>9,} files {r['units']:>9,} units  run {r['to_run']:>9,}  skip {r['skipped']:>9,}"
-            f"  {r['seconds']['total']:>7.1f} s  peak {r['peak_rss_mib']:>6,} MiB  {r['seconds']}"
+            f"  {r['seconds']['total']:>7.1f} s  cpu {r['cpu_seconds']:>7.1f} s  peak {r['peak_rss_mib']:>6,} MiB"
+            f"  {r['seconds']}"
         )
     report = {
         "command": " ".join(["benchmarks/planning.py", *sys.argv[1:]]),
         "cpu": cpu(),
         "cores": os.cpu_count(),
+        "load_average_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
         "python": platform.python_version(),
         "results": results,
     }

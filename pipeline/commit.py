@@ -122,7 +122,8 @@ class OutputLocation:
         if old is None or overwrite:
             if old is None and not overwrite:
                 self._refuse_foreign_files(plan)
-            return Changes(settings, plan, run=plan, fresh=True, previous=old)
+            # nothing of the old output survives prepare(), so no unit is committed
+            return Changes(settings, plan, run=plan, fresh=True, previous=old, complete=not plan)
         self._check_same_settings(old["settings"], settings)
         listed = {u.relative for u in plan} if listed is None else listed
         current = {u.id for u in plan}
@@ -136,6 +137,8 @@ class OutputLocation:
                 replaced.append(unit)  # the file was rewritten: new identity or new row groups
             else:
                 unlisted.append(unit)
+        generation = old.get("generation", 0)
+        del old  # a million units' worth: not held while the markers are read
         exists = {
             relative: input_exists is None or input_exists(relative) for relative in {u.relative for u in unlisted}
         }
@@ -152,7 +155,8 @@ class OutputLocation:
             redo=[u for u in todo if u.relative in rewritten],
             remove=replaced + gone,
             missed=missed,
-            generation=old.get("generation", 0),
+            generation=generation,
+            complete=not todo and all(u.id in committed for u in kept + missed),
         )
 
     def prepare(
@@ -191,7 +195,8 @@ class OutputLocation:
                 **_redacted(recorded or {}),
             },
         )
-        self._remove_stale_success(changes.plan)
+        if not changes.complete:
+            self._remove_file(self._path(SUCCESS))
         return changes
 
     def lease(self, timeout: float = DEFAULT_LEASE_TIMEOUT, note=lambda text: None) -> Lease:
@@ -217,11 +222,12 @@ class OutputLocation:
             return {}
         if old is None or old["settings"] != _json_round_trip(_redacted(settings)):
             return {}
-        committed = self.committed_ids()
         by_file: dict[str, tuple[UnitRecord, ...]] = {}  # tuples: most files are one unit
         for row in _rows(old["units"], UnitRecord._fields):
             unit = UnitRecord(*row)
             by_file[unit.relative] = by_file.get(unit.relative, ()) + (unit,)
+        del old  # a million units' worth: not held while the markers are read
+        committed = self.committed_ids()
         for relative in [r for r, units in by_file.items() if not all(u.id in committed for u in units)]:
             del by_file[relative]
         return by_file
@@ -349,8 +355,9 @@ class OutputLocation:
 
     def _refuse_writing_over_inputs(self, units: Sequence[WorkUnit]) -> None:
         inputs = {unit.shard.path for unit in units}
+        root = self._path("")  # joined by hand: posixpath.join a unit is seconds at a million units
         for unit in units:
-            if self._path(unit.output_relative) in inputs:
+            if root + unit.output_relative in inputs:
                 raise OutputError(
                     f"{self.url}: the output for {unit.shard.relative} would be written over an "
                     "input file; choose an --output outside the input"
@@ -358,7 +365,8 @@ class OutputLocation:
 
     def _refuse_foreign_files(self, plan: list[UnitRecord]) -> None:
         existing = set(self._find(self.root))
-        clashes = [u.output for u in plan if self._path(u.output) in existing]
+        root = self._path("")
+        clashes = [u.output for u in plan if root + u.output in existing]
         if clashes:
             raise OutputError(
                 f"{self.url} already holds {len(clashes)} file(s) at the names this run writes "
@@ -440,11 +448,6 @@ class OutputLocation:
     def _write_index(self, units: dict[str, dict]) -> None:
         rows = [tuple(marker.get(name) for name in COMMIT_FIELDS) for marker in units.values()]
         self._put_json(self._path(META, INDEX), {"lakesum": MANIFEST_VERSION, "units": _columns(rows, COMMIT_FIELDS)})
-
-    def _remove_stale_success(self, plan: list[UnitRecord]) -> None:
-        committed = self.committed_ids()
-        if not all(u.id in committed for u in plan):
-            self._remove_file(self._path(SUCCESS))
 
     # --- files ---------------------------------------------------------------------------------------
 
@@ -636,6 +639,7 @@ class Changes:
     remove: list[UnitRecord] = field(default_factory=list)  # earlier units of rewritten or deleted files
     missed: list[UnitRecord] = field(default_factory=list)  # earlier units of files the listing missed: kept
     fresh: bool = False  # no usable manifest: a new output, or --overwrite
+    complete: bool = False  # every unit of `plan` was committed when reconciled (else a _SUCCESS is stale)
     previous: dict | None = None  # with --overwrite: the manifest whose files are replaced
     generation: int = 0  # of the run that wrote the manifest
 

@@ -1,8 +1,10 @@
 """Shards -> what their footers say: rows per row group (Parquet) or record batch (Arrow IPC), the schema,
 and the file's identity for resume; and whether the columns a job needs are there.
 
-Footers are read, never the data: Parquet's through pyarrow, Arrow IPC's by reading the footer and each
-batch's header, so that counting the rows of a lake on an object store does not download it.
+Footers are read, never the data, so that counting the rows of a lake on an object store does not download
+it. A Parquet footer is read with one read of the file's end, decoded by pyarrow's reader from those bytes,
+and its schema converted to Arrow once per distinct schema (a first plan reads every footer of the lake; the files
+of a lake mostly share one schema). Arrow IPC's are read as the footer and each batch's header.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ import pyarrow.ipc as ipc
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
+# The reader under pq.ParquetFile, opened on the bytes of a file's end: its footer decoded without ParquetFile's
+# Python set-up or its Arrow schema (half of ParquetFile's cost a footer). (pyarrow._parquet's
+# _reconstruct_filemetadata decodes faster still, but aborts the process on a corrupt footer.)
+from pyarrow._parquet import ParquetReader
+
 from .errors import InputError
 from .listing import Shard
 
@@ -36,6 +43,9 @@ TEXT_TYPES = (
     pa.binary_view(),
     pa.null(),
 )
+# A Parquet file's end is read once in this size: a footer is rarely longer (a few KiB for hundreds of columns),
+# and a longer one is read again whole.
+PARQUET_TAIL_BYTES = 64 * 1024
 # What a failed read of a file looks like: pyarrow's errors (ArrowInvalid is a ValueError, ArrowIOError an
 # OSError) and the storage's. Anything else is a bug and is not dressed up as a bad shard.
 READ_ERRORS = (pa.ArrowException, OSError, ValueError, EOFError)
@@ -88,23 +98,74 @@ def inspect_shards(
     elif len(shards) >= processes_from and (os.cpu_count() or 1) > 1:
         results = _inspect_in_processes(fs, shards)
     else:
-        results = [_Inspector(fs)(shard) for shard in shards]
+        inspect = _Inspector(fs)
+        results = [inspect(shard) for shard in shards]
     return ([r for r in results if isinstance(r, ShardInfo)], [r for r in results if isinstance(r, ShardReadError)])
 
 
 class _Inspector:
-    """inspect_shard that keeps one copy of each schema: the files of a lake mostly share one."""
+    """inspect_shard over many files, keeping one copy of each schema (the files of a lake mostly share one) and
+    converting each distinct Parquet schema to Arrow once."""
 
     def __init__(self, fs):
         self.fs = fs
         self.schemas: dict[pa.Schema, pa.Schema] = {}
+        # (_schema_key..., Arrow schema) of the latest distinct footers; the first is the one the last file had
+        self.parquet_schemas: list[tuple] = []
 
     def __call__(self, shard: Shard) -> ShardInfo | ShardReadError:
         try:
-            info = inspect_shard(self.fs, shard)
+            if shard.format == "parquet" and (info := self._parquet(shard)) is not None:
+                return info
+            return self._shared(inspect_shard(self.fs, shard))
         except ShardReadError as e:
             return e
+
+    def _shared(self, info: ShardInfo) -> ShardInfo:
         return replace(info, schema=self.schemas.setdefault(info.schema, info.schema))
+
+    def _parquet(self, shard: Shard) -> ShardInfo | None:
+        """The footer from one read of the file's end, decoded by pyarrow's reader on those bytes, its Arrow schema
+        the one of an earlier file with the same Parquet schema. None (read the file through inspect_shard,
+        whose error names what is wrong) for a file this does not take; a new schema goes through
+        inspect_shard once."""
+        try:
+            tail, length = _read_parquet_tail(self.fs, shard)
+            reader = ParquetReader()
+            reader.open(pa.BufferReader(tail))
+            metadata = reader.metadata
+            group_rows = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
+            if sum(group_rows) != metadata.num_rows:
+                return None
+            schema = self._arrow_schema(metadata)
+        except READ_ERRORS:
+            return None
+        if schema is None:
+            info = self._shared(inspect_shard(self.fs, shard))
+            self.parquet_schemas.insert(0, (*_schema_key(metadata), info.schema))
+            del self.parquet_schemas[_DISTINCT_SCHEMAS:]
+            return info
+        return ShardInfo(shard, metadata.num_rows, group_rows, schema, _identity(shard, _parquet_footer(tail, length)))
+
+    def _arrow_schema(self, metadata) -> pa.Schema | None:
+        """The Arrow schema pyarrow gave a file with the same Parquet schema, key-value metadata (where Arrow
+        keeps its own types: large_string, dictionary), writer and format version, if one was seen."""
+        schema, *rest = _schema_key(metadata)
+        for i, (other, *other_rest, arrow) in enumerate(self.parquet_schemas):
+            if rest == other_rest and schema.equals(other):
+                if i:
+                    self.parquet_schemas.insert(0, self.parquet_schemas.pop(i))
+                return arrow
+        return None
+
+
+def _schema_key(metadata) -> tuple:
+    """What pyarrow's Arrow schema of a Parquet file depends on."""
+    return metadata.schema, metadata.metadata, metadata.created_by, metadata.format_version
+
+
+# Distinct Parquet schemas an _Inspector remembers: a lake holds a few, one per partition at most
+_DISTINCT_SCHEMAS = 16
 
 
 def _inspect_in_processes(fs, shards: Sequence[Shard]) -> list[ShardInfo | ShardReadError]:
@@ -144,9 +205,9 @@ def _inspect_chunk(shards: Sequence[tuple[str, str, int, str | None]]) -> list[t
 
 
 def _inspect_parquet(fs, shard: Shard) -> ShardInfo:
+    """Through pyarrow's reader: for a file _Inspector._parquet does not take, and for each new schema."""
+    identity = _identity(shard, _read_parquet_footer(fs, shard) if shard.version is None else b"")
     with _open(fs, shard.path) as f:
-        identity = _identity(shard, _parquet_footer(f) if shard.version is None else b"")
-        f.seek(0)
         parquet = pq.ParquetFile(f)
         metadata = parquet.metadata
         group_rows = tuple(metadata.row_group(i).num_rows for i in range(metadata.num_row_groups))
@@ -187,26 +248,55 @@ def file_identity(fs, shard: Shard) -> str | None:
     if shard.format != "parquet":
         return None
     try:
-        with _open(fs, shard.path) as f:
-            return _identity(shard, _parquet_footer(f))
+        return _identity(shard, _read_parquet_footer(fs, shard))
     except READ_ERRORS:
         return None
 
 
-def _parquet_footer(f) -> bytes:
-    """The raw footer: file metadata (thrift), then its length (int32) and "PAR1"."""
-    size = f.seek(0, 2)
+def _read_parquet_footer(fs, shard: Shard) -> bytes:
+    """The shard's raw footer: file metadata (thrift), without its length (int32) and "PAR1"."""
+    tail, length = _read_parquet_tail(fs, shard)
+    return _parquet_footer(tail, length)
+
+
+def _read_parquet_tail(fs, shard: Shard) -> tuple[bytes, int]:
+    """The end of the file that holds its footer, and the footer's length, in one read of the file's end (two
+    for a footer over PARQUET_TAIL_BYTES): locally with pread, on object stores with one ranged GET."""
+    if isinstance(fs, LocalFileSystem):
+        fd = os.open(shard.path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            return _parquet_tail(lambda start: os.pread(fd, size - start, start), size)
+        finally:
+            os.close(fd)
+    return _parquet_tail(lambda start: fs.cat_file(shard.path, start=start, end=shard.size), shard.size)
+
+
+def _parquet_tail(read_from, size: int) -> tuple[bytes, int]:
+    """The file's last PARQUET_TAIL_BYTES (or the footer and all after it, if longer) and the footer's length;
+    `read_from(start)` gives the file's bytes from start to its end (`size`)."""
     if size < 12:
         raise ValueError(f"not a Parquet file: {size} bytes")
-    f.seek(size - 8)
-    tail = f.read(8)
-    if tail[4:] != b"PAR1":
+    tail = _read_exactly(read_from, max(0, size - PARQUET_TAIL_BYTES), size)
+    if tail[-4:] != b"PAR1":
         raise ValueError("not a Parquet file: no PAR1 at its end")
-    length = int.from_bytes(tail[:4], "little")
+    length = int.from_bytes(tail[-8:-4], "little")
     if length > size - 12:
         raise ValueError(f"corrupt Parquet footer length {length}")
-    f.seek(size - 8 - length)
-    return f.read(length)
+    if length + 8 > len(tail):
+        tail = _read_exactly(read_from, size - 8 - length, size)
+    return tail, length
+
+
+def _read_exactly(read_from, start: int, size: int) -> bytes:
+    data = read_from(start)
+    if len(data) != size - start:
+        raise ValueError(f"the file changed while read: {len(data)} bytes from {start}, not {size - start}")
+    return data
+
+
+def _parquet_footer(tail: bytes, length: int) -> bytes:
+    return tail[len(tail) - 8 - length : len(tail) - 8]
 
 
 def _inspect_arrow(fs, shard: Shard) -> ShardInfo:

@@ -257,6 +257,119 @@ def test_arrow_stream_format_is_read_as_one_group(tmp_path):
     assert _all_rows(fs, [unit]) == list(range(9))
 
 
+def _parquet_layouts() -> dict[str, tuple[pa.Table, dict]]:
+    """Tables and pq.write_table options: the layouts a footer can take."""
+    rows = numbered_rows(0, 30)
+    return {
+        "row groups": (rows, {"row_group_size": 7}),
+        "dictionary text": (rows.set_column(1, "text", rows["text"].dictionary_encode()), {}),
+        "large_string": (
+            rows.cast(pa.schema([("id", pa.int64()), ("text", pa.large_string()), ("lang", pa.string())])),
+            {},
+        ),
+        "nested and other types": (
+            numbered_rows(
+                0,
+                30,
+                tags=pa.array([[f"t{i}"] * (i % 3) for i in range(30)], pa.list_(pa.string())),
+                point=pa.array([{"x": i, "y": float(i)} for i in range(30)]),
+                at=pa.array(range(30), pa.timestamp("ms", tz="UTC")),
+                price=pa.array([i / 4 for i in range(30)]).cast(pa.decimal128(9, 2)),
+                flag=pa.array([i % 2 == 0 for i in range(30)]),
+                blob=pa.array([b"\xff" * i for i in range(30)], pa.binary()),
+            ),
+            {"row_group_size": 11},
+        ),
+        "no Arrow schema stored": (rows, {"store_schema": False, "compression": "none"}),
+        "pandas metadata": (pa.Table.from_pandas(rows.to_pandas()), {}),
+        "empty": (numbered_rows(0, 0), {}),
+        "footer over 64 KiB": (
+            pa.table(
+                {f"column_{i:04d}_{'x' * 40}": pa.array([i, i + 1], pa.int32()) for i in range(1500)}
+            ).append_column("text", pa.array(["a", "b"])),
+            {"row_group_size": 1},
+        ),
+    }
+
+
+def test_parquet_footers_read_from_the_files_end_equal_pyarrows_on_every_layout(tmp_path, monkeypatch):
+    """The fast footer path (one read of the file's end, pyarrow's reader on those bytes, one Arrow conversion per
+    distinct schema) against ParquetFile on each layout, in one lake, so that a schema is reused only where it is
+    equal."""
+    import pyarrow.parquet as pq
+
+    from pipeline import footers
+
+    layouts = _parquet_layouts()
+    for i, (table, options) in enumerate(layouts.values()):
+        for copy in range(3):  # the first of each schema goes through pyarrow, the others must not
+            rows = table.slice(copy, max(0, table.num_rows - 2 * copy))
+            with LOCAL.open(f"{tmp_path}/lake/layout={i}/part-{copy}.parquet", "wb") as f:
+                pq.write_table(rows, f, **options)
+    fs, shards = list_shards(str(tmp_path / "lake"))
+    through_pyarrow = []
+    real_inspect = footers.inspect_shard
+    monkeypatch.setattr(
+        footers, "inspect_shard", lambda fs, shard: through_pyarrow.append(shard) or real_inspect(fs, shard)
+    )
+
+    infos, errors = inspect_shards(fs, shards)
+
+    assert errors == [] and len(infos) == 3 * len(layouts)
+    for info in infos:
+        parquet = pq.ParquetFile(info.shard.path)
+        assert info.num_rows == parquet.metadata.num_rows, info.shard.relative
+        assert info.group_rows == tuple(
+            parquet.metadata.row_group(g).num_rows for g in range(parquet.metadata.num_row_groups)
+        ), info.shard.relative
+        assert info.schema.equals(parquet.schema_arrow, check_metadata=True), info.shard.relative
+        assert info == real_inspect(fs, info.shard)  # the identity too
+    # one pyarrow read per distinct schema: the fast path was taken for the others
+    assert sorted(s.relative for s in through_pyarrow) == [f"layout={i}/part-0.parquet" for i in range(len(layouts))]
+
+
+@pytest.mark.parametrize("damage", ["thrift", "row counts", "length", "truncated"])
+def test_a_damaged_footer_after_good_ones_gives_pyarrows_error(tmp_path, damage):
+    """The fast path has seen the schema; a damaged footer of the same schema must fail as pyarrow fails it."""
+    write_parquet(LOCAL, f"{tmp_path}/lake/part-0.parquet", numbered_rows(0, 10), row_group_size=4)
+    write_parquet(LOCAL, f"{tmp_path}/lake/part-1.parquet", numbered_rows(10, 10), row_group_size=4)
+    victim = tmp_path / "lake" / "part-1.parquet"
+    data = bytearray(victim.read_bytes())
+    length = int.from_bytes(data[-8:-4], "little")
+    footer = len(data) - 8 - length
+    if damage == "thrift":
+        data[footer + length // 2 : footer + length // 2 + 16] = b"\xff" * 16
+    elif damage == "row counts":  # FileMetaData.num_rows, right after the schema (field 3, i64): 10 -> 11
+        at = data.index(bytes([0x16, 20]), footer)  # short field header (delta 1, i64), zigzag varint of 10
+        data[at + 1] = 22
+    elif damage == "length":
+        data[-8:-4] = (len(data) - 11).to_bytes(4, "little")
+    else:
+        data = data[:footer] + data[-8:]
+    victim.write_bytes(bytes(data))
+    fs, shards = list_shards(str(tmp_path / "lake"))
+
+    infos, errors = inspect_shards(fs, shards)
+
+    assert [i.shard.relative for i in infos] == ["part-0.parquet"]
+    [error] = errors
+    with pytest.raises(ShardReadError) as pyarrows:
+        _inspect_through_pyarrow(fs, error.shard)
+    assert error.reason == pyarrows.value.reason and error.reason
+    if damage == "row counts":
+        assert "its row groups hold 10 rows, its total says 11" in error.reason
+
+
+def _inspect_through_pyarrow(fs, shard):
+    """The pyarrow path alone (ParquetFile), as inspect_shard took it before the fast path."""
+    from pipeline import footers
+
+    try:
+        return footers._inspect_parquet(fs, shard)
+    except footers.READ_ERRORS as e:
+        raise ShardReadError(shard, footers.describe(e)) from e
+
+
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
 def test_corrupt_parquet_fails_alone_naming_the_file(tmp_path, damage):
     _lake(tmp_path / "lake")
@@ -300,7 +413,7 @@ def test_an_unchanged_local_file_is_known_by_its_stat_and_a_rewrite_is_not(tmp_p
     }
     reads = []
     real_footer = footers._parquet_footer
-    monkeypatch.setattr(footers, "_parquet_footer", lambda f: reads.append(1) or real_footer(f))
+    monkeypatch.setattr(footers, "_parquet_footer", lambda *args: reads.append(1) or real_footer(*args))
     shard = next(s for s in listed if s.relative == "date=2026-11-01/part-1.parquet")
     [known] = known_units(fs, shard, records[shard.relative])
     assert known.id == records[shard.relative][0].id and reads == []
