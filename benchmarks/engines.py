@@ -112,12 +112,16 @@ class TorchEngine:
 class ContinuousEngine(TorchEngine):
     """Our model with continuous batching (model/decode.py), as the pipeline runs it: the documents
     stream in, in the batches' order, at most batch_size documents at once, and a finished document's
-    slot takes the next one."""
+    slot takes the next one. With `compile`, through the compiled decode step (model/compiled_decode.py)."""
+
+    def __init__(self, ctx: Context, model, compile: bool = False):
+        super().__init__(ctx, model)
+        self.compile = compile
 
     def run(self, docs: list[dict], decoding: Decoding) -> list[list[int]]:
         from model.decode import generate_stream
 
-        config = self.model.generation_config.updated(**decoding.hf_settings())
+        config = self.model.generation_config.updated(**decoding.hf_settings(), compile=self.compile)
         stream = ((i, docs[i]["ids"]) for batch in self.ctx.batches for i in batch)
         out: list[list[int] | None] = [None] * len(docs)
         rows = self.ctx.batch_size * decoding.num_beams
@@ -330,7 +334,7 @@ class RayPipelineEngine(PipelineEngine):
 # name -> (devices it runs on, builder). `shared` lets the in-process pipeline reuse ours-fp32's model.
 ENGINES = {
     "ours-fp32": (("cpu", "cuda"), lambda ctx, shared: ours(ctx)),
-    "ours-bf16": (("cuda",), lambda ctx, shared: ours(ctx, dtype="bfloat16")),
+    "ours-bf16": (("cpu", "cuda"), lambda ctx, shared: ours(ctx, dtype="bfloat16")),
     "ours-int8-dynamic": (("cpu",), lambda ctx, shared: ours(ctx, quantization="int8-dynamic")),
     "ours-fp32-vocab32k": (("cpu", "cuda"), lambda ctx, shared: ours(ctx, vocabulary=RESTRICTED_VOCAB)),
     "ours-int8-dynamic-vocab32k": (
@@ -343,6 +347,12 @@ ENGINES = {
             ctx, shared["ours-fp32"].model if "ours-fp32" in shared else ours(ctx).model
         ),
     ),
+    "ours-fp32-compiled": (("cpu", "cuda"), lambda ctx, shared: ContinuousEngine(ctx, ours(ctx).model, compile=True)),
+    "ours-bf16-continuous": (("cuda",), lambda ctx, shared: ContinuousEngine(ctx, ours(ctx, dtype="bfloat16").model)),
+    "ours-bf16-compiled": (
+        ("cuda",),
+        lambda ctx, shared: ContinuousEngine(ctx, ours(ctx, dtype="bfloat16").model, compile=True),
+    ),
     "ours-int8-dynamic-continuous": (
         ("cpu",),
         lambda ctx, shared: ContinuousEngine(ctx, ours(ctx, quantization="int8-dynamic").model),
@@ -352,6 +362,15 @@ ENGINES = {
         lambda ctx, shared: ContinuousEngine(
             ctx, ours(ctx, quantization="int8-dynamic", vocabulary=RESTRICTED_VOCAB).model
         ),
+    ),
+    # in the dtype a job runs in there (--dtype auto): float32 on CPU, bfloat16 on a GPU with it
+    "ours-int8-weight-only": (
+        ("cpu", "cuda"),
+        lambda ctx, shared: ours(ctx, dtype="auto", quantization="int8-weight-only"),
+    ),
+    "ours-bf16-int8-weight-only": (
+        ("cpu",),
+        lambda ctx, shared: ours(ctx, dtype="bfloat16", quantization="int8-weight-only"),
     ),
     "ours-bnb-int8": (("cpu", "cuda"), lambda ctx, shared: ours(ctx, quantization="int8")),
     "ours-bnb-nf4": (("cpu", "cuda"), lambda ctx, shared: ours(ctx, quantization="nf4")),
@@ -370,9 +389,13 @@ ENGINES = {
 
 # --engines accepts these group names; each expands to the members that run on the device.
 GROUPS = {
-    "ours": ["ours-fp32", "ours-bf16", "ours-int8-dynamic"],
+    "ours": ["ours-fp32", "ours-bf16", "ours-int8-dynamic", "ours-int8-weight-only"],
     "vocab": ["ours-fp32-vocab32k", "ours-int8-dynamic-vocab32k"],
     "continuous": ["ours-fp32-continuous", "ours-int8-dynamic-continuous", "ours-int8-dynamic-vocab32k-continuous"],
+    # the compiled decode step, and the eager continuous engine it replaces in bf16. The first run of a decoding
+    # compiles its buckets, which run.py's warm-up (shorter outputs) does not all meet: benchmarks/compiled_decode.py
+    # times the step without compiles
+    "compiled": ["ours-fp32-compiled", "ours-bf16-continuous", "ours-bf16-compiled"],
     "bnb": ["ours-bnb-int8", "ours-bnb-nf4"],
     "transformers": ["transformers-fp32", "transformers-bf16"],
     "ct2": ["ct2-fp32", "ct2-int8", "ct2-bf16", "ct2-int8-bf16"],

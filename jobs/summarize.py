@@ -51,6 +51,11 @@ def build_parser():
     setting("--batch-size", help="most documents decoded at once (continuous batching)")
     setting("--max-batch-tokens", help="documents x longest input, decoded at once")
     setting("--rows-per-unit", help="rows per work unit (big files are split)")
+    setting(
+        "--compile-decode",
+        help="decode through the compiled step (torch.compile; CUDA graphs on a GPU): the same summaries, faster "
+        "where the eager step is launch-bound; each replica compiles first",
+    )
     setting("--max-input-tokens")
     setting("--max-new-tokens")
     setting("--num-beams")
@@ -65,8 +70,10 @@ def build_parser():
     setting(
         "--quantization",
         choices=QUANTIZATIONS,
-        help="int8, nf4, fp4: bitsandbytes (GPU or CPU); int8-dynamic: torch's int8 matmuls, CPU and float32 only "
-        "(--device auto then runs on CPU)",
+        help="auto: on GPU the fastest of none (bfloat16), int8-weight-only and nf4 whose weights and decoding fit a "
+        "replica's share of GPU memory, none on CPU (chosen once, logged, recorded in the manifest); "
+        "int8-weight-only: int8 weights dequantized inside each matmul (GPU or CPU); int8, nf4, fp4: bitsandbytes "
+        "(GPU or CPU); int8-dynamic: torch's int8 matmuls, CPU and float32 only (--device auto then runs on CPU)",
     )
     setting(
         "--output-vocabulary",

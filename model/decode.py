@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from .compiled_decode import CompiledDecodeBatch
 from .decode_batch import DecodeBatch, Document, StepBuffers
 from .logits import LogitsProcessor
 
@@ -253,6 +254,8 @@ def decode_stream(
     num_return_sequences outputs, each starting with decoder_start, EOS included when emitted) in the
     order the documents finish.
 
+    With config.compile, the steps run through the compiled decode step (model/compiled_decode.py).
+
     `documents` is read as the batch has room, at each sync, with next(). A source that has nothing yet (a
     queue) may stop and give more at a later next(): those documents join the batch in flight, and the
     stream ends once the batch is empty."""
@@ -266,10 +269,14 @@ def decode_stream(
         search = Sampling(config, generator)
     else:
         search = Greedy(config)
-    batch = DecodeBatch(model, config, search)
+    group = search.rows_per_document
+    if config.compile:
+        documents_at_once = max(max_rows, group) // group
+        batch = CompiledDecodeBatch(model, config, search, documents_at_once)
+    else:
+        batch = DecodeBatch(model, config, search)
     pending = iter(documents)
     upcoming: list[Document] = []  # read from the stream, not admitted yet
-    group = search.rows_per_document
 
     def admit(staying: list[int]) -> list[Document]:
         """The next documents to join the slots whose sources have lengths `staying`."""

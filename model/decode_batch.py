@@ -176,19 +176,23 @@ class DecodeBatch:
         """Room for `slots` more documents, at the end."""
         self.keys += [None] * slots
         self.source_lengths += [0] * slots
+        rows = slots * self.group
+        self.sequences = torch.cat([self.sequences, self.sequences.new_zeros(rows, self.max_len)])
+        self.lengths = torch.cat([self.lengths, self.lengths.new_ones(rows)])
+        self.decoding = torch.cat([self.decoding, self.decoding.new_zeros(rows)])
+        self.search.grow(slots)
+        self._append_storage(slots)
+
+    def _append_storage(self, slots: int) -> None:
+        """The encoder side and caches of `slots` more documents."""
         mask = self.encoder_mask
         self.encoder_mask = torch.cat([mask, mask.new_zeros(slots, mask.shape[1])])
         self.cross_kv = [
             (torch.cat([k, k.new_zeros(slots, *k.shape[1:])]), torch.cat([v, v.new_zeros(slots, *v.shape[1:])]))
             for k, v in self.cross_kv
         ]
-        rows = slots * self.group
-        self.sequences = torch.cat([self.sequences, self.sequences.new_zeros(rows, self.max_len)])
-        self.lengths = torch.cat([self.lengths, self.lengths.new_ones(rows)])
-        self.decoding = torch.cat([self.decoding, self.decoding.new_zeros(rows)])
         for cache in self.caches:
-            cache.append(rows)
-        self.search.grow(slots)
+            cache.append(slots * self.group)
 
     def _select(self, slots: list[int]) -> None:
         """Only these documents go on: the others' rows, caches and encoder side are dropped."""
@@ -196,13 +200,17 @@ class DecodeBatch:
         rows = self._rows(index)
         self.keys = [self.keys[s] for s in slots]
         self.source_lengths = [self.source_lengths[s] for s in slots]
-        self.encoder_mask = self.encoder_mask.index_select(0, index)
-        self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
+        self._select_sources(index)
         self.sequences = self.sequences.index_select(0, rows)
         self.lengths = self.lengths.index_select(0, rows)
         self.decoding = self.decoding.index_select(0, rows)
         self.reorder_rows(rows)
         self.search.select(index)
+
+    def _select_sources(self, index: torch.Tensor) -> None:
+        """Only the encoder sides of these slots go on, in this order."""
+        self.encoder_mask = self.encoder_mask.index_select(0, index)
+        self.cross_kv = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cross_kv]
 
     def _widen_sources(self, width: int) -> None:
         """Room for a source of `width` tokens on the encoder side (padding: masked out)."""

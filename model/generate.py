@@ -34,6 +34,9 @@ class GenerationConfig:
     pad_token_id: int = 0
     eos_token_id: int = 1
     decoder_start_token_id: int = 0
+    # Decode through the compiled step (model/compiled_decode.py): the same tokens, faster where the eager step
+    # is launch-bound (a GPU). Ours, not transformers': not written to generation_config.json.
+    compile: bool = False
     # Fields of generation_config.json we do not use, written back on save.
     extra: dict = field(default_factory=dict, repr=False)
 
@@ -89,7 +92,8 @@ class GenerationConfig:
 
     def save(self, out_dir: Path) -> None:
         out = dict(self.extra)
-        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("extra", "seed")})
+        unsaved = ("extra", "seed", "compile")
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in unsaved})
         out = {k: v for k, v in out.items() if v is not None}
         (out_dir / "generation_config.json").write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
 

@@ -118,11 +118,12 @@ class KVCache(nn.Module):
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [rows, heads, len, d_kv] at `positions` [rows, len] (each row at its own) and return
-        the whole cache: the attention bias masks what lies past a row's positions."""
+        the cache of those rows, all positions: the attention bias masks what lies past a row's positions.
+        The cache may hold more rows than are written (the compiled step's preallocated storage)."""
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         self.k[rows, :, positions] = k.transpose(1, 2)  # indexed: [rows, len, heads, d_kv]
         self.v[rows, :, positions] = v.transpose(1, 2)
-        return self.k, self.v
+        return self.k[: k.shape[0]], self.v[: k.shape[0]]
 
     def select(self, index: torch.Tensor) -> None:
         """Row i continues from row index[i] (beam search); rows left out are dropped (finished work),

@@ -87,6 +87,12 @@ def _head_slot(model: nn.Module) -> tuple[nn.Module, str]:
     return (head, "kept") if getattr(head, "kept_ids", None) is not None else (model, "lm_head")
 
 
+def is_packed(model: nn.Module) -> bool:
+    """Whether the model's output head is a PackedLinear."""
+    module, name = _head_slot(model)
+    return isinstance(getattr(module, name, None), PackedLinear)
+
+
 def _packable(linear) -> bool:
     return (
         type(linear) is nn.Linear

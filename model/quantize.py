@@ -21,6 +21,17 @@ DYNAMIC_KEEP_UNQUANTIZED), and an untied lm_head by default: at mT5's 250k rows 
 matmul of each decoding step. That is where most of its disagreement with float32 comes from, not its
 ROUGE (benchmarks/quality.py: 89% of sequences identical with the head kept, skip=("lm_head",), 74% with
 it quantized; ROUGE-L 46.0 and 46.3 against float32's 46.2). CPU and float32 only.
+
+quantize(model, "int8-weight-only") halves the weight bytes of a bfloat16 model, on GPU and CPU: int8 weights
+with one symmetric scale per output channel, and activations left as they are. Each matmul is
+`F.linear(x, codes.to(x.dtype)) * scales`, gpt-fast's WeightOnlyInt8Linear. Its purpose here is room (what
+`--quantization auto` takes when bfloat16 does not fit), not speed: in eager mode each call converts the whole
+weight first, slower than bfloat16 on GPU and several times slower than float32 on CPU; compiled, inductor reads
+only the codes where it fuses the conversion (the output head at a decode step's rows), not everywhere. On CPU
+in bfloat16, up to FUSED_CPU_MAX_ROWS rows, torch's fused kernel `_weight_int8pack_mm` replaces the formula (on
+CUDA that kernel is slower than the formula at every measured shape). On CPU, int8-dynamic stays the fast path.
+Same targets as int8-dynamic: the projections but `wo`, and an untied lm_head (restricted or not) unless
+skipped; a tied head stays the embedding.
 """
 
 from __future__ import annotations
@@ -29,9 +40,10 @@ import logging
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("none", "int8", "nf4", "fp4", "int8-dynamic")
+METHODS = ("none", "int8", "nf4", "fp4", "int8-dynamic", "int8-weight-only")
 BITSANDBYTES = ("int8", "nf4", "fp4")
 
 # The stacks' projections, by their attribute names in model/modules.py.
@@ -62,6 +74,12 @@ KEEP_UNQUANTIZED = ("wo",)
 # stacks' weight bytes; the agreement it costs is measured here, and on real checkpoints the outliers
 # that motivate the rule are larger than in that small model.
 DYNAMIC_KEEP_UNQUANTIZED = ("wo",)
+
+# int8-weight-only keeps `wo` as the other methods do, so that every method quantizes the same layers. Its own
+# reason would be weaker: its scales are per output row of the weight and the activations are not quantized, so
+# the outliers entering `wo` do not coarsen anything. Quantizing `wo` would save a quarter of the stacks' weight
+# bytes; it waits for a measurement of agreement on a real checkpoint (benchmarks/quality.py).
+WEIGHT_ONLY_KEEP_UNQUANTIZED = ("wo",)
 
 # bitsandbytes' defaults, spelled out: 4-bit blocks of 64 weights along the flattened weight, whose
 # absmax values are quantized again (double quantization); LLM.int8's outlier threshold of 6.0 on the
@@ -220,7 +238,7 @@ def _check_dynamic_int8(device: torch.device, dtype: torch.dtype) -> None:
     if device.type != "cpu":
         raise ValueError(
             f"quantization 'int8-dynamic' runs on CPU only, and the model is on {device}: "
-            "on GPUs use int8, nf4 or fp4 (bitsandbytes), or bfloat16 without quantization"
+            "on GPUs use int8-weight-only, int8, nf4 or fp4 (bitsandbytes), or bfloat16 without quantization"
         )
     if dtype != torch.float32:
         raise ValueError(
@@ -236,6 +254,88 @@ def _check_dynamic_int8(device: torch.device, dtype: torch.dtype) -> None:
         ) from err
 
 
+# Rows up to which int8-weight-only multiplies through torch's fused CPU kernel (bfloat16 only). The kernel
+# reads the int8 weight once per block of 4 rows, without making a bfloat16 copy; measured on mt5-small's
+# projections and a 32k-row head, one thread, AVX-512: faster than the plain formula up to 12 rows and than
+# bfloat16 F.linear up to 4-8, slower than both from 16 rows on, where oneDNN's GEMM takes over.
+FUSED_CPU_MAX_ROWS = 12
+# The fused CPU kernel's bfloat16 path loads 16 (AVX-512) or 8 (AVX2) values at a time with aligned loads: with
+# a width not a multiple of 16 it returns garbage or crashes (torch 2.13), and with a misaligned input it faults.
+FUSED_CPU_WIDTH_MULTIPLE = 16
+FUSED_CPU_ALIGNMENT = 64
+
+
+class Int8WeightOnlyLinear(nn.Module):
+    """A bias-optional linear layer over int8 codes [out, in] with one scale per output row [out]:
+    y = (x @ codes.T) * scales + bias, in x's dtype. The codes are symmetric (-127..127), the scales in the
+    dtype the model computes in. For inference: the codes are buffers, and take no gradient."""
+
+    def __init__(self, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = codes.shape
+        self.register_buffer("weight", codes)  # int8 [out, in]
+        self.register_buffer("scales", scales)  # [out]
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.reshape(-1, self.in_features)
+        if self._fused_cpu_kernel_applies(rows):
+            out = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales).view(*x.shape[:-1], -1)
+        else:  # gpt-fast's formula: compiled, inductor can fold the conversion into the matmul's reads
+            out = F.linear(x, self.weight.to(x.dtype)) * self.scales
+        return out if self.bias is None else out + self.bias
+
+    def _fused_cpu_kernel_applies(self, rows: torch.Tensor) -> bool:
+        # Not while compiling: the compiled formula is the fused path there, and data_ptr() cannot be traced.
+        return (
+            not torch.compiler.is_compiling()
+            and rows.device.type == "cpu"
+            and rows.dtype == torch.bfloat16
+            and self.scales.dtype == torch.bfloat16
+            and rows.shape[0] <= FUSED_CPU_MAX_ROWS
+            and self.in_features % FUSED_CPU_WIDTH_MULTIPLE == 0
+            and rows.is_contiguous()
+            and rows.data_ptr() % FUSED_CPU_ALIGNMENT == 0
+        )
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight this layer multiplies by, [out, in] in the scales' dtype: what a float model would hold
+        to compute what this layer computes, up to rounding."""
+        return self.weight.to(self.scales.dtype) * self.scales[:, None]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+# Rows quantized at a time: bounds the float32 temporaries to this many rows of the widest layer (mT5's head
+# has 250,112 rows; in one piece, mt5-xxl's would take 4 GiB of float32 beside the model).
+QUANTIZE_ROWS_AT_ONCE = 8192
+
+
+def int8_weight_only(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes int8 [out, in], scales [out] in weight's dtype) with |weight - codes * scales| <= scales / 2, up to
+    the float32 rounding of weight / scale (at most 127 * 2^-24 of a scale) where a weight lies half-way.
+
+    The scale is rounded to the weight's dtype first and the codes are computed against that rounded scale, so
+    the bound holds for the scale the layer multiplies by. Rounding it moves it by at most 2^-9 (bfloat16), so
+    the row's largest weight maps to at most 127 * (1 + 2^-8) < 127.5 and the clamp to 127 costs nothing."""
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    tiny = torch.finfo(weight.dtype).tiny  # an all-zero row gets codes 0 and a scale that divides safely
+    for start in range(0, weight.shape[0], QUANTIZE_ROWS_AT_ONCE):
+        rows = weight[start : start + QUANTIZE_ROWS_AT_ONCE].float()
+        scale = (rows.abs().amax(dim=1) / 127).to(weight.dtype).clamp_min(tiny)
+        codes[start : start + len(rows)] = (rows / scale.float()[:, None]).round().clamp(-127, 127).to(torch.int8)
+        scales[start : start + len(rows)] = scale
+    return codes, scales
+
+
+def _int8_weight_only_layer(layer: nn.Linear) -> Int8WeightOnlyLinear:
+    codes, scales = int8_weight_only(layer.weight.detach())
+    bias = None if layer.bias is None else layer.bias.detach()
+    return Int8WeightOnlyLinear(codes, scales, bias).train(layer.training)
+
+
 def quantize(
     model: nn.Module, method: str, *, compute_dtype: torch.dtype | None = None, skip: tuple[str, ...] | None = None
 ) -> nn.Module:
@@ -245,32 +345,36 @@ def quantize(
         with an outlier above 6.0 are multiplied in float16, the rest in int8; the input is cast to
         float16 inside bitsandbytes whatever the model's dtype), "nf4" or "fp4" (4-bit in blocks of
         64 weights, double quantized, as QLoRA), "int8-dynamic" (torch's dynamic int8 on CPU: per-channel
-        int8 weights, per-tensor int8 activations, float32 in and out).
+        int8 weights, per-tensor int8 activations, float32 in and out), "int8-weight-only" (per-channel int8
+        weights dequantized inside each matmul, activations in the model's dtype; CPU and GPU).
     compute_dtype: the dtype the 4-bit weights are dequantized to for their matmuls; by default the
         model's dtype. Used by nf4 and fp4 only.
     skip: names of modules, or dotted runs of names, to leave as they are: "lm_head", "decoder",
         "cross_attn", "encoder.blocks.0". By default ("lm_head",) for bitsandbytes and () for
-        int8-dynamic. `wo` is always left (KEEP_UNQUANTIZED, DYNAMIC_KEEP_UNQUANTIZED), and a tied
-        lm_head too: it is the embedding.
+        int8-dynamic and int8-weight-only. `wo` is always left (KEEP_UNQUANTIZED, DYNAMIC_KEEP_UNQUANTIZED,
+        WEIGHT_ONLY_KEEP_UNQUANTIZED), and a tied lm_head too: it is the embedding.
     """
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
     if method == "none":
         return model
-    dynamic = method == "int8-dynamic"
+    dynamic, weight_only = method == "int8-dynamic", method == "int8-weight-only"
     if skip is None:
-        skip = () if dynamic else ("lm_head",)
-    targets = _targets(model, tuple(skip), DYNAMIC_KEEP_UNQUANTIZED if dynamic else KEEP_UNQUANTIZED)
+        skip = () if dynamic or weight_only else ("lm_head",)
+    keep = {"int8-dynamic": DYNAMIC_KEEP_UNQUANTIZED, "int8-weight-only": WEIGHT_ONLY_KEEP_UNQUANTIZED}
+    targets = _targets(model, tuple(skip), keep.get(method, KEEP_UNQUANTIZED))
     if not targets:
         return model
     parent, attr = targets[0]
     device, dtype = getattr(parent, attr).weight.device, getattr(parent, attr).weight.dtype
     if device.type == "meta":
         raise ValueError("quantize() needs the weights: the model is on the meta device; load it first")
-    if dynamic:
-        _check_dynamic_int8(device, dtype)
+    if dynamic or weight_only:
+        if dynamic:
+            _check_dynamic_int8(device, dtype)
+        layer = _dynamic_int8_layer if dynamic else _int8_weight_only_layer
         for parent, attr in targets:  # one layer at a time, as below
-            setattr(parent, attr, _dynamic_int8_layer(getattr(parent, attr)))
+            setattr(parent, attr, layer(getattr(parent, attr)))
         return model
     bnb = _bitsandbytes()
     compute_dtype = compute_dtype or dtype
@@ -284,19 +388,37 @@ def quantize(
     return model
 
 
+def dequantize_weight_only(model: nn.Module) -> nn.Module:
+    """Replace each int8 weight-only layer of `model` with an nn.Linear holding its dequantized weight, in place;
+    returns `model`. The result is the float model that computes what the quantized one does, up to rounding:
+    its reference in tests/model/test_weight_only.py and benchmarks/gpu_check.py."""
+    for parent in list(model.modules()):
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, Int8WeightOnlyLinear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
+                linear.weight = nn.Parameter(child.dequantized(), requires_grad=False)
+                if child.bias is not None:
+                    linear.bias = child.bias
+                setattr(parent, attr, linear.train(child.training))
+    return model
+
+
 def is_quantized(model: nn.Module) -> bool:
-    """True if quantize() replaced any of `model`'s layers (bitsandbytes or int8-dynamic): such a model
-    holds no full-precision copy of those weights and cannot be saved as a checkpoint."""
+    """True if quantize() replaced any of `model`'s layers (bitsandbytes, int8-dynamic or int8-weight-only): such
+    a model holds no full-precision copy of those weights and cannot be saved as a checkpoint."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    return any(type(m).__module__.startswith("bitsandbytes") or isinstance(m, DynamicLinear) for m in model.modules())
+    return any(
+        type(m).__module__.startswith("bitsandbytes") or isinstance(m, (DynamicLinear, Int8WeightOnlyLinear))
+        for m in model.modules()
+    )
 
 
 def quantized_bytes(model: nn.Module) -> int:
     """Bytes held by `model`'s parameters and buffers, with the quantization statistics that live
     outside them (absmax, nested absmax, offsets and code books of 4-bit layers; row scales of int8
-    layers; int8-dynamic's packed int8 weights with their per-row scales and zero points). A tensor shared
-    by several modules, such as a tied embedding, counts once."""
+    layers; int8-dynamic's packed int8 weights with their per-row scales and zero points; int8-weight-only's
+    codes and scales are buffers). A tensor shared by several modules, such as a tied embedding, counts once."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
     seen: set[tuple[int, int]] = set()

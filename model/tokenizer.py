@@ -205,13 +205,14 @@ class _Unigram:
     def __init__(self, pieces: list[tuple[str, float]], unk_id: int):
         if not all(math.isfinite(score) for _, score in pieces):
             raise ValueError("every piece's score must be finite")
-        self._pieces = {piece: (i, score) for i, (piece, score) in enumerate(pieces)}  # a later duplicate wins
-        # the first two characters of a piece -> the most characters a piece starting with them has: most
-        # positions of a word start few pieces, and this tries only the lengths that some piece has
-        self._longest: dict[str, int] = {}
-        for piece in self._pieces:
-            if len(piece) > 1:
-                self._longest[piece[:2]] = max(self._longest.get(piece[:2], 0), len(piece))
+        # every piece -> (id, score), and every other prefix of a piece -> None. Segmenting extends a piece from
+        # each position of a word only while it is still a prefix of some piece, so most positions cost one or
+        # two lookups (a trie walk, the trie being one dict), where trying every length a piece has costs many
+        self._prefixes: dict[str, tuple[int, float] | None] = {}
+        for piece, _ in pieces:
+            for end in range(1, len(piece)):
+                self._prefixes.setdefault(piece[:end], None)
+        self._prefixes.update((piece, (i, score)) for i, (piece, score) in enumerate(pieces))  # a later duplicate wins
         self._unk_id = unk_id
         self._unk_score = min(score for _, score in pieces) - self._UNKNOWN_PENALTY
         self._cache: dict[str, list[int]] = {}
@@ -230,7 +231,7 @@ class _Unigram:
         return ids
 
     def _segment(self, word: str) -> list[int]:
-        get, longest, unk_id, unk_score = self._pieces.get, self._longest.get, self._unk_id, self._unk_score
+        get, unk_id, unk_score = self._prefixes.get, self._unk_id, self._unk_score
         n = len(word)
         # the score of the best path found so far from the word's start to each position. `tokenizers` takes the
         # first path to a position whatever its score; starting from -inf does the same, scores being finite.
@@ -238,18 +239,36 @@ class _Unigram:
         starts = [0] * (n + 1)  # where that path's last piece starts
         ids = [0] * (n + 1)  # and that piece's id
         for start in range(n):
-            here = best[start]
-            # the piece of one character here, or else the unknown piece: one candidate for the next position
-            found = get(word[start])
-            piece_id, score = (unk_id, unk_score + here) if found is None else (found[0], found[1] + here)
-            if score > best[start + 1]:  # strictly higher: of two paths of equal score, the earlier start stays
-                best[start + 1], starts[start + 1], ids[start + 1] = score, start, piece_id
-            for end in range(start + 2, min(n, start + longest(word[start : start + 2], 0)) + 1):
-                found = get(word[start:end])
+            here, after = best[start], start + 1
+            # the piece of one character here, or else the unknown piece: one candidate for the next position.
+            # found: (id, score) for a piece, None for a prefix of pieces only, False for neither.
+            found = get(word[start], False)
+            if found:
+                score = found[1] + here
+                if score > best[after]:  # strictly higher: of two paths of equal score, the earlier start stays
+                    best[after] = score
+                    starts[after] = start
+                    ids[after] = found[0]
+            else:
+                score = unk_score + here
+                if score > best[after]:
+                    best[after] = score
+                    starts[after] = start
+                    ids[after] = unk_id
+                if found is False:
+                    continue
+            end = after + 1
+            while end <= n:  # longer pieces, for as long as word[start:end] begins one
+                found = get(word[start:end], False)
+                if found is False:
+                    break
                 if found is not None:
                     score = found[1] + here
                     if score > best[end]:
-                        best[end], starts[end], ids[end] = score, start, found[0]
+                        best[end] = score
+                        starts[end] = start
+                        ids[end] = found[0]
+                end += 1
         # back from the end, joining each run of unknown pieces into one token
         tokens, end = [], n
         while end > 0:
@@ -258,7 +277,7 @@ class _Unigram:
                 while start > 0 and ids[start] == unk_id:
                     start = starts[start]
                 found = get(word[start:end])
-                tokens.append(unk_id if found is None else found[0])
+                tokens.append(found[0] if found else unk_id)
             else:
                 tokens.append(ids[end])
             end = start

@@ -20,7 +20,7 @@ from model import MT5ForConditionalGeneration, MT5Tokenizer
 from model.checkpoint import hub_commit, resolve_checkpoint
 from model.storage import redact_url
 
-from . import vocabulary
+from . import fit, vocabulary
 from .commit import DEFAULT_LEASE_TIMEOUT, Changes, OutputLocation
 from .errors import InputError
 from .footers import ShardReadError, check_columns, describe, inspect_shard, inspect_shards
@@ -236,12 +236,18 @@ def run(
     start = time.monotonic()
     placement.check(settings.quantization)
     location = OutputLocation(output_url, storage_options)
+    target = None
+    if settings.quantization == "auto":
+        # Resolved once, here: every replica loads the same choice, and the manifest records it, so a resumed run
+        # whose choice differs (another GPU, other batch settings) is refused as written with other settings.
+        target = placement.choose(cpus_per_replica, settings.quantization, log)  # the job's first log line
+        settings = fit.resolved(settings, target.device, placement, storage_options, log)
     work = plan(settings, input_url, storage_options, partition_filter, location)
     if dry_run:
         changes = location.reconcile(work.manifest, units=work.units, overwrite=overwrite, **work.selection)
         _print_plan(changes, work, out)
         return RunReport(units=len(work.units), skipped=len(changes.skip), success=True)
-    target = placement.choose(cpus_per_replica, settings.quantization, log)  # the job's first log line
+    target = target or placement.choose(cpus_per_replica, settings.quantization, log)  # the job's first log line
     # One writer at a time: the lease is taken before the output is touched and renewed while the run works.
     lease = location.lease(lease_timeout, note=lambda text: log("lease", text))
     lease.start_heartbeat()
@@ -574,7 +580,7 @@ def _dispatch(
                 except ActorUnavailableError:
                     pings[_ping(actors[index])] = index  # still restarting
                 except RayError as err:  # it cannot come back: its constructor failed, or Ray gave it up
-                    gone[index] = _reason(err)
+                    gone[index] = describe(err)
                     restarting.pop(index, None)
                 continue
             flight = in_flight.pop(ref)
@@ -584,7 +590,7 @@ def _dispatch(
             try:
                 result = ray.get(ref)
             except RayTaskError as err:  # the unit's own error (its data, its storage): a retry would fail the same
-                fail(flight.unit, _reason(err))
+                fail(flight.unit, describe(err))
                 continue
             except RayError as err:  # its replica died (killed, its node lost, out of memory, hung)
                 died(flight, err)
@@ -603,11 +609,6 @@ def _ping(actor):
 
 def _name(unit: WorkUnit) -> str:
     return unit.shard.relative if unit.whole_file else f"{unit.shard.relative} (row groups {unit.start}-{unit.stop})"
-
-
-def _reason(err) -> str:
-    """A Ray error in one line: the exception the unit raised (its `cause`), not Ray's wrapper."""
-    return describe(getattr(err, "cause", None) or err)
 
 
 def _print_summary(report: RunReport, out) -> None:

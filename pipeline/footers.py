@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
+import re
 import struct
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -428,8 +429,16 @@ class _FlatTable:
 
 
 def describe(error: BaseException) -> str:
-    """An error in one line, for reports and failure records."""
-    return f"{type(error).__name__}: {error}".splitlines()[0][:500]
+    """An error in one line, for reports and failure records. For a Ray error, the exception the task or actor
+    raised: its `cause` where Ray keeps one, else the last exception of the traceback that Ray gives as text."""
+    cause = getattr(error, "cause", None)
+    if isinstance(cause, BaseException):
+        return describe(cause)
+    text = f"{type(error).__name__}: {error}"
+    raised = list(re.finditer(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*", text, re.MULTILINE))
+    if len(raised) > 1:  # a traceback's text: the exception it ends with
+        return " ".join(text[raised[-1].start() :].split())[:500]
+    return text.splitlines()[0][:500]
 
 
 # ----------------------------------------------------------------------------------------------------------------

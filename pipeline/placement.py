@@ -8,11 +8,11 @@ ask for replicas this way, and each replica picks its torch device with `torch_d
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass
 
 from .errors import PlacementError
+from .footers import describe
 
 DEVICES = ("auto", "cuda", "cpu")
 # Seconds a job waits for Ray to place its replicas (--placement-timeout); their model loads are not counted.
@@ -58,7 +58,7 @@ class Placement:
         if self.device == "cuda" and quantization in CPU_ONLY_QUANTIZATIONS:
             raise PlacementError(
                 f"--quantization {quantization} runs on CPU only, and --device cuda asks for GPUs: use "
-                "--quantization int8 or nf4 (bitsandbytes) on GPUs, or --device cpu"
+                "--quantization auto, int8-weight-only or nf4 on GPUs, or --device cpu"
             )
 
     def choose(self, cpus_per_replica: int, quantization: str, log) -> Target:
@@ -155,7 +155,7 @@ def wait_until_placed(actors: list, target: Target, timeout: float, log) -> list
     kinds: dict[str, int] = {}  # "cuda bfloat16" -> replicas: GPUs of several kinds may differ in dtype
 
     def failed(index: int, err: BaseException) -> None:
-        failures.append(_constructor_error(err))  # a missing CUDA, a dtype the GPU lacks, a broken model
+        failures.append(describe(err))  # a missing CUDA, a dtype the GPU lacks, a broken model
         ray.kill(actors[index], no_restart=True)
 
     def place_again(index: int) -> None:
@@ -229,14 +229,6 @@ def _none_placed(count: int, target: Target, timeout: float, failures: list[str]
 def _resources(cluster: dict) -> str:
     shown = {name: value for name, value in cluster.items() if name in ("CPU", "GPU") or name.startswith("accel")}
     return ", ".join(f"{name} {value:g}" for name, value in sorted(shown.items())) or "nothing"
-
-
-def _constructor_error(err) -> str:
-    """A failed constructor in one line: the exception it raised, which Ray gives only as the tail of a traceback."""
-    text = str(getattr(err, "cause", None) or err)
-    raised = list(re.finditer(r"^[A-Za-z_][\w.]*(Error|Exception)\b.*", text, re.MULTILINE))
-    tail = text[raised[-1].start() :] if raised else text
-    return " ".join(tail.split())[:500]
 
 
 def torch_device(asked: str, gpu_ids) -> str:

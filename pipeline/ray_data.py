@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
+from . import fit
 from .driver import EventLog
 from .placement import DEFAULT_PLACEMENT, Placement, torch_device
 from .replica import load_model
@@ -57,7 +58,9 @@ def map_batches_options(
 ) -> dict:
     """Keyword arguments of Dataset.map_batches for SummarizeBatches: its constructor's, the batch format, and
     each actor's num_cpus, num_gpus and accelerator_type, chosen on the Ray the caller joined."""
-    target = placement.choose(cpus_per_replica, settings.quantization, log or EventLog())
+    log = log or EventLog()
+    target = placement.choose(cpus_per_replica, settings.quantization, log)
+    settings = fit.resolved(settings, target.device, placement, storage_options, log)  # once, for every actor
     return dict(
         fn_constructor_kwargs={"settings": settings, "storage_options": storage_options, "device": placement.device},
         batch_format="pyarrow",

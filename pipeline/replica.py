@@ -24,7 +24,7 @@ from model.inference import inference_dtype
 from model.packed import pack_head_for_cpu
 from model.storage import open_filesystem
 
-from . import vocabulary
+from . import fit, vocabulary
 from .commit import OutputLocation
 from .errors import InputError
 from .metrics import PipelineMetrics
@@ -49,9 +49,8 @@ def load_model(settings: SummarizeSettings, device: str, storage_options: dict |
     kept = None
     if settings.output_vocabulary:
         kept = vocabulary.kept_ids(tokenizer, vocabulary.read_sample(settings.output_vocabulary, storage_options))
-    model = load_for_inference(
-        directory, dtype=settings.dtype, device=device, quantization=settings.quantization, kept_ids=kept
-    )
+    quantization = fit.on_this_device(settings, directory, device)  # the driver has resolved auto already
+    model = load_for_inference(directory, dtype=settings.dtype, device=device, quantization=quantization, kept_ids=kept)
     return model, tokenizer
 
 

@@ -5,7 +5,11 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from model.quantize import METHODS as QUANTIZATIONS
+from model.quantize import METHODS
+
+# auto: the fastest setting that fits the replica's share of GPU memory, float32 without quantization on CPU
+# (pipeline/fit.py); the driver resolves it once, before replicas start, and the manifest records the choice.
+QUANTIZATIONS = (*METHODS, "auto")
 
 DTYPES = ("float32", "bfloat16", "float16", "auto")
 
@@ -20,7 +24,7 @@ class SummarizeSettings:
     id_column: str | None = "id"
     prefix: str = ""
     dtype: str = "auto"  # auto: model.inference.inference_dtype (bfloat16 on a GPU with it, float16 on one without)
-    quantization: str = "none"
+    quantization: str = "auto"
     # A UTF-8 text file (local or fsspec URI) in the languages summarized: summaries use only its pieces.
     output_vocabulary: str | None = None
     max_input_tokens: int = 512
@@ -34,6 +38,9 @@ class SummarizeSettings:
     batch_size: int = 32
     max_batch_tokens: int = 16384
     rows_per_unit: int = 20000
+    # Decode through the compiled step (model/compiled_decode.py): CUDA graphs on a GPU, where the eager step
+    # is launch-bound. The same tokens; each replica compiles first (tens of seconds per batch shape).
+    compile_decode: bool = False
 
     def __post_init__(self):
         if self.quantization not in QUANTIZATIONS:
@@ -67,17 +74,19 @@ class SummarizeSettings:
             settings["no_repeat_ngram_size"] = self.no_repeat_ngram_size
         if self.length_penalty is not None:
             settings["length_penalty"] = self.length_penalty
+        if self.compile_decode:
+            settings["compile"] = True
         return settings
 
     def output_affecting(self) -> dict:
         """The settings that change what is written: a rerun with other values must not mix outputs.
 
-        Batch sizes are left out on purpose: they change speed, not which rows land where. So is the
+        Batch sizes and compile_decode are left out on purpose: they change speed, not which rows land where. So is the
         revision: the model is compared by content (the driver's fingerprint), so a new commit that leaves
         the weights as they were is the same model. The output vocabulary is here by path; the driver adds a
         fingerprint of its content (pipeline/vocabulary.py).
         """
         fields = dataclasses.asdict(self)
-        for name in ("batch_size", "max_batch_tokens", "revision"):
+        for name in ("batch_size", "max_batch_tokens", "compile_decode", "revision"):
             del fields[name]
         return fields

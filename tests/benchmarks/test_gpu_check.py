@@ -48,6 +48,9 @@ def test_gpu_check_runs_on_cpu_without_ray_and_every_check_passes_or_says_why_no
     assert parity["status"] == "passed"
     assert parity["greedy"]["identical"] and parity["beam4"]["identical"]
 
+    weight_only = rows[("quantization", "int8 weight-only vs its dequantized reference")]
+    assert weight_only["status"] == "passed" and weight_only["largest_difference"] <= weight_only["bound"]
+
     full = rows[("fine-tuning", "full, DDP world size 1")]
     assert full["ddp"] and full["backend"] == "gloo"
     assert math.isfinite(full["first_loss"]) and math.isfinite(full["last_loss"])

@@ -150,9 +150,9 @@ def test_half_precision_models_quantize_and_compute_in_their_dtype(tiny_checkpoi
 
 def test_unknown_method_is_a_value_error_listing_the_methods(tiny_checkpoint):
     model = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
-    with pytest.raises(ValueError, match="'int4'.*none, int8, nf4, fp4, int8-dynamic"):
+    with pytest.raises(ValueError, match="'int4'.*none, int8, nf4, fp4, int8-dynamic, int8-weight-only"):
         quantize(model, "int4")
-    assert METHODS == ("none", "int8", "nf4", "fp4", "int8-dynamic")
+    assert METHODS == ("none", "int8", "nf4", "fp4", "int8-dynamic", "int8-weight-only")
 
 
 def test_missing_bitsandbytes_is_an_import_error_saying_how_to_install(tiny_checkpoint, monkeypatch):

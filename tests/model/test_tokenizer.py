@@ -1,12 +1,10 @@
 """MT5Tokenizer against transformers' T5 tokenizer, both loaded from the same mT5-shaped spiece.model."""
 
-import gettext
 import json
 import pickle
 import random
 import shutil
 import unicodedata
-from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -17,6 +15,7 @@ from tokenizers import Tokenizer, models, normalizers
 
 from model.errors import ModelLoadError
 from model.tokenizer import MT5Tokenizer, _Normalizer, _Unigram
+from synthetic.real_text import django_translations
 from synthetic.spiece import MT5_SPIECE_PIECES, build_spiece_model, train_unigram
 
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -125,18 +124,9 @@ def test_ids_match_transformers_on_fuzzed_text(tok, hf_tok):
 
 @pytest.fixture(scope="session")
 def real_text():
-    """Real text in 99 languages: Django's translations of its messages, 3,000-character documents per language.
-
-    Translators wrote them, in every script Django ships (Latin, Cyrillic, Arabic, Devanagari, Thai, CJK, ...), with
-    URLs, markup and placeholders among the words, as real documents have. Each catalog's header is text too.
-    """
-    django = pytest.importorskip("django", reason="the real-text tests read Django's translations (pip install django)")
-    by_language: dict[str, list[str]] = {}
-    for catalog in sorted(Path(django.__file__).parent.glob("**/locale/*/LC_MESSAGES/*.mo")):
-        with catalog.open("rb") as f:
-            messages = gettext.GNUTranslations(f)._catalog.values()  # msgid -> msgstr; gettext has no public list
-        by_language.setdefault(catalog.parent.parent.name, []).extend(m for m in messages if m)
-    return {language: messages for language, messages in sorted(by_language.items())}
+    """Real text in 99 languages: Django's translations of its messages (synthetic/real_text.py)."""
+    pytest.importorskip("django", reason="the real-text tests read Django's translations (pip install django)")
+    return django_translations()
 
 
 @pytest.fixture(scope="session")
