@@ -45,6 +45,7 @@ from huggingface_hub.utils import (
 )
 from safetensors.torch import save_file
 
+from .config import MT5Config
 from .errors import ModelLoadError
 from .storage import PARTIAL_SUFFIX, atomic_path, open_filesystem, redact_url, scrub, url_secrets
 
@@ -309,6 +310,13 @@ def _locked(directory: Path) -> Iterator[None]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Which files hold what
+
+
+def read_config(directory: Path) -> MT5Config:
+    """The checkpoint's config.json, checked (a ConfigError names the file)."""
+    return MT5Config.from_dict(
+        read_json(directory, "config.json", required=True), source=str(directory / "config.json")
+    )
 
 
 def read_json(checkpoint_dir: Path, name: str, *, required: bool) -> dict | None:

@@ -107,11 +107,8 @@ class MT5PreTrainedModel(nn.Module):
     @classmethod
     def _on_meta(cls, source, cache_dir, revision=None):
         directory = checkpoint.resolve_checkpoint(source, cache_dir=cache_dir, revision=revision)
-        config = MT5Config.from_dict(
-            checkpoint.read_json(directory, "config.json", required=True), source=str(directory / "config.json")
-        )
         with torch.device("meta"):
-            return cls(config), directory
+            return cls(checkpoint.read_config(directory)), directory
 
     def _after_load(self, directory: Path) -> None:
         """Hook for what a class reads beside the weights (generation_config.json)."""

@@ -162,9 +162,9 @@ def on_this_device(settings, directory, device: str) -> str:
         return settings.quantization
     import torch
 
-    from model.checkpoint import read_json
+    from model.checkpoint import read_config
 
-    config = MT5Config.from_dict(read_json(directory, "config.json", required=True))
+    config = read_config(directory)
     visible = torch.cuda.get_device_properties(device).total_memory if device.startswith("cuda") else 0
     return resolve(settings, config, "cuda" if visible else "cpu", (visible, "the GPU torch sees"), 1.0).quantization
 
@@ -177,10 +177,10 @@ def resolved(settings, device: str, placement, storage_options: dict | None, log
     import ray
     import torch
 
-    from model.checkpoint import read_json, resolve_checkpoint
+    from model.checkpoint import read_config, resolve_checkpoint
 
     directory = resolve_checkpoint(settings.model, revision=settings.revision, storage_options=storage_options)
-    config = MT5Config.from_dict(read_json(directory, "config.json", required=True))
+    config = read_config(directory)
     visible = torch.cuda.get_device_properties(0).total_memory if torch.cuda.is_available() else None
     gpu = gpu_memory(ray.cluster_resources(), placement.accelerator_type, visible) if device == "cuda" else (0, "")
     fit = resolve(settings, config, device, gpu, placement.gpus_per_replica)

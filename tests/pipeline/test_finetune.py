@@ -594,27 +594,15 @@ def test_each_micro_batch_computes_one_cross_entropy_over_the_vocabulary(base, t
 
 def test_resume_with_other_settings_or_replicas_exits_2_naming_each_difference(base, data, tmp_path):
     out = tmp_path / "out"
-    flags = [
-        "--model",
-        str(base),
-        "--train",
-        str(data / "train.parquet"),
-        "--output-model",
-        str(out),
-        "--max-steps",
-        "3",
-        "--save-every",
-        "1",
-        "--batch-size",
-        "4",
-    ]
+    command = _job_command(base, data, out, "--max-steps", "3", "--save-every", "1", "--batch-size", "4")
+    flags = command[2:]  # after the interpreter and the script
     started = vars(build_parser().parse_args(flags))  # the run as these flags start it, on one replica
     _trainer(base, out, **{k: v for k, v in started.items() if k in FinetuneSettings.__dataclass_fields__}).run(
         resume=False
     )
     log_before = (out / TRAIN_LOG).read_text()
     done = subprocess.run(
-        [sys.executable, str(REPO / "jobs/finetune.py"), *flags, "--lr", "0.01", "--replicas", "2", "--resume"],
+        [*command, "--lr", "0.01", "--replicas", "2", "--resume"],
         capture_output=True,
         text=True,
         timeout=300,
