@@ -1,14 +1,19 @@
 """The GPU path checked end to end in one run: parity, quantization, fine-tuning, speed, the decode step
-against the bandwidth bound, and the pipeline (issue 14).
+against the bandwidth bound, the pipeline, and the load's peak memory (issue 14). The compiled decode step
+(--compile-decode) is checked in three of them: its speed beside eager and transformers (bf16 and int8
+weight-only), its float32 tokens against eager's (int8 weight-only), and the pipeline's own stages through it.
 
-    python3 benchmarks/gpu_check.py --device cuda --out $OUT/gpu-check-h200.json   # under 8 minutes on an H200
+    python3 benchmarks/gpu_check.py --device cuda --out $OUT/gpu-check-h200.json   # all: over a 10-minute call
+    python3 benchmarks/gpu_check.py --device cuda --parts quantization,load,pipeline,speed --speed-shapes small
     .venv/bin/python benchmarks/gpu_check.py --device cpu                            # the tiny shape, about a minute
 
 Everything is built here, without a network: random checkpoints of mt5-small's and mt5-base's shapes on CUDA
 (the tiny test shape on CPU) through synthetic/ and benchmarks/checkpoints.py, and the corpus's documents. Each
 check is one function returning one row; a check that raises is recorded as failed with its error, and the
 others still run. A check whose package is missing (ctranslate2, bitsandbytes) is skipped and says so. Ray is
-never imported: the lent GPU machine has none, so the pipeline's figure is an estimate, labelled as one.
+never imported: the lent GPU machine has none, so the pipeline's stages run in this process (pipeline.stages,
+as inside a replica), and the Ray job's figure is an estimate, labelled as one. On CPU the compiled checks are
+skipped unless --compile-backend is given (eager: their code path in seconds).
 Prints a table and writes one JSON; nothing here asserts a time.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime
 import gc
 import importlib.metadata
@@ -45,7 +51,7 @@ from benchmarks.run import agreement, machine  # noqa: E402
 from synthetic.checkpoints import TINY, build_trainable_checkpoint  # noqa: E402
 
 PASSED, FAILED, SKIPPED, NOT_BUILT = "passed", "failed", "skipped", "not built"
-PARTS = ("parity", "quantization", "fine-tuning", "speed", "decode-step", "pipeline")
+PARTS = ("parity", "quantization", "fine-tuning", "speed", "decode-step", "pipeline", "load")
 
 # Ours within this many times transformers' own error against a float32 reference: the tests' argument
 # (tests/model/helpers.py, ROUNDING_MARGIN). bf16 keeps 8 significant bits (unit roundoff 2^-9, a relative
@@ -78,12 +84,21 @@ class Plan:
     train_batch: int
     train_input_tokens: int
     train_target_tokens: int
+    # The compiled engines' speed rows: each compiles a graph per (rows, source width) bucket its decodes meet,
+    # seconds apiece on a GPU, so on the first speed shape only
+    compiled_shapes: tuple[str, ...]
+    pipeline_docs: int  # the pipeline stages' table (two rows without text are added)
+    pipeline_exact_docs: int  # its first rows, which the float32 identity check decodes (a compile per bucket)
+    pipeline_batch: int
+    load_shape: str  # the shape whose load's peak memory is measured
 
 
 PLANS = {
-    "cuda": Plan("small", ("small", "base"), "small", 8, 32, 16, 64, 2, 20, 32, 128, 16),
+    "cuda": Plan(
+        "small", ("small", "base"), "small", 8, 32, 16, 64, 2, 20, 32, 128, 16, ("small",), 256, 64, 16, "base"
+    ),
     # CPU trains synthetic/'s small trainable model (a 4,096-id vocabulary): 250k-id steps take seconds there
-    "cpu": Plan("tiny", ("tiny",), "trainable", 4, 8, 4, 16, 1, 20, 4, 32, 8),
+    "cpu": Plan("tiny", ("tiny",), "trainable", 4, 8, 4, 16, 1, 20, 4, 32, 8, ("tiny",), 12, 12, 4, "tiny"),
 }
 BASE_SHAPES = {"tiny": TINY, **checkpoints.SHAPES}
 
@@ -98,7 +113,9 @@ class Run:
     threads: int
     written_by_ours: bool  # transformers 5.x writes mT5 tied: then our save_pretrained writes the checkpoints
     speed: dict  # the speed checks' figures, which the pipeline estimate reads
+    compile_backend: str | None  # None: the compiled checks are skipped (on CPU unless --compile-backend says)
     documents_by_shape: dict = field(default_factory=dict)  # loading the 250k-piece tokenizer takes seconds
+    bf16_weight_bytes: int | None = None  # the load shape's, which the unquantized load check counts
 
     @property
     def cuda(self) -> bool:
@@ -166,6 +183,36 @@ def missing(package: str) -> str | None:
     if importlib.util.find_spec(package) is None:
         return f"{package} is not installed (carry its wheel: benchmarks/README.md, GPU)"
     return None
+
+
+def compile_skip(run: Run) -> dict | None:
+    """The skipped row of a check of the compiled decode step where it does not run, else None."""
+    if run.compile_backend is None:
+        return {
+            "status": SKIPPED,
+            "reason": "the compiled decode step is checked on CUDA: on CPU inductor takes tens of seconds a bucket "
+            "(benchmarks/compiled_decode.py measures it); --compile-backend eager runs this check's path here",
+        }
+    return None
+
+
+def compiling(model, **settings):
+    """`model`, whose generate() and decode streams go through the compiled decode step from now on
+    (GenerationConfig.compile: what --compile-decode sets), with `settings` as further defaults."""
+    model.generation_config = model.generation_config.updated(compile=True, **settings)
+    return model
+
+
+def graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far: one per decode-step bucket met (and per model)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def synchronized(run: Run) -> None:
+    if run.cuda:
+        torch.cuda.synchronize()
 
 
 def decoder_inputs(batch: int, length: int, device: str) -> torch.Tensor:
@@ -329,6 +376,50 @@ def weight_only_parity(run: Run) -> dict:
     }
 
 
+def weight_only_compiled(run: Run) -> dict:
+    """Ours int8 weight-only through the compiled decode step against the same model eager, in float32, greedy
+    and beam 4: identical tokens. Float32 because that is where token identity is a fair test: both compute
+    x @ codes * scales with exact int8 -> float32 codes, and differ only in the order of float32 sums (inductor's
+    fused kernels against eager's), a relative 2^-24 per term, far below the gaps between a row's top logits;
+    in bfloat16 every fused op also rounds to 8 bits in other places, so near-ties of random weights' flat
+    logits flip (the speed check reports that agreement). Every document decodes max_new_tokens steps
+    (min_new_tokens), so each decoding is one bucket: one compile; the pipeline check covers documents joining
+    and leaving."""
+    from benchmarks.engines import TorchEngine, ours
+
+    if skipped := compile_skip(run):
+        return skipped
+    docs = run.documents(run.plan.parity_shape, run.plan.parity_docs)
+    ctx = run.context(run.plan.parity_shape, docs, len(docs))
+    steps = {"min_new_tokens": run.plan.max_new_tokens}
+
+    def loaded():
+        model = ours(ctx, dtype="float32", quantization="int8-weight-only").model
+        model.generation_config = model.generation_config.updated(**steps)
+        return model
+
+    eager, compiled = TorchEngine(ctx, loaded()), TorchEngine(ctx, compiling(loaded()))
+    row, same, compile_seconds = {}, True, {}
+    for name in ("greedy", "beam4"):
+        want = eager.run(docs, run.decoding(name))
+        start = time.perf_counter()
+        got = compiled.run(docs, run.decoding(name))
+        compile_seconds[name] = round(time.perf_counter() - start, 1)
+        row[name] = {"identical": got == want, "agreement": agreement(got, want, [])}
+        same &= got == want
+    del eager, compiled
+    release()
+    summary = ", ".join(f"{n} {'identical' if row[n]['identical'] else 'DIFFERENT'}" for n in ("greedy", "beam4"))
+    return {
+        "status": PASSED if same else FAILED,
+        "summary": f"float32, {len(docs)} documents x {run.plan.max_new_tokens} tokens: {summary} "
+        f"(first compiled runs, compiles included: {compile_seconds['greedy']} s, {compile_seconds['beam4']} s)",
+        "dtype": "float32",
+        "first_run_seconds": compile_seconds,
+        **row,
+    }
+
+
 def not_built(what: str) -> dict:
     return {"status": NOT_BUILT, "reason": f"{what} is not built yet (issue 14)"}
 
@@ -420,7 +511,11 @@ def finetune(run: Run, method: str) -> dict:
 
 
 def speed(run: Run, shape: str) -> dict:
-    """Ours against transformers and CTranslate2 in the same dtype, interleaved as benchmarks/run.py does."""
+    """Ours against transformers and CTranslate2 in the same dtype, interleaved as benchmarks/run.py does; on the
+    plan's compiled shapes also ours through the compiled decode step (`<engine>-compiled`, --compile-decode).
+    A compiled engine first decodes the whole timed workload once per decoding, untimed: the same documents decode
+    the same way each time, so every bucket the timed runs meet is compiled (and captured) before them, as
+    benchmarks/compiled_decode.py does. That untimed run less a timed one is its compile time."""
     if run.cuda:
         names = ["ours-bf16", "ours-int8-weight-only", "transformers-bf16", "ct2-bf16", "ct2-int8-bf16"]
         reference = "transformers-bf16"
@@ -430,36 +525,57 @@ def speed(run: Run, shape: str) -> dict:
     if reason := missing("ctranslate2"):
         skipped = {n: reason for n in names if n.startswith("ct2")}
         names = [n for n in names if n not in skipped]
+    compiled = {f"{n}-compiled": n for n in names if n.startswith("ours")}  # -> the eager engine it compiles
+    if shape not in run.plan.compiled_shapes:
+        compiled = {}
+    elif run.compile_backend is None:
+        skipped.update({c: compile_skip(run)["reason"] for c in compiled})
+        compiled = {}
+    failures = {}  # compiled engines that raised: recorded, and the row fails
     docs = run.documents(shape, run.plan.speed_docs)
     ctx = run.context(shape, docs, run.plan.batch_size)
     engines = {}
-    for name in names:
+    for name in names + list(compiled):
         try:
-            engines[name] = build(name, ctx, {})
+            engines[name] = build(compiled.get(name, name), ctx, {})
+            if name in compiled:
+                compiling(engines[name].model)
         except Exception as error:  # a baseline that cannot load here (a CUDA library missing) is recorded
-            if name == reference or name.startswith("ours"):
+            if name == reference or name not in compiled and name.startswith("ours"):
                 raise
-            skipped[name] = f"failed to load: {type(error).__name__}: {error}"
+            (failures if name in compiled else skipped)[name] = f"failed to load: {type(error).__name__}: {error}"
     names = list(engines)
     warm_docs = sorted(docs, key=lambda d: len(d["ids"]))[:4]
     warm_ctx = Context(ctx.shape, ctx.checkpoint, ctx.device, ctx.threads, [list(range(len(warm_docs)))], 4)
     decodings = [run.decoding("greedy"), run.decoding("beam4")]
+    warm_seconds = {}
     for name in names:  # thread pools, allocators and kernels set up before anything is timed
-        engine_ctx, engines[name].ctx = engines[name].ctx, warm_ctx
         try:
+            if name in compiled:
+                # beam 4 first: the step's storage is the model's and grows, never shrinks (storage_for), so
+                # greedy's graphs, compiled after it, are over the storage the timed runs use
+                for d in sorted(decodings, key=lambda d: -d.num_beams):
+                    print(f"[gpu-check]   compiling {name} {d.name} (every bucket)", file=sys.stderr, flush=True)
+                    start = time.perf_counter()
+                    engines[name].run(docs, d)
+                    synchronized(run)
+                    warm_seconds[(name, d.name)] = time.perf_counter() - start
+                continue
+            engine_ctx, engines[name].ctx = engines[name].ctx, warm_ctx
             for d in decodings:
                 warm = Decoding(d.name, d.num_beams, 8, d.no_repeat_ngram_size, d.length_penalty)
                 engines[name].run(warm_docs, warm)
+            engines[name].ctx = engine_ctx
         except Exception as error:  # CTranslate2 loads its CUDA libraries at the first batch
-            if name == reference or name.startswith("ours"):
+            if name == reference or name not in compiled and name.startswith("ours"):
                 raise
-            skipped[name] = f"failed to run: {type(error).__name__}: {error}"
+            traceback.print_exc()
+            (failures if name in compiled else skipped)[name] = f"failed to run: {type(error).__name__}: {error}"
             del engines[name]
-            continue
-        engines[name].ctx = engine_ctx
     names = list(engines)
     seconds = {(n, d.name): [] for n in names for d in decodings}
     outputs = {}
+    graphs = graphs_compiled()
     for r in range(run.plan.repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for d in decodings:
@@ -467,31 +583,54 @@ def speed(run: Run, shape: str) -> dict:
                 start = time.perf_counter()
                 outputs[(name, d.name)] = engines[name].run(docs, d)
                 seconds[(name, d.name)].append(time.perf_counter() - start)
+    compiled_while_timed = graphs_compiled() - graphs
     engines.clear()
     release()
     rows = []
     for d in decodings:
         tokens = {n: sum(len(o) for o in outputs[(n, d.name)]) for n in names}
         rates = {n: [tokens[n] / s for s in seconds[(n, d.name)]] for n in names}
+
+        def ratio(n: str, base: str, rates: dict = rates) -> float:
+            return round(statistics.median(a / b for a, b in zip(rates[n], rates[base])), 3)
+
+        first_compiled = next((n for n in names if n in compiled), None)
         for n in names:
-            rows.append(
-                {
-                    "engine": n,
-                    "decoding": d.name,
-                    "docs_per_second": round(len(docs) / statistics.median(seconds[(n, d.name)]), 3),
-                    "tokens_per_second": round(statistics.median(rates[n]), 1),
-                    "vs_transformers": round(statistics.median(a / b for a, b in zip(rates[n], rates[reference])), 3),
-                    "agreement_with_transformers": agreement(outputs[(n, d.name)], outputs[(reference, d.name)], []),
-                }
-            )
+            row = {
+                "engine": n,
+                "decoding": d.name,
+                "docs_per_second": round(len(docs) / statistics.median(seconds[(n, d.name)]), 3),
+                "tokens_per_second": round(statistics.median(rates[n]), 1),
+                "vs_transformers": ratio(n, reference),
+                "agreement_with_transformers": agreement(outputs[(n, d.name)], outputs[(reference, d.name)], []),
+            }
+            if n in compiled:
+                eager = compiled[n]
+                row["vs_eager"] = ratio(n, eager)
+                row["compile_seconds"] = round(warm_seconds[(n, d.name)] - statistics.median(seconds[(n, d.name)]), 1)
+                # bf16: fused kernels round in other places than eager's, so near-ties of random weights' flat
+                # logits flip (float32 token identity is the quantization and pipeline checks' test)
+                row["agreement_with_eager"] = agreement(outputs[(n, d.name)], outputs[(eager, d.name)], [])
+                if n != first_compiled:
+                    row[f"vs_{first_compiled}"] = ratio(n, first_compiled)
+            rows.append(row)
     run.speed[shape] = rows
     ours_name = names[0]
     summary = "; ".join(
         f"{d.name}: " + ", ".join(f"{r['engine']} {r['vs_transformers']:.2f}x" for r in rows if r["decoding"] == d.name)
         for d in decodings
     )
+    compiled_rows = [r for r in rows if "vs_eager" in r]
+    if compiled_rows:
+        summary += f"; compiled vs eager ({compiled_while_timed} compiles while timed): " + ", ".join(
+            f"{r['engine']} {r['decoding']} {r['vs_eager']:.2f}x (compile {r['compile_seconds']} s, same tokens "
+            f"{r['agreement_with_eager']['tokens']:.3f})"
+            for r in compiled_rows
+        )
+    if failures:
+        summary += "; FAILED: " + "; ".join(f"{n}: {e}" for n, e in failures.items())
     return {
-        "status": PASSED,
+        "status": FAILED if failures else PASSED,
         "summary": f"tokens/s vs {reference}: {summary}" + (f"; skipped: {', '.join(skipped)}" if skipped else ""),
         "documents": len(docs),
         "batch_size": run.plan.batch_size,
@@ -501,6 +640,8 @@ def speed(run: Run, shape: str) -> dict:
         "reference": reference,
         "engines": rows,
         "skipped_engines": skipped,
+        "failed_engines": failures,
+        "compiles_while_timed": compiled_while_timed,
     }
 
 
@@ -644,20 +785,202 @@ def pipeline_estimate(run: Run) -> dict:
     }
 
 
+def pipeline_stages(run: Run) -> dict:
+    """pipeline.stages.Summarizer as a replica runs it (tokenize -> decode on the model thread -> detokenize,
+    continuous batching, no Ray), with compile_decode (--compile-decode), over a Parquet table of generated
+    documents plus a null and a blank row: the speed dtype's docs/s in steady state (a second pass over the table
+    by the same Summarizer) against eager, its start (load + the first pass's compiles), every row answered with a
+    summary or an error, and, in float32, summaries equal to the eager stages' exactly."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from model import MT5Tokenizer, load_for_inference
+    from pipeline.settings import SummarizeSettings
+    from pipeline.stages import Summarizer
+
+    if skipped := compile_skip(run):
+        return skipped
+    plan, shape = run.plan, run.plan.parity_shape
+    docs = run.documents(shape, plan.pipeline_docs)
+    path = checkpoints.checkpoint(run.shape_key(shape))
+    tokenizer = MT5Tokenizer.from_pretrained(path)
+    texts = [d["text"] for d in docs]
+    texts[3:3], texts[10:10] = [None], ["  \n"]  # no text: an error and no summary, in the float32 rows too
+    with tempfile.TemporaryDirectory(prefix="gpu-check-pipeline-") as folder:
+        pq.write_table(
+            pa.table({"id": list(range(len(texts))), "text": texts}), f"{folder}/docs.parquet", row_group_size=64
+        )
+        table = pq.read_table(f"{folder}/docs.parquet")
+    settings = SummarizeSettings(
+        model=str(path),
+        quantization="none",
+        max_new_tokens=plan.max_new_tokens,
+        batch_size=plan.pipeline_batch,
+    )  # num_beams 4 and the rest: a job's defaults
+
+    def passes(model, compile: bool, count: int, table: pa.Table = table) -> list[dict]:
+        summarizer = Summarizer(model, tokenizer, dataclasses.replace(settings, compile_decode=compile))
+        out = []
+        try:
+            for _ in range(count):
+                graphs, start = graphs_compiled(), time.perf_counter()
+                result, stats = summarizer.summarize_table(table)
+                synchronized(run)
+                print(
+                    f"[gpu-check]   stages {next(model.parameters()).dtype}, {'compiled' if compile else 'eager'}: "
+                    f"{time.perf_counter() - start:.1f} s, {graphs_compiled() - graphs} graphs compiled",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                out.append(
+                    {
+                        "seconds": time.perf_counter() - start,
+                        "graphs_compiled": graphs_compiled() - graphs,
+                        "summaries": result.column("summary").to_pylist(),
+                        "errors": result.column("error").to_pylist(),
+                        "output_tokens": stats.output_tokens,
+                    }
+                )
+        finally:
+            summarizer.close()
+        return out
+
+    speed_dtype = "bfloat16" if run.cuda else "float32"
+    start = time.perf_counter()
+    model = load_for_inference(path, dtype=speed_dtype, device=run.device)
+    synchronized(run)
+    load_seconds = time.perf_counter() - start
+    first, steady = passes(model, True, 2)
+    eager = passes(model, False, 1)[0]
+    del model
+    release()
+    if speed_dtype == "float32":
+        exact_compiled, exact_eager = steady, eager
+    else:
+        model = load_for_inference(path, dtype="float32", device=run.device)
+        exact_table = table.slice(0, plan.pipeline_exact_docs + 2)
+        exact_compiled, exact_eager = (
+            passes(model, True, 1, exact_table)[0],
+            passes(model, False, 1, exact_table)[0],
+        )
+        del model
+        release()
+
+    def answered(p: dict) -> bool:
+        """Every row has a summary or an error, not both; the rows without text have an error."""
+        pairs = list(zip(p["summaries"], p["errors"]))
+        blank = [i for i, t in enumerate(texts[: len(pairs)]) if t is None or not t.strip()]
+        return all((s is None) != (e is None) for s, e in pairs) and all(pairs[i][1] for i in blank)
+
+    every_row = all(answered(p) for p in (first, steady, eager, exact_compiled, exact_eager))
+    identical = exact_compiled["summaries"] == exact_eager["summaries"]
+    identical &= exact_compiled["errors"] == exact_eager["errors"]
+    same = sum(a == b for a, b in zip(steady["summaries"], eager["summaries"])) / len(texts)
+    rows = len(texts)
+    figures = {
+        "documents": rows,
+        "dtype": speed_dtype,
+        "batch_size": plan.pipeline_batch,
+        "num_beams": settings.num_beams,
+        "max_new_tokens": plan.max_new_tokens,
+        "docs_per_second": round(rows / steady["seconds"], 2),
+        "tokens_per_second": round(steady["output_tokens"] / steady["seconds"], 1),
+        "eager_docs_per_second": round(rows / eager["seconds"], 2),
+        "compiled_vs_eager": round(eager["seconds"] / steady["seconds"], 2),
+        "load_seconds": round(load_seconds, 1),
+        "first_pass_seconds": round(first["seconds"], 1),
+        "startup_seconds": round(load_seconds + first["seconds"] - steady["seconds"], 1),
+        "graphs_compiled": {"first_pass": first["graphs_compiled"], "steady_pass": steady["graphs_compiled"]},
+        "every_row_answered": every_row,
+        "rows_with_summary": sum(s is not None for s in steady["summaries"]),
+        "float32_identical_to_eager": identical,
+        "float32_rows": len(exact_eager["summaries"]),
+        "float32_same_summaries": round(
+            statistics.mean(a == b for a, b in zip(exact_compiled["summaries"], exact_eager["summaries"])), 3
+        ),
+        f"{speed_dtype}_same_summaries_as_eager": round(same, 3),
+    }
+    return {
+        "status": PASSED if every_row and identical else FAILED,
+        "summary": f"{rows} rows ({speed_dtype}, beam {settings.num_beams}, batch {plan.pipeline_batch}): "
+        f"{figures['docs_per_second']} docs/s steady ({figures['compiled_vs_eager']}x eager's "
+        f"{figures['eager_docs_per_second']}), start {figures['startup_seconds']} s (load "
+        f"{figures['load_seconds']} s + {first['graphs_compiled']} graphs compiled; {steady['graphs_compiled']} more "
+        "in the steady pass); every row "
+        f"answered {every_row}; float32 summaries identical to eager {identical} (first "
+        f"{len(exact_eager['summaries'])} rows)",
+        **figures,
+    }
+
+
+# --- 7. loading ----------------------------------------------------------------------------------------
+
+
+def load_memory(run: Run, quantization: str) -> dict:
+    """Peak GPU memory while model.inference.load_for_inference loads the plan's load shape (dtype auto: bfloat16)
+    with `quantization`, against the bfloat16 model's weight bytes: figures only."""
+    from model import load_for_inference
+
+    if not run.cuda:
+        return {"status": SKIPPED, "reason": "GPU memory is measured on CUDA only (torch.cuda.max_memory_allocated)"}
+    if quantization in ("int8", "nf4") and (reason := missing("bitsandbytes")):
+        return {"status": SKIPPED, "reason": reason}
+    path = checkpoints.checkpoint(run.shape_key(run.plan.load_shape))
+    release()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    model = load_for_inference(path, dtype="auto", device=run.device, quantization=quantization)
+    synchronized(run)
+    seconds = time.perf_counter() - start
+    peak, held = torch.cuda.max_memory_allocated() - before, torch.cuda.memory_allocated() - before
+    if quantization == "none":  # the load checks run in order: this first, the quantized ones read it
+        tensors = [*model.parameters(), *model.buffers()]
+        run.bf16_weight_bytes = sum(t.numel() * t.element_size() for t in tensors)
+    del model
+    release()
+    bf16_bytes = run.bf16_weight_bytes
+    mib = 2**20
+    figures = {
+        "peak_mib": round(peak / mib, 1),
+        "held_after_load_mib": round(held / mib, 1),
+        "bf16_weights_mib": round(bf16_bytes / mib, 1) if bf16_bytes else None,
+        "peak_vs_bf16_weights": round(peak / bf16_bytes, 3) if bf16_bytes else None,
+        "load_seconds": round(seconds, 1),
+    }
+    versus = (
+        f" = {figures['peak_vs_bf16_weights']}x the bf16 weights' {figures['bf16_weights_mib']} MiB"
+        if bf16_bytes
+        else ""
+    )
+    return {
+        "status": PASSED,
+        "summary": f"peak {figures['peak_mib']} MiB{versus}; {figures['held_after_load_mib']} MiB held after the "
+        f"load ({figures['load_seconds']} s)",
+        **figures,
+    }
+
+
 # --- the run ---------------------------------------------------------------------------------------------
 
 
 def checks(run: Run) -> list[tuple[str, str, Callable[[], dict]]]:
-    """(part, name, check) in the order they run."""
+    """(part, name, check) in the order they run: the cheap load checks, then the compiled pipeline stages, before
+    the long speed checks, so that a run stopped at its time limit has them."""
     out = [
         ("parity", "fp32 tokens vs transformers", lambda: parity_fp32(run)),
         ("parity", "bf16 logits vs transformers", lambda: parity_bf16(run)),
         ("quantization", "bitsandbytes int8 vs transformers", lambda: bitsandbytes_parity(run, "int8")),
         ("quantization", "bitsandbytes nf4 vs transformers", lambda: bitsandbytes_parity(run, "nf4")),
         ("quantization", "int8 weight-only vs its dequantized reference", lambda: weight_only_parity(run)),
+        ("quantization", "int8 weight-only compiled vs eager, float32", lambda: weight_only_compiled(run)),
         ("fine-tuning", "full, DDP world size 1", lambda: finetune(run, "full")),
         ("fine-tuning", "qlora, DDP world size 1", lambda: finetune(run, "qlora")),
     ]
+    for quantization in ("none", "int8-weight-only", "nf4"):
+        name = f"mt5-{run.plan.load_shape} {quantization}, peak GPU memory"
+        out.append(("load", name, lambda quantization=quantization: load_memory(run, quantization)))
+    out.append(("pipeline", "stages, compiled decode", lambda: pipeline_stages(run)))
     for shape in run.plan.speed_shapes:
         out.append(("speed", f"mt5-{shape} greedy and beam 4", lambda shape=shape: speed(run, shape)))
     for shape in run.plan.speed_shapes:
@@ -729,9 +1052,15 @@ def print_table(report: dict) -> None:
         print(f"{r['part']:{part_w}s}  {r['name']:{name_w}s}  {r['status']:9s} {r['seconds']:7.1f}  {detail}")
         for e in r.get("engines", []):
             print(
-                f"{'':{part_w + name_w + 22}s}    {e['decoding']:6s} {e['engine']:18s} "
+                f"{'':{part_w + name_w + 22}s}    {e['decoding']:6s} {e['engine']:30s} "
                 f"{e['tokens_per_second']:9.1f} tok/s "
                 f"{e['vs_transformers']:5.2f}x  same tokens {e['agreement_with_transformers']['tokens']:.3f}"
+                + (
+                    f"; {e['vs_eager']:.2f}x eager, same tokens as eager {e['agreement_with_eager']['tokens']:.3f}, "
+                    f"compile {e['compile_seconds']} s"
+                    if "vs_eager" in e
+                    else ""
+                )
             )
 
 
@@ -745,6 +1074,17 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=",".join(PARTS),
         help=f"comma-separated parts to run (default all: {', '.join(PARTS)}); e.g. quantization,fine-tuning "
         "for a second call that carries bitsandbytes",
+    )
+    p.add_argument(
+        "--speed-shapes",
+        help="comma-separated shapes of the speed and decode-step parts (default the plan's: small,base on CUDA); "
+        "e.g. small, to fit a call's time",
+    )
+    p.add_argument(
+        "--compile-backend",
+        choices=("inductor", "eager"),
+        help="torch.compile backend of the compiled decode step's checks (default inductor on CUDA; on CPU they are "
+        "skipped unless given: eager, dynamo's tracing without code generation, runs their code path in seconds)",
     )
     return p.parse_args(argv)
 
@@ -761,7 +1101,18 @@ def main(argv=None) -> int:
     import transformers
 
     by_ours = int(transformers.__version__.split(".")[0]) >= 5
-    run = Run(args.device, PLANS[args.device], args.threads, by_ours, {})
+    import model.compiled_decode
+
+    backend = args.compile_backend or ("inductor" if args.device == "cuda" else None)
+    if backend:
+        model.compiled_decode.BACKEND = backend
+    plan = PLANS[args.device]
+    if args.speed_shapes:
+        shapes = tuple(args.speed_shapes.split(","))
+        if unknown := set(shapes) - set(plan.speed_shapes):
+            raise SystemExit(f"--speed-shapes: {', '.join(sorted(unknown))} not in {', '.join(plan.speed_shapes)}")
+        plan = dataclasses.replace(plan, speed_shapes=shapes)
+    run = Run(args.device, plan, args.threads, by_ours, {}, backend)
     started = datetime.datetime.now(datetime.timezone.utc)
     clock = time.perf_counter()
     with without("ray"):

@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/planning.py --files 1000000 --partitions 10000 --out benchmarks/results/planning.json
 
 Each phase runs in its own process, so its peak RSS is its own: `plan` is a first run's planning (list, read
-every footer, make units, write the manifest); `resume` is the next night's, with every unit committed
-(markers compacted, as a run leaves them) and nothing to do; `filtered` is a --partition-filter run over one
-partition. The model is a tiny one (its fingerprint costs the same at any lake size). Prints a table, writes JSON.
+one footer a partition, plan the other small files from their listing, make units, write the manifest);
+`resume` is the next night's, with every unit committed (markers compacted, as a run leaves them, with the row
+counts the replicas read from the footers) and nothing to do; `filtered` is a --partition-filter run over one
+partition. The model is a tiny one (its fingerprint costs the same at any lake size), and --quantization auto is
+resolved as the driver resolves it for CPU replicas. Prints a table, writes JSON.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
+ROWS_PER_FILE = 3
+
+
 def build_lake(root: Path, files: int, partitions: int) -> None:
-    """`files` copies of one small Parquet file (3 rows), spread over `partitions` Hive folders."""
+    """`files` copies of one small Parquet file (ROWS_PER_FILE rows), spread over `partitions` Hive folders."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -60,14 +65,20 @@ def tiny_model(root: Path) -> Path:
 
 def phase(name: str, lake: str, out: str, model: str) -> dict:
     """One phase in this process, as jobs/summarize.py plans and prepares (no lease, no replicas)."""
+    from dataclasses import replace
+
+    from pipeline import fit
     from pipeline.commit import OutputLocation, _unit_record
     from pipeline.driver import plan
     from pipeline.settings import SummarizeSettings
 
     cpu_start = _cpu_seconds()
     start = time.perf_counter()
+    settings = SummarizeSettings(model=model)
+    # as the driver resolves --quantization auto before planning (fit.resolved), for replicas on CPU
+    settings = replace(settings, quantization=fit.on_this_device(settings, Path(model), "cpu"))
     location = OutputLocation(out)
-    work = plan(SummarizeSettings(model=model), lake, None, "date=00042" if name == "filtered" else None, location)
+    work = plan(settings, lake, None, "date=00042" if name == "filtered" else None, location)
     planned = time.perf_counter()
     changes = location.prepare(work.manifest, units=work.units, **work.selection)
     prepared = time.perf_counter()
@@ -76,6 +87,7 @@ def phase(name: str, lake: str, out: str, model: str) -> dict:
             {
                 u.id: {
                     **_unit_record(u)._asdict(),
+                    "num_rows": ROWS_PER_FILE,  # a replica's marker has the footer's rows
                     "attempt": "a1",
                     "generation": 1,
                     "committed_at": "2026-11-30T00:00:00+00:00",
@@ -88,6 +100,9 @@ def phase(name: str, lake: str, out: str, model: str) -> dict:
         "phase": name,
         "files": len({u.shard.path for u in work.units}),
         "units": len(work.units),
+        # units of small files planned from their listing, whose footers the plan did not read
+        "planned_from_listing": sum(u.num_rows is None for u in work.units),
+        "quantization": settings.quantization,
         "to_run": len(changes.run),
         "skipped": len(changes.skip),
         "seconds": {k: round(v, 2) for k, v in seconds.items()},
@@ -151,7 +166,8 @@ def main() -> None:
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
         r = results[-1]
         print(
-            f"{name:<9} {r['files']:>9,} files {r['units']:>9,} units  run {r['to_run']:>9,}  skip {r['skipped']:>9,}"
+            f"{name:<9} {r['files']:>9,} files {r['units']:>9,} units ({r['planned_from_listing']:>9,} listed)"
+            f"  run {r['to_run']:>9,}  skip {r['skipped']:>9,}"
             f"  {r['seconds']['total']:>7.1f} s  cpu {r['cpu_seconds']:>7.1f} s  peak {r['peak_rss_mib']:>6,} MiB"
             f"  {r['seconds']}"
         )

@@ -279,16 +279,20 @@ def main(argv=None) -> None:
     startup = [loaded["pipeline-ray"].measure_startup()] if "pipeline-ray" in loaded else []
 
     seconds = {(e, d.name): [] for e in engines for d in decodings}
+    # CPU time of this process (all its threads, CTranslate2's included): on a machine shared with other
+    # jobs, wall time also counts the time the engine waited for a core; CPU time mostly does not.
+    cpu_seconds = {(e, d.name): [] for e in engines for d in decodings}
     outputs: dict[tuple[str, str], list] = {}
     nondeterministic = set()
     for r in range(args.repeats):
         order = engines[r % len(engines) :] + engines[: r % len(engines)]
         for d in decodings:
             for name in order:
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 out = loaded[name].run(docs, d)
                 elapsed = time.perf_counter() - start
                 seconds[(name, d.name)].append(elapsed)
+                cpu_seconds[(name, d.name)].append(time.process_time() - start_cpu)
                 if (name, d.name) in outputs and outputs[(name, d.name)] != out:
                     nondeterministic.add((name, d.name))
                 outputs.setdefault((name, d.name), out)
@@ -303,12 +307,26 @@ def main(argv=None) -> None:
 
     memory = {} if args.no_memory else measure_memory(args, engines)
     results = summarize(
-        args, engines, decodings, docs, outputs, seconds, load_seconds, memory, nondeterministic, startup, tokenizer
+        args,
+        engines,
+        decodings,
+        docs,
+        outputs,
+        (seconds, cpu_seconds),
+        load_seconds,
+        memory,
+        nondeterministic,
+        startup,
+        tokenizer,
     )
     report = {
         "benchmark": "lakesum generate vs transformers vs CTranslate2",
+        # the script run (a wrapper such as before_after_issue15.py calls this main)
         "command": "python "
-        + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
+        + " ".join(
+            [os.path.relpath(__file__ if argv is not None else sys.argv[0], ROOT)]
+            + (argv if argv is not None else sys.argv[1:])
+        ),
         "date": started.isoformat(timespec="seconds"),
         # other jobs on a shared machine: the 1-minute load average when the run started and ended
         "machine": {**machine(args), "load_average": [round(load_at_start[0], 2), round(os.getloadavg()[0], 2)]},
@@ -346,8 +364,10 @@ def write_report(report: dict, out: Path | None, tag: str) -> None:
 
 
 def summarize(
-    args, engines, decodings, docs, outputs, seconds, load_seconds, memory, nondeterministic, startup, tokenizer
+    args, engines, decodings, docs, outputs, timings, load_seconds, memory, nondeterministic, startup, tokenizer
 ) -> list[dict]:
+    """The results' rows; timings: (wall seconds, CPU seconds), each a list per (engine, decoding)."""
+    seconds, cpu_seconds = timings
     kind = "cuda" if args.device.startswith("cuda") else "cpu"
     hf_ref, ct2_ref = BASELINES[kind]
     results = []
@@ -360,6 +380,7 @@ def summarize(
         }
         # tokens/s per repeat, so that ratios compare engines that ran side by side
         rates = {e: [tokens[e] / s for s in seconds[(e, d.name)]] for e in engines}
+        cpu_rates = {e: [tokens[e] / s for s in cpu_seconds[(e, d.name)]] for e in engines}
         for e in engines:
             times = seconds[(e, d.name)]
             row = {
@@ -370,11 +391,16 @@ def summarize(
                 "docs_per_second": round(len(docs) / statistics.median(times), 3),
                 "generated_tokens": tokens[e],
                 "tokens_per_second": round(statistics.median(rates[e]), 2),
+                "cpu_seconds": [round(s, 3) for s in cpu_seconds[(e, d.name)]],
+                "tokens_per_cpu_second": round(statistics.median(cpu_rates[e]), 2),
                 "load_seconds": round(load_seconds[e], 2),
             }
             for label, ref in (("vs_transformers", hf_ref), ("vs_ct2", ct2_ref), ("vs_ours_fp32", "ours-fp32")):
                 if ref in rates:
                     row[label] = round(statistics.median(a / b for a, b in zip(rates[e], rates[ref])), 3)
+                    row[label + "_cpu_time"] = round(
+                        statistics.median(a / b for a, b in zip(cpu_rates[e], cpu_rates[ref])), 3
+                    )
             if e.startswith("pipeline"):  # end-to-end vs engine-only is a question of documents per second
                 row["docs_per_second_vs_ours_fp32"] = round(
                     statistics.median(a / b for a, b in zip(seconds[("ours-fp32", d.name)], times)), 3
@@ -403,7 +429,7 @@ def print_table(report: dict) -> None:
     head = (
         f"{'decoding':8s} {'engine':{width}s} {'docs/s':>7s} {'tok/s':>7s} {'tokens':>6s} "
         f"{'x ' + ref_hf:>20s} {'x ' + ref_ct2:>11s} {'x ours':>6s} {'same seq':>8s} {'same tok':>8s} "
-        f"{'peak MiB':>8s}"
+        f"{'peak MiB':>8s} {'x ' + ref_ct2 + ' (CPU time)':>22s}"
     )
     print(
         f"\n{report['command']}\n{report['machine']['cpu']}, {report['machine']['threads']} threads, "
@@ -420,7 +446,7 @@ def print_table(report: dict) -> None:
             f"{row['generated_tokens']:6d} {row.get('vs_transformers', float('nan')):20.2f} "
             f"{row.get('vs_ct2', float('nan')):11.2f} {row.get('vs_ours_fp32', float('nan')):6.2f} "
             f"{agree['sequences']:8.3f} {tok:>8s} "
-            f"{row.get('peak_rss_mib', ''):>8}"
+            f"{row.get('peak_rss_mib', ''):>8} {row.get('vs_ct2_cpu_time', float('nan')):22.2f}"
         )
     notes = [
         f"{r['decoding']} ours-fp32 token-identical to {ref_hf}: {r['identical_to_transformers']}"

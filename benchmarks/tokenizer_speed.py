@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/tokenizer_speed.py --out benchmarks/results/tokenizer-speed.json
     .venv/bin/python benchmarks/tokenizer_speed.py --baseline e8f754c --out ...  # and the tokenizer of that commit
+    .venv/bin/python benchmarks/tokenizer_speed.py --pipeline-workers 0,1,2 --out ...  # the pipeline's stage
 
 A replica tokenizes the next documents and detokenizes the last summaries on its CPU while the accelerator
 decodes. This measures characters per second on one core, for
@@ -19,6 +20,12 @@ on is shared, and wall time there is noisy. Rust and sentencepiece are kept to o
 num_threads=1), and process time would count any other thread too.
 
 The GPU side is a roofline, not a measurement (see `gpu_need`), beside CTranslate2's published GPU figures.
+
+--pipeline-workers measures instead the pipeline's tokenize stage itself (`pipeline_stage`): Summarizer.stream over
+the documents as an Arrow table, with no model behind it, tokenizing in the replica's thread (0) or in a pool of
+that many worker processes (pipeline/tokenize_pool.py). Wall time, since the work is in other processes: chars/s
+of the stage; the CPU seconds left to the replica's own thread per M characters; and M chars/s per core busy, from
+the CPU time of the replica and its workers (reaped workers' rusage, less what starting a pool costs).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import datetime
 import importlib.util
 import json
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -187,6 +195,93 @@ def measure(engines: dict, documents: dict[str, list[str]], repeats: int) -> tup
     return rows, ids
 
 
+# Seconds the tokenize workers are given to start (import torch, unpickle the tokenizer: about 10 s on a loaded
+# 2-core machine) before the stage is timed: a replica starts them once, while its model loads.
+START_SECONDS = 20
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def pipeline_stage(directory: Path, documents: list[str], workers: list[int], repeats: int) -> list[dict]:
+    """Rows of the tokenize stage's chars/s (wall) with each count of workers, cold (workers and tokenizer just
+    started) and warm (the same documents again), best of `repeats`; the workers take turns within each repeat."""
+    import types
+
+    import pyarrow as pa
+    import torch
+
+    from model.generate import GenerationConfig
+    from model.tokenizer import MT5Tokenizer
+    from pipeline.settings import SummarizeSettings
+    from pipeline.stages import Stats, Summarizer
+
+    table = pa.table({"text": documents})
+    chars = sum(map(len, documents))
+    no_model = types.SimpleNamespace(generation_config=GenerationConfig(), device=torch.device("cpu"))
+    settings = SummarizeSettings(model="none")  # the job's defaults: 512 input tokens, windows of 256 rows
+    seconds = {n: {"cold": [], "warm": [], "caller_cpu_cold": [], "all_cpu_both": []} for n in workers}
+    ids: dict[int, list] = {}
+    for _ in range(repeats):
+        for n in workers:
+            # the workers' CPU is counted once they are reaped (close): a pool started and closed at once gives
+            # what starting costs, taken off the CPU of the pool that tokenized
+            start_cpu = children_cpu()
+            if n:
+                Summarizer(no_model, MT5Tokenizer.from_pretrained(directory), settings, n).close()
+            start_cpu = children_cpu() - start_cpu
+            before_cpu, caller_cpu = children_cpu(), 0.0
+            summarizer = Summarizer(no_model, MT5Tokenizer.from_pretrained(directory), settings, n)
+            kept: list = []
+            # the stage alone: a window's ids are kept rather than sent to a model
+            summarizer._submit = lambda window: window
+            summarizer._finish = lambda window, kept=kept: (kept.append(window.ids) or table.slice(0, 0), window.stats)
+            try:
+                if summarizer._pool is not None:  # started: the workers have loaded torch and the tokenizer
+                    summarizer._pool.encode([""]).result()
+                    time.sleep(START_SECONDS)
+                for kind in ("cold", "warm"):
+                    kept.clear()
+                    wall, cpu = time.perf_counter(), time.process_time()
+                    for _ in summarizer.stream(table.to_batches(), Stats()):
+                        pass
+                    seconds[n][kind].append(time.perf_counter() - wall)
+                    caller_cpu += time.process_time() - cpu
+                    if kind == "cold":
+                        seconds[n]["caller_cpu_cold"].append(time.process_time() - cpu)
+                ids[n] = [row for window in kept for _, row in sorted(window.items())]
+            finally:
+                summarizer.close()
+            seconds[n]["all_cpu_both"].append(caller_cpu + children_cpu() - before_cpu - start_cpu)
+    rows = []
+    for n in workers:
+        best = {kind: min(values) for kind, values in seconds[n].items()}
+        rows.append(
+            {
+                "tokenize_workers": n,
+                "documents": len(documents),
+                "chars": chars,
+                "same_ids_as_0_workers": ids[n] == ids[workers[0]] if workers[0] == 0 else None,
+                "stage_cold_mchars_per_s": round(chars / best["cold"] / 1e6, 3),
+                "stage_warm_mchars_per_s": round(chars / best["warm"] / 1e6, 3),
+                "caller_cpu_s_per_mchars_cold": round(best["caller_cpu_cold"] / (chars / 1e6), 3),
+                # the replica's and its workers' CPU, cold and warm passes together: M chars/s per core busy
+                "per_core_mchars_per_s_both": round(2 * chars / best["all_cpu_both"] / 1e6, 3),
+                "seconds": seconds[n],
+            }
+        )
+        print(
+            f"{n} workers: cold {rows[-1]['stage_cold_mchars_per_s']:6.2f}  "
+            f"warm {rows[-1]['stage_warm_mchars_per_s']:6.2f} M chars/s (wall); the replica's thread "
+            f"{rows[-1]['caller_cpu_s_per_mchars_cold']:.2f} CPU s per M chars; all processes "
+            f"{rows[-1]['per_core_mchars_per_s_both']:.2f} M chars/s per core (cold and warm)",
+            flush=True,
+        )
+    return rows
+
+
 # Decoder weights read per step, in parameters: per layer self-attention and cross-attention (q, k, v, o:
 # 4 x d_model x inner) and the gated feed-forward (3 x d_model x d_ff), plus the untied head (vocab x d_model).
 SHAPES = {
@@ -237,6 +332,9 @@ def main(argv=None) -> None:
     p.add_argument("--baseline", help="also time model/tokenizer.py as of this git revision")
     p.add_argument("--new-tokens", type=int, default=64, help="summary length, for the GPU roofline")
     p.add_argument("--bandwidth-tb-s", type=float, default=4.8, help="H200: 4.8 TB/s (H100 SXM: 3.35)")
+    p.add_argument(
+        "--pipeline-workers", help="comma-separated tokenize worker counts: time the pipeline's stage (only that)"
+    )
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
 
@@ -244,6 +342,25 @@ def main(argv=None) -> None:
 
     documents = corpus(args.doc_chars)
     directory = spiece_dir(args.vocab_size)
+    if args.pipeline_workers:
+        everything = [document for family_docs in documents.values() for document in family_docs]
+        load_average = os.getloadavg()
+        rows = pipeline_stage(directory, everything, [int(n) for n in args.pipeline_workers.split(",")], args.repeats)
+        model, flags = cpu()
+        report = {
+            "benchmark": "the pipeline's tokenize stage, chars/s (wall), by tokenize worker processes",
+            "command": "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {"cpu": model, "simd": flags, "cores": os.cpu_count(), "python": sys.version.split()[0]},
+            "load_average": [load_average, os.getloadavg()],
+            "note": "wall time: the workers' CPU is not this process's; on a shared machine it is as loaded as it was",
+            "results": rows,
+        }
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            print(f"wrote {args.out}", file=sys.stderr)
+        return
     found = engines(directory, args.baseline)
     names = args.tokenizers.split(",") + ([f"ours@{args.baseline}"] if args.baseline else [])
     load_average = os.getloadavg()

@@ -15,6 +15,7 @@ import types
 import typing
 
 from pipeline.placement import DEVICES, Placement
+from pipeline.tokenize_pool import AUTO_MAX_WORKERS
 
 # Exit statuses: 0 success, FAILED when the work ran and some of it failed, USAGE when something was found wrong
 # before any work (flags, input, model, output).
@@ -58,7 +59,7 @@ def add_replica_flags(parser: argparse.ArgumentParser, source) -> None:
 
 
 def add_placement_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of pipeline.placement.Placement: where replicas run, and how long to wait for them."""
+    """The flags of pipeline.placement.Placement: where replicas run, what each asks for, and how long to wait."""
     add_flag(
         parser,
         "--device",
@@ -81,6 +82,16 @@ def add_placement_flags(parser: argparse.ArgumentParser) -> None:
         Placement,
         metavar="SECONDS",
         help="replicas not placed with their model loaded by then are dropped, with a warning; none placed: exit 2",
+    )
+    add_flag(
+        parser,
+        "--tokenize-workers",
+        Placement,
+        type=at_least_or_auto(0),
+        metavar="N",
+        help="processes that tokenize for each replica, each a CPU more asked of Ray (0: the replica's own thread). "
+        "auto (default): 0 on CPU, where the cores run the model; on a GPU, the replica's share of its node's CPUs "
+        f"less two (its own thread, and one for Ray Data and the driver), at most {AUTO_MAX_WORKERS}",
     )
 
 
@@ -105,6 +116,17 @@ def at_least(minimum: float, kind=int):
         return value
 
     parse.__name__ = kind.__name__  # argparse names the type in its message for a value it cannot parse
+    return parse
+
+
+def at_least_or_auto(minimum: int):
+    """An argparse type: "auto" as None, else an int refused below `minimum`."""
+    count = at_least(minimum)
+
+    def parse(text: str):
+        return None if text == "auto" else count(text)
+
+    parse.__name__ = "count or auto"
     return parse
 
 

@@ -16,7 +16,9 @@ search (model/decode.py) stays eager: it is small tensor work on [rows, 2 x beam
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
+from collections import defaultdict
 from typing import TYPE_CHECKING
 
 import torch
@@ -70,9 +72,43 @@ def step(model, tokens, positions, parents, group: int, caches, cross_kv, encode
 BACKEND = "inductor"
 
 
+def cpu_cache_by_isa() -> str:
+    """Point inductor's on-disk caches at a folder of the vector ISA it generates C++ for, and return it.
+
+    The key of its graph cache leaves that ISA out, and ATEN_CPU_CAPABILITY can lower it: a cache warmed at
+    AVX-512 then replays kernels written for 512-bit vectors, built with AVX2's flags, and the compiled step
+    decodes only zeros (tests/model/test_compiled_decode.py -k inductor, run once natively and then with
+    ATEN_CPU_CAPABILITY=avx2 over the same cache, torch 2.13)."""
+    import os
+
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    isa = pick_vec_isa()
+    folder = "isa-" + ("-".join(str(isa).split()) if isa else "none")
+    if os.path.basename(cache_dir()) != folder:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(cache_dir(), folder)
+    return cache_dir()
+
+
+def cuda_graphs_in_this_thread() -> None:
+    """Set up CUDA graph trees' per-thread state in the calling thread. Before torch 2.13 (pytorch#184357) it
+    exists only in the thread that imported them and in those autograd starts, and a compiled step first run from
+    any other thread asserts in cudagraph_trees.get_obj (pytorch#123177): the pipeline decodes on a thread of its
+    own (pipeline/stages.py). Where torch sets it up itself, or it exists already, this does nothing."""
+    from torch._inductor import cudagraph_trees as trees
+
+    if hasattr(trees.local, "tree_manager_containers") or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = defaultdict(threading.Lock)
+
+
 @functools.cache
 def compiled_step(device_type: str, backend: str):
     """`step` compiled for this kind of device: as a CUDA graph on a GPU, where the step is launch-bound."""
+    if device_type == "cpu" and backend == "inductor":
+        cpu_cache_by_isa()
     # Each (rows, width) bucket, with or without reordering, is one more compile of the same function, and a
     # long stream meets a few dozen at most: past dynamo's default of 8 it would run the rest eagerly.
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
@@ -159,6 +195,8 @@ class CompiledDecodeBatch(DecodeBatch):
         # A CPU head prepacked for oneDNN (model/packed.py) is an opaque tensor inductor cannot take as an input:
         # it runs after the graph, eagerly, into the reused logits buffer. No CUDA graph is involved on CPU.
         self.packed_head = is_packed(model)
+        if self.device.type == "cuda":
+            cuda_graphs_in_this_thread()  # the batch is made on the thread that decodes it
 
     def logits(self) -> torch.Tensor:
         rows = len(self) * self.group

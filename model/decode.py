@@ -24,7 +24,7 @@ import torch
 
 from .compiled_decode import CompiledDecodeBatch
 from .decode_batch import DecodeBatch, Document, StepBuffers
-from .logits import LogitsProcessor
+from .logits import LogitsProcessor, top_k
 
 if TYPE_CHECKING:
     from .generate import GenerationConfig
@@ -109,12 +109,27 @@ class Sampling(Greedy):
 EXP_FLOOR = -87.0
 
 
+# logsumexp works through its rows in blocks of about this many bytes of float32 scores, so that its four
+# passes over a block (subtract, clamp, exp, sum) read the cache rather than memory: one row of mT5's 250k ids.
+LOGSUMEXP_BLOCK_BYTES = 1 << 20
+
+
 def logsumexp(x: torch.Tensor, buffers: StepBuffers) -> torch.Tensor:
-    """torch.logsumexp(x, -1, keepdim=True) for rows with a finite maximum, with its [rows, vocab]
-    temporary in reused memory and no denormal arithmetic."""
+    """torch.logsumexp(x, -1, keepdim=True) for rows with a finite maximum, with its temporary in reused
+    memory and no denormal arithmetic.
+
+    Each row's sum is the same whatever the block: a block has at least as many rows as torch has
+    threads, and torch then sums each row in one thread, as over all rows at once."""
+    rows, vocab = x.shape
     top = x.amax(-1, keepdim=True)
-    shifted = torch.sub(x, top, out=buffers.get("shifted", x.shape[0], x, x.shape[1]))
-    return shifted.clamp_(min=EXP_FLOOR).exp_().sum(-1, keepdim=True).log_() + top
+    sums = torch.empty_like(top)
+    block = max(LOGSUMEXP_BLOCK_BYTES // (4 * vocab), torch.get_num_threads(), 1)
+    shifted = buffers.get("shifted", min(block, rows), x, vocab)
+    for start in range(0, rows, block):
+        end = min(start + block, rows)
+        part = torch.sub(x[start:end], top[start:end], out=shifted[: end - start])
+        torch.sum(part.clamp_(min=EXP_FLOOR).exp_(), -1, keepdim=True, out=sums[start:end])
+    return sums.log_() + top
 
 
 def penalty(lengths: torch.Tensor, length_penalty: float) -> torch.Tensor:
@@ -175,12 +190,12 @@ class BeamSearch:
             if c.do_sample:
                 picked = torch.multinomial(scores.softmax(-1), self.width, generator=self.generator)
                 return torch.gather(scores, 1, picked), picked
-            return torch.topk(scores, self.width)
+            return top_k(scores, self.width)
         # log_softmax moves a row by a constant and the other processors only ban tokens, so a document's best
         # continuations are among each of its rows' best `width` logits: only those become log-probabilities,
         # rather than [rows, vocab] of them (three passes over 250k ids per row and step).
         normalizer = logsumexp(logits, batch.buffers)  # [rows, 1]
-        top_logits, top_tokens = torch.topk(process(batch.sequences, logits, batch.lengths), self.width)
+        top_logits, top_tokens = top_k(process(batch.sequences, logits, batch.lengths), self.width)
         scores = (top_logits - normalizer).view(docs, beams, self.width) + self.running_scores[:, :, None]
         best_scores, picked = torch.topk(scores.view(docs, -1), self.width)  # picked: beam * width + rank
         tokens = torch.gather(top_tokens.view(docs, beams * self.width), 1, picked)

@@ -4,7 +4,10 @@ and its head laid out for the CPU, in that order.
 The replica and the Ray Data adapter (pipeline/replica.py) and the benchmarks load through
 load_for_inference, so that what they measure is what a job runs. The order is the recipe:
 - restrict before quantizing, so that int8-dynamic quantizes the smaller head (model/vocabulary.py);
-- pack last: only a float32 head on CPU is packed, and a quantized one stays as it is (model/packed.py).
+- quantize while moving to the device: a quantized model is loaded in host memory and each layer is quantized as it
+  reaches the GPU, which never holds more than the quantized model plus one full-precision layer;
+- pack last: a float32 head on CPU is packed for oneDNN, and an int8-dynamic one is packed for oneDNN on a CPU
+  with VNNI; other quantized heads stay as they are (model/packed.py).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 import torch
 
 from .mt5 import MT5ForConditionalGeneration
-from .packed import pack_head_for_cpu
+from .packed import int8_head_engine, pack_head_for_cpu
 from .quantize import METHODS as QUANTIZATIONS
 from .quantize import quantize
 from .vocabulary import restrict_vocabulary
@@ -42,12 +45,16 @@ def load_for_inference(
     if quantization not in QUANTIZATIONS:  # before reading any weight
         raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
     device = torch.device(device)
+    # A quantized model is loaded in host memory, already in the dtype it runs in, and quantized layer by layer as
+    # it moves to `device`: where --quantization auto chose it because the full-precision model does not fit the
+    # GPU's share, loading it there first would run out of memory (model.quantize.quantize, `device`).
+    host = torch.device("cpu") if quantization != "none" else device
     model = MT5ForConditionalGeneration.from_pretrained(
-        source, dtype=inference_dtype(dtype, device), device=device, revision=revision, cache_dir=cache_dir
+        source, dtype=inference_dtype(dtype, device), device=host, revision=revision, cache_dir=cache_dir
     )
     if kept_ids is not None:
         restrict_vocabulary(model, kept_ids)
-    quantize(model, quantization)
+    quantize(model, quantization, device=device, head_engine=int8_head_engine(model))  # the head packed once
     pack_head_for_cpu(model)
     return model
 

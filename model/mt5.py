@@ -82,15 +82,18 @@ class MT5PreTrainedModel(nn.Module):
 
         The model is built on the meta device and its parameters are assigned straight from the
         memory-mapped safetensors in the target dtype and device, so no float32 copy is made.
-        `quantization` ("int8", "nf4", "fp4") swaps the blocks' linear layers for bitsandbytes ones.
+        `quantization` swaps the blocks' linear layers for quantized ones (model.quantize.METHODS); the model is
+        then loaded in host memory and each layer quantized as it moves to `device`, which never holds the whole
+        model in full precision.
         """
         dtype = as_dtype(dtype)
         if quantization not in QUANTIZATIONS:  # before reading any weight
             raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
         model, directory = cls._on_meta(source, cache_dir, revision)
-        weights.load_into(model, directory, dtype=dtype, device=device)
+        host = torch.device("cpu") if quantization != "none" else device
+        weights.load_into(model, directory, dtype=dtype, device=host)
         model.eval()
-        quantize(model, quantization)  # after eval(): the new layers copy the training flag
+        quantize(model, quantization, device=device)  # after eval(): the new layers copy the training flag
         model._after_load(directory)
         return model
 

@@ -12,13 +12,24 @@ not grow. It is for inference: the packed weight takes no gradient, and training
 with a clear error; unpack_head(model) puts the plain nn.Linear back first (pipeline/train.py does, as
 a replica fine-tunes the model it serves). state_dict() and save_pretrained unpack it, so a packed
 model saves the same checkpoint as before. model.load_for_inference packs after restricting the vocabulary
-and quantizing (a quantized head is left as it is).
+and quantizing.
+
+An int8-dynamic head (torch's dynamically quantized Linear, model/quantize.py) stays that module, and its int8
+weight runs on oneDNN's kernel rather than fbgemm's (torch's "x86" engine picks fbgemm for dynamic linears) on CPUs
+with VNNI. load_for_inference has quantize() pack it for oneDNN straight away (int8_head_engine), so that its 250k
+rows are packed once and pack_head_for_cpu finds nothing to do; a head packed for fbgemm is repacked in place.
+There oneDNN runs the head's u8 x s8 GEMM with VNNI or AMX tiles, 1.6-2x fbgemm's speed at 64 rows (beam 4's
+16 x 4) and on par at 16 on an AVX-512 / AMX Xeon (benchmarks/README.md).
+Both quantize the input alike (per tensor, 7 bits: reduce_range) and sum the int8 products exactly in int32;
+only the float rescaling of each sum is rounded in another order, so the logits agree to float32 rounding.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .quantize import dynamic_int8_engine, pack_dynamic_int8
 
 # The row count oneDNN's layout is chosen for: a decode step's rows (batch x beams). Measured on the head
 # at 1-64 rows, layouts picked for 16 and for 64 rows ran within noise of each other.
@@ -81,6 +92,34 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN prepacked"
 
 
+def _is_dynamic_int8(linear) -> bool:
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    return isinstance(linear, DynamicLinear) and linear._packed_params.dtype == torch.qint8
+
+
+def can_pack_int8() -> bool:
+    """Whether an int8-dynamic head gains from oneDNN's kernel: torch has the engine, and the CPU VNNI (on
+    AVX2 without it, u8 x s8 products go through 16-bit sums, and fbgemm stays)."""
+    is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
+    return "onednn" in torch.backends.quantized.supported_engines and is_vnni is not None and is_vnni()
+
+
+def repack_dynamic_int8(linear, engine: str = "onednn") -> bool:
+    """Prepack an int8-dynamic layer's weight (and bias) for the kernels of torch's quantized `engine`, in
+    place (again, if it was). Its state dict is unchanged."""
+    pack_dynamic_int8(linear, *linear._packed_params._weight_bias(), engine)
+    return True
+
+
+def int8_head_engine(model: nn.Module) -> str | None:
+    """The quantized engine pack_head_for_cpu runs an int8-dynamic head on: "onednn" where it would repack it (see
+    the module docstring), else None (it stays on the engine it was packed for). quantize(head_engine=...) packs the
+    head for it straight away, and pack_head_for_cpu then has nothing to repack."""
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    return "onednn" if not tied and can_pack() and can_pack_int8() else None
+
+
 def _head_slot(model: nn.Module) -> tuple[nn.Module, str]:
     """(module, attribute) holding the head's linear: lm_head, or the kept rows of a head over kept ids."""
     head = getattr(model, "lm_head", None)
@@ -104,12 +143,16 @@ def _packable(linear) -> bool:
 
 def pack_head_for_cpu(model: nn.Module, rows_hint: int = ROWS_HINT) -> bool:
     """Prepack the output head's weight for CPU inference, in place (see the module docstring). Returns
-    whether it did: a tied, quantized, float16, non-CPU or already packed head, or a torch without
-    oneDNN, is left as it is."""
+    whether the head is packed now (an int8-dynamic one already packed for oneDNN counts): a tied, float16, non-CPU
+    or already packed head, a quantized one but int8-dynamic on a CPU with VNNI, or a torch without oneDNN, is left
+    as it is."""
     if getattr(model.config, "tie_word_embeddings", False) or not can_pack():
         return False  # a tied head is the input embedding too: packing it would unshare the two
     owner, name = _head_slot(model)
     linear = getattr(owner, name, None)
+    if _is_dynamic_int8(linear):
+        engine = int8_head_engine(model)
+        return engine is not None and (dynamic_int8_engine(linear) == engine or repack_dynamic_int8(linear, engine))
     if not _packable(linear):
         return False
     setattr(owner, name, PackedLinear(linear, rows_hint).train(linear.training))

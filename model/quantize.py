@@ -4,7 +4,9 @@ quantize(model, "nf4") swaps the attention and feed-forward nn.Linear layers of 
 decoder blocks (qkv, q, kv, o, wi) for bitsandbytes layers, in place. Each weight is quantized on the
 device it already lies on (CPU or GPU) with bitsandbytes' own quantization functions, one layer at a
 time, and its full-precision tensor is released with the nn.Linear it belonged to: the quantized
-model holds no full-precision copy of those weights.
+model holds no full-precision copy of those weights. quantize(model, method, device="cuda") does the same while
+moving a model from host memory: each layer is quantized as it arrives, so the GPU never holds the
+full-precision model.
 
 What stays as it was, as transformers does for mT5 under bitsandbytes:
 - each feed-forward output projection `wo` (see KEEP_UNQUANTIZED for why);
@@ -38,6 +40,8 @@ from __future__ import annotations
 
 import logging
 import warnings
+import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -121,8 +125,8 @@ def _tied(model: nn.Module, layer: nn.Linear) -> bool:
     return shared is not None and layer.weight is shared.weight
 
 
-def _targets(model: nn.Module, skip: tuple[str, ...], keep: tuple[str, ...]) -> list[tuple[nn.Module, str]]:
-    """(parent module, attribute name) of each nn.Linear to replace.
+def _targets(model: nn.Module, skip: tuple[str, ...], keep: tuple[str, ...]) -> list[tuple[nn.Module, str, bool]]:
+    """(parent module, attribute name, whether it is the output head) of each nn.Linear to replace.
 
     The output head is `lm_head` itself, or the nn.Linear inside it when model/vocabulary.py has put a
     restricted head there; either way `skip=("lm_head",)` leaves it.
@@ -137,7 +141,7 @@ def _targets(model: nn.Module, skip: tuple[str, ...], keep: tuple[str, ...]) -> 
                 continue
             head = attr == "lm_head" or in_head
             if (in_stack and attr in PROJECTIONS) or (head and not _tied(model, child)):
-                found.append((module, attr))
+                found.append((module, attr, head))
     return found
 
 
@@ -217,20 +221,59 @@ def _check_runs(bnb, method: str, device: torch.device, compute_dtype: torch.dty
         ) from err
 
 
-def _dynamic_int8_layer(layer: nn.Linear) -> nn.Module:
-    """torch's dynamically quantized Linear holding `layer`'s weight as int8, one scale per output row."""
+def _dynamic_int8_layer(layer: nn.Linear, engine: str | None = None) -> nn.Module:
+    """torch's dynamically quantized Linear holding `layer`'s weight as int8, one scale per output row, packed once,
+    for the kernels of torch's quantized `engine` (by default the one set now).
+
+    The weight is quantized as DynamicLinear.from_float(layer) quantizes it under per_channel_dynamic_qconfig (its
+    observer's scales and zero points, then _quantize_weight), but the layer is built at 1 x 1 and given its size
+    after: from_float builds it at full size, which packs an all-zero weight of that size before the real one is
+    packed again (for mT5's 250k-row head, seconds each). The module is the same, bit for bit
+    (tests/model/test_quantize.py compares a loaded model with what torch.ao.quantization.quantize_dynamic builds)."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.nn.quantized.modules.utils import _quantize_weight
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
-    layer.qconfig = per_channel_dynamic_qconfig  # what from_float reads: qint8 weights, per-channel scales
     with warnings.catch_warnings():
         # torch.ao.quantization warns on every quantized tensor it creates that it moves to torchao; the
         # layers it builds run the same kernels (fbgemm / oneDNN) in torch 2.13.
         warnings.simplefilter("ignore", UserWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        new = DynamicLinear.from_float(layer)
+        observer = per_channel_dynamic_qconfig.weight()  # qint8 weights, symmetric per-channel scales
+        observer(layer.weight)
+        weight = _quantize_weight(layer.weight.float(), observer)
+        new = DynamicLinear(1, 1, bias_=False)
+    new.in_features, new.out_features = layer.in_features, layer.out_features
+    pack_dynamic_int8(new, weight, layer.bias, engine)
     new.train(layer.training)
     return new
+
+
+# The engine pack_dynamic_int8 packed each layer for, with the packed object it made, held weakly on both sides: a
+# copy of the layer (deepcopy, pickle) is packed again for the engine set then, and load_state_dict packs a new object,
+# so neither may inherit the note.
+_PACKED_FOR: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def pack_dynamic_int8(linear, weight: torch.Tensor, bias: torch.Tensor | None, engine: str | None = None) -> None:
+    """Pack a qint8 `weight` and a float `bias` into an int8-dynamic layer, in place, for the kernels of torch's
+    quantized `engine` ("onednn", "fbgemm", "x86"; by default the one set now, and "x86" packs dynamic linears for
+    fbgemm), and note which (dynamic_int8_engine): the packed object does not say."""
+    current = torch.backends.quantized.engine
+    engine = engine or current
+    torch.backends.quantized.engine = engine  # quantized.linear_prepack packs for the engine set now
+    try:
+        linear._packed_params.set_weight_bias(weight, bias)
+    finally:
+        torch.backends.quantized.engine = current
+    _PACKED_FOR[linear] = (engine, weakref.ref(linear._packed_params._packed_params))
+
+
+def dynamic_int8_engine(linear) -> str | None:
+    """The engine pack_dynamic_int8 packed this int8-dynamic layer for, or None if it did not, or if the layer's
+    weight was packed again since by other means (load_state_dict, a copy: for the engine set then)."""
+    engine, packed = _PACKED_FOR.get(linear, (None, lambda: None))
+    return engine if packed() is linear._packed_params._packed_params else None
 
 
 def _check_dynamic_int8(device: torch.device, dtype: torch.dtype) -> None:
@@ -337,7 +380,14 @@ def _int8_weight_only_layer(layer: nn.Linear) -> Int8WeightOnlyLinear:
 
 
 def quantize(
-    model: nn.Module, method: str, *, compute_dtype: torch.dtype | None = None, skip: tuple[str, ...] | None = None
+    model: nn.Module,
+    method: str,
+    *,
+    compute_dtype: torch.dtype | None = None,
+    skip: tuple[str, ...] | None = None,
+    device: str | torch.device | None = None,
+    observe: Callable[[nn.Module], None] | None = None,
+    head_engine: str | None = None,
 ) -> nn.Module:
     """Replace the stacks' projections of `model` with quantized layers, in place; returns `model`.
 
@@ -353,38 +403,89 @@ def quantize(
         "cross_attn", "encoder.blocks.0". By default ("lm_head",) for bitsandbytes and () for
         int8-dynamic and int8-weight-only. `wo` is always left (KEEP_UNQUANTIZED, DYNAMIC_KEEP_UNQUANTIZED,
         WEIGHT_ONLY_KEEP_UNQUANTIZED), and a tied lm_head too: it is the embedding.
+    device: where the quantized model goes (by default, where it is). Each layer to quantize moves there alone, in
+        full precision, is quantized there and replaces the original before the next one moves; the rest of the
+        model (embedding, norms, position biases, `wo`, an unquantized head) moves last, in the dtype it has. So
+        `device` never holds more than the quantized model plus one full-precision layer (and the quantizer's
+        temporaries: for int8-weight-only, QUANTIZE_ROWS_AT_ONCE rows in float32): a model loaded in host memory
+        reaches a GPU too small for it in full precision (model/inference.py).
+    observe: called with `model` after each move, the full-precision layer in place before it is quantized: the
+        points where `device` holds the most. For tests that count the bytes there (quantized_bytes(model, device)).
+    head_engine: int8-dynamic only: the quantized engine whose kernels the output head is packed for (by default the
+        one set now, as for the stacks' layers). load_for_inference passes model.packed.int8_head_engine(model), the
+        one pack_head_for_cpu would repack it for, so that the head is packed once.
     """
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
     if method == "none":
-        return model
+        return model if device is None else _move_keeping_ties(model, torch.device(device))
     dynamic, weight_only = method == "int8-dynamic", method == "int8-weight-only"
     if skip is None:
         skip = () if dynamic or weight_only else ("lm_head",)
     keep = {"int8-dynamic": DYNAMIC_KEEP_UNQUANTIZED, "int8-weight-only": WEIGHT_ONLY_KEEP_UNQUANTIZED}
     targets = _targets(model, tuple(skip), keep.get(method, KEEP_UNQUANTIZED))
     if not targets:
-        return model
-    parent, attr = targets[0]
-    device, dtype = getattr(parent, attr).weight.device, getattr(parent, attr).weight.dtype
-    if device.type == "meta":
+        return model if device is None else _move_keeping_ties(model, torch.device(device))
+    parent, attr, _ = targets[0]
+    source, dtype = getattr(parent, attr).weight.device, getattr(parent, attr).weight.dtype
+    if source.type == "meta":
         raise ValueError("quantize() needs the weights: the model is on the meta device; load it first")
-    if dynamic or weight_only:
-        if dynamic:
-            _check_dynamic_int8(device, dtype)
-        layer = _dynamic_int8_layer if dynamic else _int8_weight_only_layer
-        for parent, attr in targets:  # one layer at a time, as below
-            setattr(parent, attr, layer(getattr(parent, attr)))
-        return model
-    bnb = _bitsandbytes()
-    compute_dtype = compute_dtype or dtype
-    if method == "int8":
-        logging.getLogger("bitsandbytes.autograd._functions").addFilter(_CAST_NOTICE_FILTER)  # idempotent
-    _check_runs(bnb, method, device, compute_dtype)
-    for parent, attr in targets:
-        # One layer at a time: the old layer, and with it the full-precision weight, is released by the
-        # setattr, so the peak is the model plus one quantized layer.
-        setattr(parent, attr, _quantized_layer(bnb, getattr(parent, attr), method, compute_dtype))
+    device = source if device is None else torch.device(device)
+    if dynamic:
+        _check_dynamic_int8(device, dtype)
+
+        def make_layer(layer: nn.Linear, head: bool) -> nn.Module:
+            return _dynamic_int8_layer(layer, head_engine if head else None)
+
+    elif weight_only:
+
+        def make_layer(layer: nn.Linear, head: bool) -> nn.Module:
+            return _int8_weight_only_layer(layer)
+
+    else:
+        bnb = _bitsandbytes()
+        compute_dtype = compute_dtype or dtype
+        if method == "int8":
+            logging.getLogger("bitsandbytes.autograd._functions").addFilter(_CAST_NOTICE_FILTER)  # idempotent
+        # Nothing runs on meta, where tests count the bytes a move would place: the probe runs where the weights
+        # are, which also gives bitsandbytes' cached code book (made on first use, on that tensor's device) data.
+        _check_runs(bnb, method, source if device.type == "meta" else device, compute_dtype)
+
+        def make_layer(layer: nn.Linear, head: bool) -> nn.Module:
+            return _quantized_layer(bnb, layer, method, compute_dtype)
+
+    for parent, attr, head in targets:
+        # One layer at a time, on the device it will run on (bitsandbytes quantizes there on a weight's first
+        # move too): its full-precision weight is released by the setattr below, before the next one moves, so
+        # the peak there is the quantized model plus one full-precision layer.
+        getattr(parent, attr).to(device)  # in place: no other reference to the full-precision weight is kept
+        if observe is not None:
+            observe(model)
+        setattr(parent, attr, make_layer(getattr(parent, attr), head))
+    if device != source:
+        # The rest, in the dtype each part has (`wo` stays float32 in a float16 model). The quantized layers are
+        # there already, and moving them again to their own device copies nothing.
+        _move_keeping_ties(model, device)
+    if observe is not None:
+        observe(model)
+    return model
+
+
+def _move_keeping_ties(model: nn.Module, device: torch.device) -> nn.Module:
+    """model.to(device), with each parameter shared by several modules (a tied head is the embedding) still one
+    parameter afterwards: Module.to replaces a parameter by a new one per module where it cannot swap the data in
+    place (to and from the meta device)."""
+    first_owner: dict[int, tuple[nn.Module, str]] = {}
+    shared = []
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if id(param) in first_owner:
+                shared.append((module, name, *first_owner[id(param)]))
+            else:
+                first_owner[id(param)] = (module, name)
+    model.to(device)
+    for module, name, owner, owner_name in shared:
+        setattr(module, name, getattr(owner, owner_name))
     return model
 
 
@@ -414,23 +515,34 @@ def is_quantized(model: nn.Module) -> bool:
     )
 
 
-def quantized_bytes(model: nn.Module) -> int:
+def quantized_bytes(model: nn.Module, device: str | torch.device | None = None) -> int:
     """Bytes held by `model`'s parameters and buffers, with the quantization statistics that live
     outside them (absmax, nested absmax, offsets and code books of 4-bit layers; row scales of int8
     layers; int8-dynamic's packed int8 weights with their per-row scales and zero points; int8-weight-only's
-    codes and scales are buffers). A tensor shared by several modules, such as a tied embedding, counts once."""
+    codes and scales are buffers). A tensor shared by several modules, such as a tied embedding, counts once.
+
+    device: count only what lies there (the meta device included, whose tensors have sizes but no data); by
+    default, everything but meta tensors."""
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
-    seen: set[tuple[int, int]] = set()
+    wanted = None if device is None else torch.device(device)
+
+    def counted(where: torch.device) -> bool:
+        if wanted is None:
+            return where.type != "meta"
+        return where.type == wanted.type and wanted.index in (None, where.index)
+
+    seen: set = set()
     total = 0
 
     def add(tensor) -> None:
         nonlocal total
-        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+        if not isinstance(tensor, torch.Tensor) or not counted(tensor.device):
             return
         nbytes = tensor.numel() * tensor.element_size()
-        if (tensor.data_ptr(), nbytes) not in seen:
-            seen.add((tensor.data_ptr(), nbytes))
+        key = id(tensor) if tensor.is_meta else (tensor.data_ptr(), nbytes)  # meta tensors all sit at address 0
+        if key not in seen:
+            seen.add(key)
             total += nbytes
 
     for tensor in (*model.parameters(), *model.buffers()):
@@ -444,7 +556,8 @@ def quantized_bytes(model: nn.Module) -> int:
         # LLM.int8: the row scales sit on the weight until the first forward, then on module.state.
         for owner in (getattr(module, "weight", None), getattr(module, "state", None)):
             add(getattr(owner, "SCB", None))
-        if isinstance(module, DynamicLinear):  # int8-dynamic: packed for fbgemm, neither parameter nor buffer
+        if isinstance(module, DynamicLinear) and counted(torch.device("cpu")):
+            # int8-dynamic, on CPU only: packed for fbgemm or oneDNN, neither parameter nor buffer
             weight = module.weight()
             total += weight.numel() + 8 * 2 * weight.q_per_channel_scales().numel()  # int8, float64 scales, int64 zeros
     return total

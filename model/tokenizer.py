@@ -45,9 +45,12 @@ import struct
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 from sentencepiece import sentencepiece_model_pb2
+
+if TYPE_CHECKING:  # torch is imported where a tensor is made: a process that only tokenizes never loads it
+    import torch
 
 from .errors import ModelLoadError
 
@@ -203,22 +206,44 @@ class _Unigram:
     _CACHED_LENGTH = 256  # longer words (unspaced text) seldom recur
 
     def __init__(self, pieces: list[tuple[str, float]], unk_id: int):
-        if not all(math.isfinite(score) for _, score in pieces):
+        self._set_up([piece for piece, _ in pieces], [score for _, score in pieces], unk_id)
+
+    @classmethod
+    def from_columns(cls, pieces: list[str], scores: list[float], unk_id: int) -> _Unigram:
+        """The same as _Unigram(list(zip(pieces, scores)), unk_id), without a tuple per piece."""
+        unigram = cls.__new__(cls)
+        unigram._set_up(pieces, scores, unk_id)
+        return unigram
+
+    def _set_up(self, pieces: list[str], scores: list[float], unk_id: int) -> None:
+        if not _all_finite(scores):
             raise ValueError("every piece's score must be finite")
-        # every piece -> (id, score), and every other prefix of a piece -> None. Segmenting extends a piece from
-        # each position of a word only while it is still a prefix of some piece, so most positions cost one or
-        # two lookups (a trie walk, the trie being one dict), where trying every length a piece has costs many
-        self._prefixes: dict[str, tuple[int, float] | None] = {}
-        for piece, _ in pieces:
-            for end in range(1, len(piece)):
-                self._prefixes.setdefault(piece[:end], None)
-        self._prefixes.update((piece, (i, score)) for i, (piece, score) in enumerate(pieces))  # a later duplicate wins
+        self._pieces, self._scores = pieces, scores
         self._unk_id = unk_id
-        self._unk_score = min(score for _, score in pieces) - self._UNKNOWN_PENALTY
+        self._unk_score = min(scores) - self._UNKNOWN_PENALTY
+        self._prefixes: dict[str, int] | None = None  # built by the first word segmented
         self._cache: dict[str, list[int]] = {}
 
+    def _build_prefixes(self) -> dict[str, int]:
+        """Every piece -> its id, and every other prefix of a piece -> -1.
+
+        Segmenting extends a piece from each position of a word only while it is still a prefix of some piece, so
+        most positions cost one or two lookups (a trie walk, the trie being one dict), where trying every length a
+        piece has costs many. Built on first use, in bulk (ids, not (id, score) tuples, 1.5-2 times as slow to
+        make): loading a tokenizer only to check it (the driver) never pays for it.
+        """
+        pieces = self._pieces
+        prefixes, longer, end = {}, pieces, 1
+        while longer := [piece for piece in longer if len(piece) > end]:  # length by length: the fastest we found
+            prefixes.update(dict.fromkeys([piece[:end] for piece in longer], -1))
+            end += 1
+        prefixes.update(zip(pieces, range(len(pieces))))  # a later duplicate wins
+        self._prefixes = prefixes  # whole or not at all: threads that segment at once each build an equal one
+        return prefixes
+
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_cache": {}}  # Ray pickles the tokenizer for each worker: leave the cache out
+        # Ray and the tokenize pool pickle the tokenizer for each worker: leave out what the worker rebuilds
+        return {**self.__dict__, "_cache": {}, "_prefixes": None}
 
     def __call__(self, word: str) -> list[int]:
         ids = self._cache.get(word)
@@ -231,7 +256,8 @@ class _Unigram:
         return ids
 
     def _segment(self, word: str) -> list[int]:
-        get, unk_id, unk_score = self._prefixes.get, self._unk_id, self._unk_score
+        prefixes = self._prefixes if self._prefixes is not None else self._build_prefixes()
+        get, scores, unk_id, unk_score = prefixes.get, self._scores, self._unk_id, self._unk_score
         n = len(word)
         # the score of the best path found so far from the word's start to each position. `tokenizers` takes the
         # first path to a position whatever its score; starting from -inf does the same, scores being finite.
@@ -241,33 +267,33 @@ class _Unigram:
         for start in range(n):
             here, after = best[start], start + 1
             # the piece of one character here, or else the unknown piece: one candidate for the next position.
-            # found: (id, score) for a piece, None for a prefix of pieces only, False for neither.
-            found = get(word[start], False)
-            if found:
-                score = found[1] + here
+            # found: the id of a piece, -1 for a prefix of pieces only, -2 for neither.
+            found = get(word[start], -2)
+            if found >= 0:
+                score = scores[found] + here
                 if score > best[after]:  # strictly higher: of two paths of equal score, the earlier start stays
                     best[after] = score
                     starts[after] = start
-                    ids[after] = found[0]
+                    ids[after] = found
             else:
                 score = unk_score + here
                 if score > best[after]:
                     best[after] = score
                     starts[after] = start
                     ids[after] = unk_id
-                if found is False:
+                if found == -2:
                     continue
             end = after + 1
             while end <= n:  # longer pieces, for as long as word[start:end] begins one
-                found = get(word[start:end], False)
-                if found is False:
+                found = get(word[start:end], -2)
+                if found == -2:
                     break
-                if found is not None:
-                    score = found[1] + here
+                if found >= 0:
+                    score = scores[found] + here
                     if score > best[end]:
                         best[end] = score
                         starts[end] = start
-                        ids[end] = found[0]
+                        ids[end] = found
                 end += 1
         # back from the end, joining each run of unknown pieces into one token
         tokens, end = [], n
@@ -276,8 +302,8 @@ class _Unigram:
             if ids[end] == unk_id:
                 while start > 0 and ids[start] == unk_id:
                     start = starts[start]
-                found = get(word[start:end])
-                tokens.append(found[0] if found else unk_id)
+                found = get(word[start:end], -1)
+                tokens.append(found if found >= 0 else unk_id)
             else:
                 tokens.append(ids[end])
             end = start
@@ -289,12 +315,16 @@ class _Vocabulary:
     """What encoding needs from spiece.model, laid out as transformers lays it out."""
 
     pieces: list[str]  # transformers' vocabulary: spiece.model's pieces, then <extra_id_99> .. <extra_id_0>
-    piece_ids: dict[str, int]
     unigram: _Unigram
     normalizer: _Normalizer
     raw_tokens: dict[str, int]  # matched on the raw text, before normalization
     raw_pattern: re.Pattern  # those tokens, longest first, as one capturing group
     special_ids: frozenset[int]  # what skip_special_tokens drops
+
+    @functools.cached_property
+    def piece_ids(self) -> dict[str, int]:
+        """Each piece's id, for convert_tokens_to_ids; a later duplicate wins. Made on first use."""
+        return dict(zip(self.pieces, range(len(self.pieces))))
 
     @classmethod
     def load(cls, spiece: bytes, extra_ids: int, path: Path) -> _Vocabulary:
@@ -305,10 +335,16 @@ class _Vocabulary:
             raise ModelLoadError(f"{path} is not a sentencepiece model ({e}); copy spiece.model again") from e
         if proto.trainer_spec.model_type != sentencepiece_model_pb2.TrainerSpec.UNIGRAM or not proto.pieces:
             raise ModelLoadError(f"{path} is not a unigram sentencepiece model, as mT5's spiece.model is")
+        # one pass per field: protobuf makes a Python object per piece and field read, the bulk of loading's time
+        entries = proto.pieces
+        pieces = [p.piece for p in entries]
+        scores = [p.score for p in entries]
+        types = [p.type for p in entries]
         # transformers' converter matches control and user-defined pieces on the raw text; only control is special
         special_types = (_Piece.CONTROL, _Piece.UNKNOWN)
-        raw_tokens = {p.piece: i for i, p in enumerate(proto.pieces) if p.type in (*special_types, _Piece.USER_DEFINED)}
-        special_ids = {i for i, p in enumerate(proto.pieces) if p.type in special_types}
+        unusual = [i for i, kind in enumerate(types) if kind != _Piece.NORMAL]  # a few hundred at most
+        raw_tokens = {pieces[i]: i for i in unusual if types[i] in (*special_types, _Piece.USER_DEFINED)}
+        special_ids = {i for i in unusual if types[i] in special_types}
         if not proto.normalizer_spec.precompiled_charsmap:
             raise ModelLoadError(f"{path} has no normalization table; mT5's spiece.model normalizes with nmt_nfkc")
         normalizer = _Normalizer(proto.normalizer_spec.precompiled_charsmap)
@@ -318,18 +354,16 @@ class _Vocabulary:
             raise ModelLoadError(f"{path}: its unk_id {proto.trainer_spec.unk_id} is not a piece's id")
 
         # transformers' unigram vocabulary: every piece an ordinary one with its score, then the extra ids
-        scored = [(p.piece, p.score) for p in proto.pieces]
-        if not all(math.isfinite(score) for _, score in scored):
+        if not _all_finite(scores):
             raise ModelLoadError(f"{path} has pieces of score inf or nan; copy spiece.model again")
         for n in reversed(range(extra_ids)):  # <extra_id_0> gets the highest id, as in T5
-            raw_tokens[f"<extra_id_{n}>"] = len(scored)
-            special_ids.add(len(scored))
-            scored.append((f"<extra_id_{n}>", 0.0))
-        pieces = [piece for piece, _ in scored]
-        piece_ids = {piece: i for i, piece in enumerate(pieces)}
-        unigram = _Unigram(scored, proto.trainer_spec.unk_id)
+            raw_tokens[f"<extra_id_{n}>"] = len(pieces)
+            special_ids.add(len(pieces))
+            pieces.append(f"<extra_id_{n}>")
+            scores.append(0.0)
+        unigram = _Unigram.from_columns(pieces, scores, proto.trainer_spec.unk_id)
         pattern = re.compile("(" + "|".join(re.escape(t) for t in sorted(raw_tokens, key=len, reverse=True)) + ")")
-        return cls(pieces, piece_ids, unigram, normalizer, raw_tokens, pattern, frozenset(special_ids))
+        return cls(pieces, unigram, normalizer, raw_tokens, pattern, frozenset(special_ids))
 
     def words(self, stretch: str) -> list[str]:
         """Steps 2 and 3 of the module docstring: text between special tokens -> its words, each led by "▁"."""
@@ -428,6 +462,8 @@ class MT5Tokenizer:
         mask = [[1] * len(seq) + [0] * (width - len(seq)) for seq in ids]
         ids = [seq + [self.pad_token_id] * (width - len(seq)) for seq in ids]  # right padding; none if width is 0
         if return_tensors == "pt":
+            import torch
+
             if len({len(seq) for seq in ids}) > 1:
                 raise ValueError("the texts tokenize to different lengths; pass padding=True to return tensors")
             return BatchEncoding(input_ids=torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask))
@@ -520,6 +556,12 @@ class MT5Tokenizer:
 
     def __len__(self) -> int:
         return self.vocab_size
+
+
+def _all_finite(scores: tuple[float, ...] | list[float]) -> bool:
+    """Whether no score is inf or nan, summed in C: a sum of finite floats is finite unless it overflows, which
+    scores widened from float32 (at most 3.4e38 each) cannot, and then each score is checked alone."""
+    return math.isfinite(sum(scores)) or all(math.isfinite(score) for score in scores)
 
 
 def _check_special_tokens(config: dict, extra_ids: int, path: Path) -> None:

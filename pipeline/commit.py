@@ -230,6 +230,15 @@ class OutputLocation:
         committed = self.committed_ids()
         for relative in [r for r, units in by_file.items() if not all(u.id in committed for u in units)]:
             del by_file[relative]
+        # Units planned from the listing have their rows in their commit markers only (the replica read the footer):
+        # taken from there, so that the next manifest, the dry run and the progress know them.
+        if any(u.num_rows is None for units in by_file.values() for u in units):
+            index = self._cat_index()
+            rows = dict(zip(index.get("id", ()), index.get("num_rows", ())))
+            rows.update((i, m.get("num_rows")) for i, m in self._read_records(self._path(META, "committed")).items())
+            for relative, units in by_file.items():
+                if any(u.num_rows is None for u in units):
+                    by_file[relative] = tuple(u._replace(num_rows=rows.get(u.id)) for u in units)
         return by_file
 
     def committed_units(self) -> dict[str, dict]:
@@ -273,12 +282,24 @@ class OutputLocation:
         """Id -> failure record (relative, range, reason) of units and shards that failed in the latest run."""
         return self._read_records(self._path(META, "failed"))
 
-    def write_unit(self, unit: WorkUnit, schema: pa.Schema, batches: Iterable[pa.RecordBatch], *, attempt: str) -> int:
+    def write_unit(
+        self,
+        unit: WorkUnit,
+        schema: pa.Schema,
+        batches: Iterable[pa.RecordBatch],
+        *,
+        attempt: str,
+        unchanged: Callable[[], None] | None = None,
+    ) -> int:
         """Stream the unit's output to staging, publish it at its final name, then mark it committed.
 
         Returns the row count. If `batches` raises, nothing is published. A unit must come out with as
-        many rows as went in (no row is ever dropped); otherwise nothing is published either.
+        many rows as went in (no row is ever dropped), as its input's footer counts them; otherwise nothing is
+        published either, and neither if `unchanged`, called after the last row was written, raises (the input
+        changed since the plan: units.ensure_unchanged). The marker records the input's identity and rows.
         """
+        if unit.num_rows is None:
+            raise ValueError(f"{unit.shard.relative}: its row count is unknown; resolve_unit() it first")
         if self._lease is None and self.generation is not None:
             self._lease = Lease(self.fs, self._path(META), self.url)
             self._lease.generation = self.generation
@@ -293,6 +314,8 @@ class OutputLocation:
                     f"{unit.shard.relative}: {rows} output rows for row groups {unit.start}-"
                     f"{unit.stop}, which hold {unit.num_rows}; not committed"
                 )
+            if unchanged is not None:
+                unchanged()
             if self._lease is not None:
                 self._lease.check()  # a run that lost its lease publishes nothing more
             self._makedirs_for(final)
@@ -591,8 +614,8 @@ class UnitRecord(NamedTuple):
     id: str
     relative: str  # the input file, relative to the input root
     start: int
-    stop: int
-    num_rows: int
+    stop: int | None  # None: planned from the listing (units.listed_unit); the marker has the footer's
+    num_rows: int | None  # likewise
     output: str  # relative to the output root
     whole_file: bool
     input_identity: str

@@ -23,13 +23,13 @@ from model.storage import redact_url
 from . import fit, vocabulary
 from .commit import DEFAULT_LEASE_TIMEOUT, Changes, OutputLocation
 from .errors import InputError
-from .footers import ShardReadError, check_columns, describe, inspect_shard, inspect_shards
+from .footers import ShardReadError, check_columns, describe, inspect_shards
 from .listing import Shard, list_shards
 from .partitions import matches, parse_filter
 from .placement import DEFAULT_PLACEMENT, Placement, Target, wait_until_placed
 from .settings import SummarizeSettings
 from .stages import Stats
-from .units import WorkUnit, known_units, plan_units
+from .units import WorkUnit, known_units, plan_units, planned_from_listing
 
 # A unit whose replica dies this many times while running it alone is recorded as failed (a poison unit that
 # kills its process).
@@ -99,9 +99,22 @@ class EventLog:
 
 
 class Progress:
-    def __init__(self, total_units: int, total_rows: int, every: float, log: EventLog):
-        self.total_units, self.total_rows, self.every, self.log = total_units, total_rows, every, log
+    def __init__(self, units: list[WorkUnit], every: float, log: EventLog):
+        self.every, self.log = every, log
+        self.total_units = len(units)
+        known = [u.num_rows for u in units if u.num_rows is not None]
+        # Units planned from the listing have no row count until their replica reads the footer: the total counts
+        # the rows known so far, and grows as each of those units commits (learned).
+        self.total_rows = sum(known)
+        self.known_units, self.unknown_units = len(known), len(units) - len(known)
         self.start = self.last = time.monotonic()
+
+    def learned(self, unit: WorkUnit, rows: int) -> None:
+        """A unit committed with `rows` rows: counted in the total if its plan did not know them."""
+        if unit.num_rows is None:
+            self.total_rows += rows
+            self.known_units += 1
+            self.unknown_units -= 1
 
     def maybe_print(self, report: RunReport, force: bool = False, rows_in_flight: int = 0) -> None:
         """`rows_in_flight`: rows summarized by units not committed yet, as the replicas' heartbeats tell."""
@@ -112,19 +125,24 @@ class Progress:
         elapsed = max(now - self.start, 1e-9)
         rows = report.stats.rows + rows_in_flight
         rate = rows / elapsed
-        eta = (self.total_rows - rows) / rate if rate > 0 else float("inf")
+        # the rows of units not read yet estimated at the known units' mean: an ETA, not a count
+        mean = self.total_rows / self.known_units if self.known_units else None
+        expected = self.total_rows + self.unknown_units * (mean or 0)
+        eta = (expected - rows) / rate if rate > 0 and mean is not None else float("inf")
         tokens_per_second = report.stats.output_tokens / elapsed
+        unknown = f" (+ the rows of {self.unknown_units:,} units not read yet)" if self.unknown_units else ""
         self.log(
             "progress",
-            f"units {report.committed}/{self.total_units}  docs {rows:,}/{self.total_rows:,}  "
+            f"units {report.committed}/{self.total_units}  docs {rows:,}/{self.total_rows:,}{unknown}  "
             f"{rate:.1f} docs/s  {tokens_per_second:.0f} tokens/s  ETA {_duration(eta)}",
             units=report.committed,
             total_units=self.total_units,
             documents=rows,
             total_documents=self.total_rows,
+            units_rows_unknown=self.unknown_units,
             docs_per_second=round(rate, 2),
             tokens_per_second=round(tokens_per_second, 1),
-            eta_seconds=None if eta == float("inf") else round(eta),
+            eta_seconds=None if eta == float("inf") else round(max(eta, 0)),
         )
 
 
@@ -180,11 +198,14 @@ def plan(
             changed.append(shard)
         else:
             known.extend(units)
-    infos, unreadable = inspect_shards(fs, changed)
+    inspected, listed = _footers_to_read(changed, settings.rows_per_unit)
+    infos, unreadable = inspect_shards(fs, inspected)
     for info in infos:
         check_columns(info, settings.text_column, settings.id_column)
-    units = plan_units(infos, settings.rows_per_unit, known)
-    schemas = {info.shard.path: info.schema for info in infos}  # known units are committed: never dispatched
+    units = plan_units(infos, settings.rows_per_unit, known, listed)
+    # by shard path; a unit without one (planned from the listing, or a known unit whose marker went since) has its
+    # footer read by its replica, which checks its columns as above
+    schemas = {info.shard.path: info.schema for info in infos}
     root = _root(shards[0])
     selection = dict(
         listed={s.relative for s in shards},
@@ -194,6 +215,28 @@ def plan(
         input_exists=lambda relative: fs.exists(posixpath.join(root, relative) if root else relative),
     )
     return Plan(units, schemas, unreadable, manifest, selection, revision, fs)
+
+
+def _footers_to_read(shards: list[Shard], rows_per_unit: int) -> tuple[list[Shard], list[Shard]]:
+    """The shards whose footers planning reads, and those planned from their listing (units.planned_from_listing).
+
+    Of the small files of each folder (a Hive partition, mostly written by one writer with one schema) the
+    first one's footer is read all the same, so that a text or id column missing from a partition fails the
+    job before any replica starts, as it does for the files read whole; another file of that folder without
+    the column fails as its unit, naming the file and the column."""
+    inspected, listed = [], []
+    sampled: set[str] = set()
+    for shard in shards:
+        if not planned_from_listing(shard, rows_per_unit):
+            inspected.append(shard)
+            continue
+        folder = shard.relative[: shard.relative.rfind("/") + 1]
+        if folder in sampled:
+            listed.append(shard)
+        else:
+            sampled.add(folder)
+            inspected.append(shard)
+    return inspected, listed
 
 
 def _root(shard: Shard) -> str:
@@ -281,12 +324,9 @@ def run(
             location.record_failure(Shard(relative, relative, "parquet", 0), reason)
         to_run = changes.todo()
         todo = deque(u for u in work.units if u.id in to_run)
-        for unit in todo:  # a known unit whose marker went since planning (rare): its footer is read now
-            if unit.shard.path not in work.schemas:
-                work.schemas[unit.shard.path] = inspect_shard(work.fs, unit.shard).schema
         report.skipped = len(work.units) - len(todo)
         report.committed = report.skipped
-        progress = Progress(len(work.units), sum(u.num_rows for u in work.units), progress_every, log)
+        progress = Progress(work.units, progress_every, log)
         if report.skipped:
             log(
                 "resume",
@@ -325,8 +365,23 @@ def run(
 
 
 def _print_plan(changes: Changes, work: Plan, out) -> None:
-    """--dry-run's answer: units and rows per action, the first few files of each, and one JSON line."""
-    rows = lambda units: sum(u.num_rows for u in units)  # noqa: E731
+    """--dry-run's answer: units and rows per action, the first few files of each, and one JSON line.
+
+    Small files planned from their listing have no row count before their replica reads the footer: an action
+    with such units says how many, and gives the rows of the others ("rows" is null in the JSON line, the known
+    ones "rows_known"), rather than read a million footers to print a number."""
+
+    def counts(units) -> dict:
+        known = [u.num_rows for u in units if u.num_rows is not None]
+        if len(known) == len(units):
+            return {"units": len(units), "rows": sum(known)}
+        return {
+            "units": len(units),
+            "rows": None,
+            "rows_known": sum(known),
+            "units_rows_unknown": len(units) - len(known),
+        }
+
     current = {unit.id for unit in work.units}
     kept = [u for u in changes.plan if u.id not in current]
     actions = [
@@ -338,7 +393,13 @@ def _print_plan(changes: Changes, work: Plan, out) -> None:
     ]
     print("[lakesum] dry run: nothing was written", file=out)
     for name, units, meaning in actions:
-        print(f"  {name:<7}{len(units):>9,} units {rows(units):>13,} rows   {meaning}", file=out)
+        count = counts(units)
+        if count["rows"] is None:
+            unknown = count["units_rows_unknown"]
+            rows = f"{count['rows_known']:>13,} rows (+ those of {unknown:,} small files, read when run)"
+        else:
+            rows = f"{count['rows']:>13,} rows"
+        print(f"  {name:<7}{len(units):>9,} units {rows}   {meaning}", file=out)
         for relative in sorted({u.relative for u in units})[:DRY_RUN_FILES] if name != "skip" else ():
             print(f"           {relative}", file=out)
     for error in work.unreadable:
@@ -347,7 +408,7 @@ def _print_plan(changes: Changes, work: Plan, out) -> None:
         json.dumps(
             {
                 "lakesum": "dry-run",
-                **{name: {"units": len(units), "rows": rows(units)} for name, units, _ in actions},
+                **{name: counts(units) for name, units, _ in actions},
                 "unreadable": len(work.unreadable),
                 "fresh_output": changes.fresh,
             }
@@ -459,7 +520,7 @@ def _dispatch(
 
     def send(index: int, unit: WorkUnit) -> None:
         attempt = uuid.uuid4().hex[:12]
-        ref = actors[index].process.remote(unit, schemas[unit.shard.path], attempt)
+        ref = actors[index].process.remote(unit, schemas.get(unit.shard.path), attempt)
         in_flight[ref] = _Flight(unit, index, life[index], attempt)
         load[index] += 1
 
@@ -596,6 +657,7 @@ def _dispatch(
                 died(flight, err)
                 continue
             report.committed += 1
+            progress.learned(flight.unit, result["rows"])
             report.storage_retries += result.get("storage_retries", 0)
             report.stats.add(Stats(**{k: result[k] for k in Stats.__dataclass_fields__}))
         listen(now)

@@ -3,8 +3,9 @@ and the file's identity for resume; and whether the columns a job needs are ther
 
 Footers are read, never the data, so that counting the rows of a lake on an object store does not download
 it. A Parquet footer is read with one read of the file's end, decoded by pyarrow's reader from those bytes,
-and its schema converted to Arrow once per distinct schema (a first plan reads every footer of the lake; the files
-of a lake mostly share one schema). Arrow IPC's are read as the footer and each batch's header.
+and its schema converted to Arrow once per distinct schema (the files of a lake mostly share one). Arrow IPC's are
+read as the footer and each batch's header. Small Parquet files are planned without their footers
+(units.planned_from_listing): their replicas read them (units.resolve_unit).
 """
 
 from __future__ import annotations
@@ -72,6 +73,11 @@ class ShardReadError(Exception):
         super().__init__(f"{shard.relative}: {reason}")
         self.shard = shard
         self.reason = reason
+
+    def __reduce__(self):
+        # raised in a replica, it travels to the driver pickled: rebuilt from its own arguments, not from
+        # Exception's args (the message alone), which Ray would report as an UnserializableException, a death
+        return type(self), (self.shard, self.reason)
 
 
 def inspect_shard(fs, shard: Shard) -> ShardInfo:

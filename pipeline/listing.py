@@ -6,9 +6,11 @@ locally, a stat that lets a rerun know an unchanged file without reading it (see
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 import re
+import struct
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -168,16 +170,42 @@ def _entries(fs, folder: str) -> Iterator[tuple[str, bool, tuple[int, str | None
                     yield prefix + entry.name, True, None
                     continue
                 st = entry.stat()
-                stat = (
-                    hash((st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino))
-                    if max(st.st_mtime_ns, st.st_ctime_ns) < settled
-                    else None
-                )
+                stat = _stat_hash(st) if max(st.st_mtime_ns, st.st_ctime_ns) < settled else None
                 yield prefix + entry.name, False, (st.st_size, None, stat)
         return
     for info in fs.ls(folder, detail=True):
         is_folder = info["type"] == "directory"
         yield info["name"].rstrip("/"), is_folder, None if is_folder else _entry(info)
+
+
+def _stat_hash(st: os.stat_result) -> int:
+    """A settled stat as one int, the same in every Python: it is kept in commit markers from run to run."""
+    packed = struct.pack("<4Q", st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino)
+    return int.from_bytes(hashlib.blake2b(packed, digest_size=8).digest(), "little", signed=True)
+
+
+def listed_identity(shard: Shard) -> str | None:
+    """What the listing alone says of the file's identity: size plus the store's version, or locally size plus a
+    settled stat (Shard.stat); None where it says nothing trustworthy (a file changed too recently, a store
+    without versions), and the footer must be read."""
+    if shard.version is not None:
+        return f"{shard.size}:{shard.version}"  # as footers._identity has it: the same file, the same id
+    if shard.stat is not None:
+        return f"{shard.size}:stat:{shard.stat}"
+    return None
+
+
+def unchanged_since_listed(fs, shard: Shard) -> bool:
+    """Whether the file is still the one the listing saw: the same size and store version, or locally the same
+    stat. Only for shards whose listing gave one of those (listed_identity is not None). A local rewrite, in
+    place or by rename, changes the modification or change time or the inode; the listing trusted only stats
+    older than the clock's tick, so one within that tick cannot keep the stat."""
+    if isinstance(fs, LocalFileSystem):
+        st = os.stat(shard.path)
+        return st.st_size == shard.size and _stat_hash(st) == shard.stat
+    fs.invalidate_cache(shard.path)
+    size, version, _ = _entry(fs.info(shard.path))
+    return size == shard.size and version == shard.version
 
 
 def _has_magic(path: str) -> bool:

@@ -1,6 +1,7 @@
 """Where replicas run: the device a job chooses, what each replica asks Ray for, and the wait until they are placed.
 
-Placement holds the flags (--device, --gpus-per-replica, --accelerator-type, --placement-timeout).
+Placement holds the flags (--device, --gpus-per-replica, --accelerator-type, --placement-timeout,
+--tokenize-workers).
 `target` turns them and the cluster's resources into a Target: the device, why, and the actor options. The
 summarization driver, the fine-tuning driver (through driver.start_replicas) and the Ray Data adapter all
 ask for replicas this way, and each replica picks its torch device with `torch_device`.
@@ -13,6 +14,7 @@ from dataclasses import dataclass
 
 from .errors import PlacementError
 from .footers import describe
+from .tokenize_pool import AUTO_MAX_WORKERS
 
 DEVICES = ("auto", "cuda", "cpu")
 # Seconds a job waits for Ray to place its replicas (--placement-timeout); their model loads are not counted.
@@ -35,6 +37,9 @@ class Placement:
     accelerator_type: str | None = None
     # replicas not placed (and loaded) by then are dropped; with none placed the job stops (exit 2)
     placement_timeout: float = DEFAULT_PLACEMENT_TIMEOUT
+    # processes that tokenize for each replica (pipeline/tokenize_pool.py), each a CPU more asked of Ray. None
+    # (auto): none on CPU, where the cores belong to the model; on a GPU, what its node's CPUs allow (tokenize_workers)
+    tokenize_workers: int | None = None
 
     def __post_init__(self):
         if self.device not in DEVICES:
@@ -46,6 +51,8 @@ class Placement:
             raise ValueError(f"--gpus-per-replica above 1 must be a whole number, got {self.gpus_per_replica:g}")
         if self.placement_timeout <= 0:
             raise ValueError(f"--placement-timeout must be > 0 seconds, got {self.placement_timeout:g}")
+        if self.tokenize_workers is not None and self.tokenize_workers < 0:
+            raise ValueError(f"--tokenize-workers must be >= 0 or auto, got {self.tokenize_workers}")
         if self.accelerator_type is not None:
             if self.device == "cpu":
                 raise ValueError(f"--accelerator-type {self.accelerator_type} asks for GPUs, and --device cpu for none")
@@ -65,33 +72,54 @@ class Placement:
         """The target on the Ray the caller joined, as its resources are now, stated in the log's device line."""
         import ray
 
-        target = self.target(ray.cluster_resources(), cpus_per_replica, quantization)
+        target = self.target(ray.cluster_resources(), cpus_per_replica, quantization, cpus_per_gpu(ray.nodes()))
         log("device", target.describe(), device=target.device, reason=target.reason, options=target.options)
         return target
 
-    def target(self, cluster: dict, cpus_per_replica: int, quantization: str = "none") -> Target:
-        """The device and the actor options, given `cluster` (ray.cluster_resources()) as it is now."""
+    def target(
+        self, cluster: dict, cpus_per_replica: int, quantization: str = "none", node_cpus_per_gpu: float | None = None
+    ) -> Target:
+        """The device and the actor options, given `cluster` (ray.cluster_resources()) as it is now, and the fewest
+        CPUs per GPU of its GPU nodes (cpus_per_gpu; None: no GPU node now)."""
         self.check(quantization)
         gpus = cluster.get("GPU", 0)
         if self.device == "cpu":
-            return _on_cpu("--device cpu", cpus_per_replica)
+            return self._on_cpu("--device cpu", cpus_per_replica)
         if self.device == "cuda":
-            return self._on_gpu("--device cuda: replicas wait for GPUs", cluster)
+            return self._on_gpu("--device cuda: replicas wait for GPUs", cluster, node_cpus_per_gpu)
         if quantization in CPU_ONLY_QUANTIZATIONS:
-            return _on_cpu(f"--quantization {quantization} runs on CPU only", cpus_per_replica)
+            return self._on_cpu(f"--quantization {quantization} runs on CPU only", cpus_per_replica)
         if self.accelerator_type:
-            return self._on_gpu(f"--accelerator-type {self.accelerator_type} asks for GPUs", cluster)
+            return self._on_gpu(f"--accelerator-type {self.accelerator_type} asks for GPUs", cluster, node_cpus_per_gpu)
         if gpus:
-            return self._on_gpu(f"the cluster shows {gpus:g} GPU(s)", cluster)
+            return self._on_gpu(f"the cluster shows {gpus:g} GPU(s)", cluster, node_cpus_per_gpu)
         # Ray has no public call that says whether an autoscaler could add GPU nodes, so auto cannot know
-        return _on_cpu(
+        return self._on_cpu(
             "the cluster shows no GPU; on a cluster that scales GPU nodes from zero, pass --device cuda to wait "
             "for them",
             cpus_per_replica,
         )
 
-    def _on_gpu(self, why: str, cluster: dict) -> Target:
-        options = {"num_cpus": 1, "num_gpus": self.gpus_per_replica}
+    def tokenize_workers_on_gpu(self, node_cpus_per_gpu: float | None) -> int:
+        """A GPU replica's tokenize workers: --tokenize-workers, or (auto) its share of its node's CPUs less one for
+        its own thread (reading, the model, writing) and one left to Ray Data and the driver, at most
+        AUTO_MAX_WORKERS. Without a GPU node to look at (an autoscaler yet to start one), none."""
+        if self.tokenize_workers is not None:
+            return self.tokenize_workers
+        if node_cpus_per_gpu is None:
+            return 0
+        return max(0, min(AUTO_MAX_WORKERS, int(node_cpus_per_gpu * self.gpus_per_replica) - 2))
+
+    def _on_cpu(self, why: str, cpus_per_replica: int) -> Target:
+        # num_gpus stays 0: a replica on a GPU node must not hold a GPU it does not use. Tokenize workers only if
+        # asked for: the replica's cores run the model, and tokenizing in its thread costs it little (README)
+        workers = self.tokenize_workers or 0
+        cores = f"{cpus_per_replica} CPU core(s) per replica" + (f" and {workers} to tokenize" if workers else "")
+        return Target("cpu", f"{why}; {cores}", {"num_cpus": cpus_per_replica + workers})
+
+    def _on_gpu(self, why: str, cluster: dict, node_cpus_per_gpu: float | None = None) -> Target:
+        workers = self.tokenize_workers_on_gpu(node_cpus_per_gpu)
+        options = {"num_cpus": 1 + workers, "num_gpus": self.gpus_per_replica}
         share = f"{self.gpus_per_replica:g} GPU"
         if self.accelerator_type:
             options["accelerator_type"] = self.accelerator_type
@@ -101,7 +129,8 @@ class Placement:
                     why += f"; no {self.accelerator_type} node is on the cluster now"
                 else:
                     why += f"; {self.accelerator_type} is not one of Ray's known types, nor on the cluster now"
-        return Target("cuda", f"{why}; {share} per replica", options)
+        tokenizing = f", {workers} CPU(s) to tokenize" if workers else ""
+        return Target("cuda", f"{why}; {share}{tokenizing} per replica", options)
 
 
 DEFAULT_PLACEMENT = Placement()
@@ -119,9 +148,15 @@ class Target:
         return f"device: {self.device} ({self.reason})"
 
 
-def _on_cpu(why: str, cpus_per_replica: int) -> Target:
-    # num_gpus stays 0: a replica on a GPU node must not hold a GPU it does not use
-    return Target("cpu", f"{why}; {cpus_per_replica} CPU core(s) per replica", {"num_cpus": cpus_per_replica})
+def cpus_per_gpu(nodes: list[dict]) -> float | None:
+    """The fewest CPUs per GPU among the live GPU nodes of ray.nodes(): what a GPU replica's share of CPUs can be on
+    any of them; None without a GPU node."""
+    ratios = [
+        node["Resources"].get("CPU", 0) / node["Resources"]["GPU"]
+        for node in nodes
+        if node.get("Alive") and node.get("Resources", {}).get("GPU")
+    ]
+    return min(ratios, default=None)
 
 
 def known_accelerator_types() -> set[str]:

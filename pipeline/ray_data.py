@@ -34,6 +34,7 @@ from .placement import DEFAULT_PLACEMENT, Placement, torch_device
 from .replica import load_model
 from .settings import SummarizeSettings
 from .stages import Summarizer
+from .tokenize_pool import workers_given
 
 
 class SummarizeBatches:
@@ -41,8 +42,10 @@ class SummarizeBatches:
         """`device`: Placement.device; "cuda" makes an actor that torch gives no CUDA device fail."""
         import ray
 
-        model, tokenizer = load_model(settings, torch_device(device, ray.get_gpu_ids()), storage_options)
-        self.summarizer = Summarizer(model, tokenizer, settings)
+        device = torch_device(device, ray.get_gpu_ids())
+        model, tokenizer = load_model(settings, device, storage_options)
+        # on a GPU, the CPUs Ray gave beyond the actor's own thread tokenize (placement asked for them)
+        self.summarizer = Summarizer(model, tokenizer, settings, workers_given(1) if device == "cuda" else 0)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out, _ = self.summarizer.summarize_table(batch)

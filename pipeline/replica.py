@@ -32,7 +32,8 @@ from .placement import torch_device
 from .retry import Replayable, is_transient, read_resuming, with_retries
 from .settings import SummarizeSettings
 from .stages import Stats, Summarizer, output_schema
-from .units import WorkUnit
+from .tokenize_pool import workers_given
+from .units import WorkUnit, ensure_unchanged, resolve_unit
 
 # Units a replica runs at once: two keep the model busy across unit boundaries.
 UNITS_PER_REPLICA = 2
@@ -101,7 +102,9 @@ class Replica:
             if self._summarizer is None:
                 settings, storage_options = self._model_settings
                 model, tokenizer = load_model(settings, self.device, storage_options)
-                self._summarizer = Summarizer(model, tokenizer, settings)
+                # the CPUs Ray gave beyond the model's (placement asked for them) tokenize
+                model_cpus = torch.get_num_threads() if self.device == "cpu" else 1
+                self._summarizer = Summarizer(model, tokenizer, settings, workers_given(model_cpus))
         return self._summarizer
 
     def heartbeat(self) -> dict[str, int]:
@@ -117,21 +120,27 @@ class Replica:
             self._retries_reported = self.location.storage_retries
         return new
 
-    def process(self, unit: WorkUnit, schema: pa.Schema, attempt: str) -> dict:
-        """Summarize one unit and commit it; returns its statistics and the storage retries it took."""
+    def process(self, unit: WorkUnit, schema: pa.Schema | None, attempt: str) -> dict:
+        """Summarize one unit and commit it; returns its statistics and the storage retries it took.
+
+        `schema`: the input's, as the driver read it; None for a unit planned from the listing (a small file),
+        whose footer is read here: its rows, its schema and its columns' check (units.resolve_unit)."""
         start = time.perf_counter()
         stats = Stats()
         retried: list[BaseException] = []
         self.rows_done[attempt] = 0
         try:
+            settings = self._model_settings[0]
+            unit, schema = resolve_unit(self.fs, unit, schema, self.text_column, settings.id_column)
             read = read_resuming(self.fs, unit, on_retry=retried.append)
             out = Replayable(self._counted(self.summarizer.stream(read, stats), attempt))
             schema = output_schema(schema, self.text_column)
-            # write_unit publishes only if the unit comes out with as many rows as its footer promised. A write
-            # that fails on a transient error starts over from the output kept in memory; one whose input failed
-            # (out.intact is False) has nothing to start over from.
+            # write_unit publishes only if the unit comes out with as many rows as its footer promised, and its
+            # input is still the file the plan listed. A write that fails on a transient error starts over from
+            # the output kept in memory; one whose input failed (out.intact is False) has nothing to start over from.
+            unchanged = lambda: ensure_unchanged(self.fs, unit)  # noqa: E731
             with_retries(
-                lambda: self.location.write_unit(unit, schema, out, attempt=attempt),
+                lambda: self.location.write_unit(unit, schema, out, attempt=attempt, unchanged=unchanged),
                 retry_if=lambda error: out.intact and is_transient(error),
                 on_retry=retried.append,
             )

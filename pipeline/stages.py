@@ -2,7 +2,9 @@
 
 `Summarizer.stream` overlaps them: while the model decodes (on its own thread, the only one that touches
 the accelerator), the caller's thread reads and tokenizes the next windows of rows and detokenizes and
-writes finished ones. Rows are sorted by length within a window (length bucketing). The model thread
+writes finished ones. A replica given CPUs to spare (a GPU replica) tokenizes in a pool of worker processes
+instead (pipeline/tokenize_pool.py), several windows at once; the ids, and so the summaries, are the same.
+Rows are sorted by length within a window (length bucketing). The model thread
 decodes the rows of every window submitted, by every unit the replica runs, as one stream with continuous
 batching within a token budget (model/decode.py), so the batch does not drain at a window's end; the
 input order is restored on output. A row whose text is null, blank or not UTF-8, or that runs out of
@@ -25,6 +27,7 @@ import torch
 from model.decode import generate_stream
 
 from .settings import SummarizeSettings
+from .tokenize_pool import TokenizePool, encode_with
 
 EMPTY_TEXT = "empty text: nothing to summarize"
 # A document is tokenized from its first CUT_CHARS_PER_TOKEN x max_input_tokens characters, a cut doubled while
@@ -57,11 +60,27 @@ class Stats:
 
 
 @dataclass
+class _Cuts:
+    """The token ids of a window's texts, found a cut at a time (Summarizer._token_ids): the cut being tokenized,
+    and the rows whose ids need a longer one."""
+
+    texts: list[str]
+    ids: list[list[int] | None]
+    todo: list[int]  # the texts whose ids are not known yet
+    chars: int  # the length of their cut
+    cuts: list[str] = field(default_factory=list)
+    future: Future | None = None  # the cuts' ids
+
+
+@dataclass
 class _Window:
     """Rows of one record batch in flight: their token ids and the model's future (none without text)."""
 
     batch: pa.RecordBatch
     errors: list[str | None]
+    heads: list[int] = field(default_factory=list)  # the rows with text, whose ids `tokenizing` finds
+    longer: set[int] = field(default_factory=set)  # rows whose text goes on past the head tokenized
+    tokenizing: _Cuts | None = None
     ids: dict[int, list[int]] = field(default_factory=dict)  # row -> token ids, for the rows with text
     order: list[int] = field(default_factory=list)  # the rows with text, in the order they are decoded
     future: Future | None = None
@@ -254,7 +273,8 @@ class _ModelThread:
 class Summarizer:
     """One model replica's inference: the tokenizer, the model and the thread that drives the model."""
 
-    def __init__(self, model, tokenizer, settings: SummarizeSettings):
+    def __init__(self, model, tokenizer, settings: SummarizeSettings, tokenize_workers: int = 0):
+        """`tokenize_workers`: processes that tokenize (pipeline/tokenize_pool.py); 0: the caller's thread does."""
         self.model = model
         self.tokenizer = tokenizer
         self.settings = settings
@@ -263,13 +283,17 @@ class Summarizer:
         self.pad_id = tokenizer.pad_token_id
         # One thread owns the accelerator, and the windows of concurrent units share its one stream.
         self._model = _ModelThread(model, self.config, settings)
+        self._pool = TokenizePool(tokenizer, tokenize_workers) if tokenize_workers else None
 
     def close(self) -> None:
         self._model.close()
+        if self._pool is not None:
+            self._pool.close()
 
     # --- stages -------------------------------------------------------------------------------------
 
-    def _tokenize(self, batch: pa.RecordBatch) -> _Window:
+    def _read(self, batch: pa.RecordBatch) -> _Window:
+        """A window of the batch's rows, its texts' errors counted and their heads sent to be tokenized."""
         window = _Window(batch, [None] * batch.num_rows)
         window.stats.rows = batch.num_rows
         prefix, limit = self.settings.prefix, self.settings.max_input_tokens
@@ -288,8 +312,15 @@ class Summarizer:
                 window.stats.empty += 1
             else:
                 window.stats.failed_rows += 1
-        for i, row_ids in zip(heads, self._token_ids(list(heads.values()))):
-            if len(row_ids) > limit or i in longer:
+        window.heads, window.longer = list(heads), longer
+        window.tokenizing = self._start_token_ids(list(heads.values()))
+        return window
+
+    def _tokenized(self, window: _Window) -> _Window:
+        """The window once its rows' ids have come: truncated, counted and ordered for the model."""
+        limit = self.settings.max_input_tokens
+        for i, row_ids in zip(window.heads, self._token_ids(window.tokenizing)):
+            if len(row_ids) > limit or i in window.longer:
                 window.stats.truncated += 1
             if len(row_ids) > limit:
                 row_ids = row_ids[: limit - 1] + [self.tokenizer.eos_token_id]  # keep EOS last, as truncation does
@@ -297,7 +328,8 @@ class Summarizer:
             window.stats.input_tokens += len(row_ids)
         # Longest first: the first rows decoded together are the biggest, so a budget too big for the
         # accelerator fails at once, not at the end of a unit; and neighbours in the stream pad little.
-        window.order = sorted(heads, key=lambda i: -len(window.ids[i]))
+        window.order = sorted(window.heads, key=lambda i: -len(window.ids[i]))
+        window.tokenizing = None
         return window
 
     def _decode_text(self, value: bytes | None) -> tuple[str | None, str | None]:
@@ -315,7 +347,24 @@ class Summarizer:
             return None, EMPTY_TEXT
         return text, None
 
-    def _token_ids(self, texts: list[str]) -> list[list[int]]:
+    def _start_token_ids(self, texts: list[str]) -> _Cuts:
+        """Send the texts' first cuts to be tokenized; _token_ids waits for their ids."""
+        job = _Cuts(
+            texts, [None] * len(texts), list(range(len(texts))), CUT_CHARS_PER_TOKEN * self.settings.max_input_tokens
+        )
+        if job.todo:
+            self._send_cuts(job)
+        return job
+
+    def _send_cuts(self, job: _Cuts) -> None:
+        job.cuts = [job.texts[i][: job.chars] for i in job.todo]
+        if self._pool is not None:
+            job.future = self._pool.encode(job.cuts)
+        else:
+            job.future = Future()
+            job.future.set_result(encode_with(self.tokenizer, job.cuts))
+
+    def _token_ids(self, job: _Cuts) -> list[list[int]]:
         """Each text's ids, of which truncation to max_input_tokens keeps the same ones as for the whole text.
 
         A text is cut by characters before it is tokenized, so that tokenizing a row never holds more than
@@ -330,16 +379,15 @@ class Summarizer:
         on text after the head.
         """
         limit = self.settings.max_input_tokens
-        ids: list[list[int] | None] = [None] * len(texts)
-        todo, chars = list(range(len(texts))), CUT_CHARS_PER_TOKEN * limit
-        while todo:
-            cuts = [texts[i][:chars] for i in todo]
-            for i, cut, row_ids in zip(todo, cuts, self.tokenizer(cuts)["input_ids"]):
-                if len(cut) == len(texts[i]) or self._ids_before_last_word(row_ids) >= limit - 1:
-                    ids[i] = row_ids
-            todo = [i for i in todo if ids[i] is None]
-            chars *= 2
-        return ids
+        while job.todo:
+            for i, cut, row_ids in zip(job.todo, job.cuts, job.future.result()):
+                if len(cut) == len(job.texts[i]) or self._ids_before_last_word(row_ids) >= limit - 1:
+                    job.ids[i] = row_ids
+            job.todo = [i for i in job.todo if job.ids[i] is None]
+            job.chars *= 2
+            if job.todo:
+                self._send_cuts(job)
+        return job.ids
 
     def _ids_before_last_word(self, ids: list[int]) -> int:
         """How many ids come before the last one whose piece starts a word ("▁..."): a piece inside a word
@@ -387,19 +435,33 @@ class Summarizer:
 
     def stream(self, batches: Iterable[pa.RecordBatch], stats: Stats) -> Iterator[pa.RecordBatch]:
         """Output record batches in input order, with LOOKAHEAD_BATCHES x batch_size rows read ahead of the
-        oldest window in flight; `stats` is updated."""
+        oldest window in flight; `stats` is updated.
+
+        With a tokenize pool of n workers, up to n + 1 windows more are being tokenized: the windows go to the
+        model in order, each as soon as its ids have come, and the pool has the next ones to work on meanwhile."""
+        tokenizing: deque[_Window] = deque()
         in_flight: deque[_Window] = deque()
         ahead = LOOKAHEAD_BATCHES * self.settings.batch_size
-        for batch in _windows(batches, WINDOW_BATCHES * self.settings.batch_size):
-            in_flight.append(self._submit(self._tokenize(batch)))
+        pool_windows = self._pool.workers + 1 if self._pool is not None else 0
+
+        def to_model(window: _Window) -> Iterator[pa.RecordBatch]:
+            in_flight.append(self._submit(self._tokenized(window)))
             while sum(w.batch.num_rows for w in itertools.islice(in_flight, 1, None)) >= ahead:
-                out, window_stats = self._finish(in_flight.popleft())
-                stats.add(window_stats)
-                yield out
+                yield self._finished(in_flight.popleft(), stats)
+
+        for batch in _windows(batches, WINDOW_BATCHES * self.settings.batch_size):
+            tokenizing.append(self._read(batch))
+            while len(tokenizing) > pool_windows:
+                yield from to_model(tokenizing.popleft())
+        while tokenizing:
+            yield from to_model(tokenizing.popleft())
         while in_flight:
-            out, window_stats = self._finish(in_flight.popleft())
-            stats.add(window_stats)
-            yield out
+            yield self._finished(in_flight.popleft(), stats)
+
+    def _finished(self, window: _Window, stats: Stats) -> pa.RecordBatch:
+        out, window_stats = self._finish(window)
+        stats.add(window_stats)
+        return out
 
     def summarize_table(self, table: pa.Table) -> tuple[pa.Table, Stats]:
         """A whole table at once (the Ray Data adapter's unit of work)."""

@@ -7,13 +7,17 @@ dispatch, retry and commit. Each unit has a deterministic id and a deterministic
 Output names mirror the input: a unit that covers a whole file is written at the file's path relative to
 the input root (Hive partition folders such as `date=2026-11-01/` included) with a `.parquet` extension;
 a unit that covers part of a file adds its row-group range: `part-0.rg00000-00004.parquet`.
+
+A small Parquet file is planned from its listing alone (planned_from_listing): one whole-file unit whose
+row groups and rows its replica learns from the footer (resolve_unit), and which it publishes only with exactly
+those rows and while the file is still the one the plan listed (ensure_unchanged).
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pyarrow as pa
 import pyarrow.ipc as ipc
@@ -21,33 +25,47 @@ import pyarrow.parquet as pq
 
 from . import footers
 from .errors import InputError
-from .footers import READ_ERRORS, ShardInfo, ShardReadError, describe
-from .listing import Shard, file_suffix
+from .footers import READ_ERRORS, ShardInfo, ShardReadError, check_columns, describe
+from .listing import Shard, file_suffix, listed_identity, unchanged_since_listed
+
+# A Parquet file of at most rows_per_unit × this many bytes is planned from its listing alone, as one unit,
+# its footer read only by the replica that summarizes it (resolve_unit): a first plan of a lake of a million
+# small files then reads no footer. Such a file is too small to be worth splitting: a row worth summarizing
+# (a sentence or more of text, which compresses about 3:1, plus its id) takes more than 32 bytes, so it holds
+# at most rows_per_unit rows. One that holds more (very short or repetitive rows) is summarized as one larger
+# unit, streamed a row group at a time like any other: coarser to retry, as correct.
+LISTED_ROW_BYTES = 32
 
 
 @dataclass(frozen=True, slots=True)
 class WorkUnit:
     shard: Shard
     start: int  # first row group / record batch
-    stop: int  # one past the last
-    num_rows: int
+    # one past the last; None for a unit planned from the listing (a whole small file) until resolve_unit
+    # reads its footer
+    stop: int | None
+    num_rows: int | None  # None likewise: not known before the footer is read
     whole_file: bool
     id: str  # deterministic, file-name safe, unique per (relative, start, stop, input identity)
     output_relative: str  # deterministic output path under the output root
     identity: str = ""  # the input file's (ShardInfo.identity)
 
 
-def plan_units(infos: Sequence[ShardInfo], rows_per_unit: int, known: Sequence[WorkUnit] = ()) -> list[WorkUnit]:
+def plan_units(
+    infos: Sequence[ShardInfo], rows_per_unit: int, known: Sequence[WorkUnit] = (), listed: Sequence[Shard] = ()
+) -> list[WorkUnit]:
     """Pack consecutive groups of each file into units of at most rows_per_unit rows (at least one group).
 
     Deterministic: the same footers and rows_per_unit give the same units, ids and names. A file with no
     rows still gets one (empty) unit, so that its output file exists. Two inputs that would be written at
     one output name (`part-0.arrow` and `part-0.parquet` side by side) are an InputError. `known` are
     units of unchanged files that an earlier run planned the same way (`known_units`); they join the plan.
+    `listed` are small files planned from their listing (planned_from_listing): one whole-file unit each.
     """
     if rows_per_unit < 1:
         raise ValueError(f"rows_per_unit must be >= 1, got {rows_per_unit}")
     units: list[WorkUnit] = list(known)
+    units.extend(map(listed_unit, listed))
     for info in infos:
         groups = info.group_rows
         start, rows = 0, 0
@@ -60,6 +78,60 @@ def plan_units(infos: Sequence[ShardInfo], rows_per_unit: int, known: Sequence[W
     units.sort(key=lambda u: (u.shard.path, u.start))
     _check_output_names(units)
     return units
+
+
+def planned_from_listing(shard: Shard, rows_per_unit: int) -> bool:
+    """Whether the file is planned from its listing, its footer unread (see LISTED_ROW_BYTES): a small Parquet
+    file whose listing says who it is (listed_identity). Arrow files are not: their identity needs the batch
+    headers."""
+    return (
+        shard.format == "parquet"
+        and shard.size <= rows_per_unit * LISTED_ROW_BYTES
+        and listed_identity(shard) is not None
+    )
+
+
+def listed_unit(shard: Shard) -> WorkUnit:
+    """The one unit of a file planned from its listing: the whole file, its groups and rows unknown until
+    resolve_unit reads its footer. Its id holds the listed identity, so a rewritten file is a new unit."""
+    identity = listed_identity(shard)
+    unit_id = hashlib.sha256(f"{shard.relative}:whole:{identity}".encode()).hexdigest()[:24]
+    return WorkUnit(shard, 0, None, None, True, unit_id, output_name(shard.relative, 0, 0, True), identity)
+
+
+def resolve_unit(
+    fs, unit: WorkUnit, schema: pa.Schema | None, text_column: str, id_column: str | None
+) -> tuple[WorkUnit, pa.Schema]:
+    """The unit as the replica runs it, and its input's schema: for a unit planned from the listing, its row
+    groups and rows from the footer, read now, and its columns checked as the driver checks the files it
+    inspects; for another unit sent without a schema, its schema likewise. The file must still be the one the
+    plan listed (ensure_unchanged); write_unit then publishes the unit only with exactly the footer's rows.
+    """
+    if unit.stop is not None and schema is not None:
+        return unit, schema
+    ensure_unchanged(fs, unit)
+    info = footers.inspect_shard(fs, unit.shard)  # ShardReadError for a corrupt file: the unit fails alone
+    check_columns(info, text_column, id_column)
+    if unit.stop is None:
+        unit = replace(unit, stop=len(info.group_rows), num_rows=info.num_rows)
+    return unit, info.schema
+
+
+def ensure_unchanged(fs, unit: WorkUnit) -> None:
+    """Raise ShardReadError if the unit's file is no longer the one the plan listed (a new size, store version or
+    local stat): a unit is never published from another version of its input. A no-op for a file whose listing
+    gave no identity (its plan read the footer, and the unit's row count was checked against it). The next run
+    plans the new version as a new unit."""
+    if listed_identity(unit.shard) is None:
+        return
+    try:
+        unchanged = unchanged_since_listed(fs, unit.shard)
+    except FileNotFoundError:
+        raise ShardReadError(unit.shard, "deleted since the run planned it; not published") from None
+    if not unchanged:
+        raise ShardReadError(
+            unit.shard, "changed since the run planned it; not published (the next run summarizes it anew)"
+        )
 
 
 def known_units(fs, shard: Shard, records: Sequence) -> list[WorkUnit] | None:
@@ -114,6 +186,8 @@ def read_unit(fs, unit: WorkUnit, columns: list[str] | None = None) -> Iterator[
 
     A read failure raises ShardReadError naming the file.
     """
+    if unit.stop is None:
+        raise ValueError(f"{unit.shard.relative} was planned from its listing: resolve_unit() it before reading it")
     try:
         with fs.open(unit.shard.path, "rb") as f:
             if unit.shard.format == "parquet":

@@ -77,10 +77,16 @@ def test_placement_flags_reach_the_placement_with_the_librarys_defaults():
             "H100",
             "--placement-timeout",
             "30",
+            "--tokenize-workers",
+            "3",
         ]
     )
     placement = cli.settings_from(Placement, args)
-    assert placement == Placement(device="cuda", gpus_per_replica=0.25, accelerator_type="H100", placement_timeout=30)
+    assert placement == Placement(
+        device="cuda", gpus_per_replica=0.25, accelerator_type="H100", placement_timeout=30, tokenize_workers=3
+    )
+    auto = parser.parse_args([*required, "--tokenize-workers", "auto"])
+    assert cli.settings_from(Placement, auto).tokenize_workers is None  # auto, the default
     assert "device" not in cli.arguments_for(run, args)  # placement travels as one object, not as run()'s arguments
 
 
@@ -109,6 +115,8 @@ def test_finetune_flags_build_the_settings_with_switches_and_optional_numbers():
     [
         (["--replicas", "0"], "--replicas: must be >= 1, got 0"),
         (["--replica-timeout", "-1"], "--replica-timeout: must be >= 0, got -1"),
+        (["--tokenize-workers", "-1"], "--tokenize-workers: must be >= 0, got -1"),
+        (["--tokenize-workers", "many"], "--tokenize-workers: invalid count or auto value: 'many'"),
     ],
 )
 def test_out_of_range_flags_are_usage_errors_naming_the_flag(flags, message, capsys):

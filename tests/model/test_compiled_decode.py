@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
@@ -91,6 +93,24 @@ def test_compiled_by_inductor_gives_the_eager_tokens(model):
     eager = dict(generate_stream(model, docs, config, max_rows=1))
     compiled = dict(generate_stream(model, docs, config.updated(compile=True), max_rows=1))
     assert compiled == eager
+
+
+def test_inductor_caches_on_cpu_are_kept_apart_by_vector_isa(tmp_path, monkeypatch):
+    """inductor's graph cache is not keyed by the vector ISA: warmed natively (AVX-512 here), a run under
+    ATEN_CPU_CAPABILITY=avx2 replayed 512-bit kernels and decoded zeros. Each ISA gets a cache folder of its own,
+    and the same ISA finds its folder again."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa, valid_vec_isa_list
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    native = compiled_decode.cpu_cache_by_isa()
+    assert native.startswith(str(tmp_path)) and compiled_decode.cpu_cache_by_isa() == native  # once, not nested
+    if str(pick_vec_isa()) == str(valid_vec_isa_list()[-1]):
+        pytest.skip("a single vector ISA on this CPU: nothing to lower ATEN_CPU_CAPABILITY to")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2" if "avx2" in map(str, valid_vec_isa_list()) else "default")
+    lowered = compiled_decode.cpu_cache_by_isa()
+    assert lowered.startswith(str(tmp_path)) and lowered != native
 
 
 @pytest.mark.cuda
@@ -198,3 +218,32 @@ def test_decode_steps_make_no_host_sync(model, settings, compile, traced, monkey
     decode(model, settings, compile)
     assert len(counted) > 10
     assert [seen for seen in counted if seen] == []
+
+
+def test_cuda_graph_state_is_set_up_in_the_thread_that_decodes(monkeypatch):
+    """The pipeline decodes on a thread of its own, where torch before 2.13 has no CUDA graph trees state and
+    asserts (pytorch#123177): the compiled batch sets it up there, apart from the importing thread's. torch 2.13
+    sets it up itself, so its get_obj is replaced by the one before the fix (torch 2.11's), which asserts."""
+    from torch._inductor import cudagraph_trees as trees
+
+    from model.compiled_decode import cuda_graphs_in_this_thread
+
+    def get_obj_before_the_fix(local, attr_name):
+        if hasattr(local, attr_name):
+            return getattr(local, attr_name)
+        assert torch._C._is_key_in_tls(attr_name)
+        return torch._C._get_obj_in_tls(attr_name)
+
+    monkeypatch.setattr(trees, "get_obj", get_obj_before_the_fix)
+    seen = {}
+
+    def decode_thread():
+        cuda_graphs_in_this_thread()
+        seen["containers"] = trees.get_obj(trees.local, "tree_manager_containers")
+        seen["container"] = trees.get_container(0)  # takes the thread's lock for device 0, made on demand
+
+    thread = threading.Thread(target=decode_thread)
+    thread.start()
+    thread.join()
+    assert isinstance(seen["container"], trees.TreeManagerContainer)
+    assert seen["containers"] == {0: seen["container"]}

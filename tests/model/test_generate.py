@@ -8,7 +8,7 @@ import torch
 import model as ours
 from model.decode import BeamSearch
 from model.decode_batch import DecodeBatch
-from model.logits import ban_repeated_ngrams
+from model.logits import TOP_K_CHUNK, ban_repeated_ngrams, top_k
 from tests.model.helpers import batch_with_padding
 
 
@@ -78,3 +78,19 @@ def test_no_repeat_ngram_with_row_lengths_reads_only_each_rows_tokens():
     banned = ban_repeated_ngrams(sequences, scores, 2, torch.tensor([3, 5])).isinf()
     assert not banned[0].any()
     assert banned[1].nonzero().flatten().tolist() == [6]
+
+
+@pytest.mark.parametrize("n", [250112, 40 * TOP_K_CHUNK + 77, 3 * TOP_K_CHUNK])
+def test_chunked_top_k_equals_torch_topk(n):
+    # Distinct scores (a permutation), so that the indices are defined too; row 0 holds its best scores in
+    # one chunk, row 1 in the tail past the last whole chunk, row 2 has most ids banned (-inf).
+    k, rows = 8, 5
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.stack([torch.randperm(n, generator=generator).float() for _ in range(rows)])
+    scores[0, TOP_K_CHUNK : TOP_K_CHUNK + 2 * k] += n
+    scores[1, n - 5 :] += n
+    scores[2, : n - 3 * k] = float("-inf")
+    values, ids = top_k(scores, k)
+    expected_values, expected_ids = torch.topk(scores, k)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(ids, expected_ids)

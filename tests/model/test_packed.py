@@ -10,7 +10,7 @@ from torch import nn
 
 import model as ours
 from model.decode import generate_stream
-from model.packed import PackedLinear, can_pack, pack_head_for_cpu, unpack_head
+from model.packed import PackedLinear, can_pack, can_pack_int8, pack_head_for_cpu, unpack_head
 from model.quantize import quantize
 from model.vocabulary import restrict_vocabulary
 from tests.model.helpers import (
@@ -127,10 +127,48 @@ def test_heads_it_cannot_pack_are_left_alone(tiny_checkpoint, tiny_relu_tied_che
 
     int8 = quantize(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint), "int8-dynamic")
     head = int8.lm_head
-    assert not pack_head_for_cpu(int8) and int8.lm_head is head
+    assert pack_head_for_cpu(int8) == can_pack_int8() and int8.lm_head is head  # repacked in place, or left
 
     half = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype="bfloat16")
     assert not pack_head_for_cpu(half) and type(half.lm_head) is nn.Linear
 
     model = packed(tiny_checkpoint)
     assert not pack_head_for_cpu(model)  # already packed
+
+
+@pytest.mark.skipif(not can_pack_int8(), reason="the int8 head is prepacked for oneDNN on CPUs with VNNI only")
+def test_int8_dynamic_head_prepacked_for_onednn_keeps_fbgemms_logits_to_rounding_and_tokens(tiny_checkpoint):
+    int8 = quantize(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint), "int8-dynamic")
+    expected, weight, keys = logits(int8), int8.lm_head.weight(), set(int8.state_dict())
+    settings = STREAM_SETTINGS["beam_xlsum"]
+    config, docs = int8.generation_config.updated(**settings), token_documents()
+    tokens = dict(generate_stream(int8, docs, config, max_rows=16))
+    assert pack_head_for_cpu(int8)
+    # Both kernels quantize the input alike and sum the int8 products exactly (|sum| <= 127 * 127 * d_model, an
+    # integer float32 holds exactly); each then rounds at most three float products (scales, sum): each result
+    # is within 1.5 eps of the exact one, relative, so within 3 eps of the other.
+    torch.testing.assert_close(logits(int8), expected, rtol=4 * torch.finfo(torch.float32).eps, atol=0)
+    assert set(int8.state_dict()) == keys  # the same checkpoint: same int8 weight and scales
+    assert torch.equal(int8.lm_head.weight().int_repr(), weight.int_repr())
+    assert torch.equal(int8.lm_head.weight().q_per_channel_scales(), weight.q_per_channel_scales())
+    assert dict(generate_stream(int8, docs, config, max_rows=16)) == tokens
+
+
+@pytest.mark.skipif(not can_pack_int8(), reason="the int8 head is prepacked for oneDNN on CPUs with VNNI only")
+def test_an_int8_dynamic_head_packed_again_elsewhere_is_repacked_for_onednn(tiny_checkpoint):
+    """load_for_inference packs the head for oneDNN once; a copy (packed again for the engine set then, fbgemm) or
+    a loaded state dict must not pass for one packed for oneDNN, or pack_head_for_cpu would leave it on fbgemm."""
+    import copy
+
+    from model.quantize import dynamic_int8_engine
+
+    model = ours.load_for_inference(tiny_checkpoint, quantization="int8-dynamic")
+    assert dynamic_int8_engine(model.lm_head) == "onednn"
+    expected = logits(model)
+    copied = copy.deepcopy(model)
+    assert dynamic_int8_engine(copied.lm_head) is None
+    assert pack_head_for_cpu(copied) and dynamic_int8_engine(copied.lm_head) == "onednn"
+    assert torch.equal(logits(copied), expected)  # the same kernel again: equal, not merely close
+    model.lm_head.load_state_dict(model.lm_head.state_dict())
+    assert dynamic_int8_engine(model.lm_head) is None
+    assert pack_head_for_cpu(model) and torch.equal(logits(model), expected)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import sys
 import weakref
+from collections import Counter
 
 import bitsandbytes as bnb
 import pytest
@@ -418,3 +419,178 @@ def test_saving_a_bitsandbytes_model_is_refused(tiny_checkpoint, tmp_path):
     with pytest.raises(ValueError, match="save the model before quantizing it"):
         load(tiny_checkpoint, "int8").save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Quantizing while moving to a device (quantize(..., device=)): what load_for_inference does for a GPU
+
+# A model whose projections hold most of its bytes (a 1,024-row vocabulary instead of 250,112), as in mt5-xl/xxl:
+# there the full-precision model is far above the quantized one plus one layer, so the bound below can tell the
+# orders apart. With mT5's 250k-row embedding and head dominating the tiny checkpoint, it could not.
+LAYER_HEAVY = dict(
+    vocab_size=1024, d_model=256, d_kv=32, num_heads=8, d_ff=512, num_layers=4, num_decoder_layers=4,
+    feed_forward_proj="gated-gelu", tie_word_embeddings=False, dropout_rate=0.0,
+)  # fmt: skip
+
+
+def layer_heavy_model(**shape) -> nn.Module:
+    torch.manual_seed(0)
+    config = ours.MT5Config(**{**LAYER_HEAVY, **shape})
+    return ours.MT5ForConditionalGeneration(config).init_weights().to(torch.bfloat16).eval()
+
+
+def full_precision_linears_on(model: nn.Module, device: str) -> list[str]:
+    """The nn.Linear layers on `device`, but wo (never quantized): the layers quantize() replaces, and a kept head."""
+    return [
+        name
+        for name, m in model.named_modules()
+        if type(m) is nn.Linear and m.weight.device.type == device and not name.endswith(".wo")
+    ]
+
+
+@pytest.mark.parametrize("method", ["int8-weight-only", *QUANTIZED])
+def test_moving_to_a_device_holds_at_most_the_quantized_model_plus_one_full_precision_layer(method):
+    """The meta device stands for the GPU: tensors moved there keep their sizes and lose their data, so the bytes
+    each step places there are counted exactly, and bitsandbytes and int8-weight-only quantize there as on a GPU
+    (shapes only). `observe` sees the model after each layer arrives in full precision, before it is quantized:
+    the points where the device holds the most."""
+    model = layer_heavy_model()
+    targets = full_precision_linears_on(model, "cpu")
+    kept_head = [] if method == "int8-weight-only" else ["lm_head"]  # bitsandbytes keeps it (transformers' rule)
+    targets = [name for name in targets if name not in kept_head]
+    largest_layer = max(quantized_bytes(model.get_submodule(name)) for name in targets)
+    full_precision = quantized_bytes(model)
+
+    resident, full_layers = [], []
+    quantize(
+        model,
+        method,
+        device="meta",
+        observe=lambda m: (
+            resident.append(quantized_bytes(m, "meta")),
+            full_layers.append(full_precision_linears_on(m, "meta")),
+        ),
+    )
+    assert quantized_bytes(model) == 0, "every tensor moved: nothing is left in host memory"
+    quantized = quantized_bytes(model, "meta")
+    assert len(resident) == len(targets) + 1 and resident[-1] == quantized
+    assert max(resident) <= quantized + largest_layer, (max(resident), quantized, largest_layer)
+    # one layer in full precision at a time; a kept head moves last, with the embedding and the norms
+    assert all(len(names) == 1 for names in full_layers[:-1]) and full_layers[-1] == kept_head
+    # The old order (load in full precision on the device, then quantize) first holds the whole full-precision
+    # model there. This bound rejects that state by a wide margin, so the assertion above can fail.
+    old_order_first_state = quantized_bytes(layer_heavy_model().to("meta"), "meta")
+    assert old_order_first_state == full_precision > quantized + largest_layer
+
+
+def layout(model: nn.Module) -> dict[str, tuple]:
+    """Each module's type, and the name, dtype and shape of each tensor it holds itself."""
+    return {
+        name: (
+            type(m),
+            [(n, t.dtype, t.shape) for n, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False))],
+        )
+        for name, m in model.named_modules()
+    }
+
+
+@pytest.mark.parametrize("method", ["int8-weight-only", "nf4", "int8"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_moving_to_a_device_gives_the_layout_and_ties_of_quantizing_in_place(tiny_relu_tied_checkpoint, method, dtype):
+    """Against the old order, tensor by tensor: the same modules, dtypes and shapes, nothing left in host memory,
+    the tied head still the embedding, and `wo` still float32 in a float16 model (the values:
+    tests/model/test_inference.py)."""
+    moved, in_place = (
+        quantize(
+            ours.MT5ForConditionalGeneration.from_pretrained(tiny_relu_tied_checkpoint, dtype=dtype), method, device=d
+        )
+        for d in ("meta", None)
+    )
+    assert layout(moved) == layout(in_place)
+    assert all(t.is_meta for t in (*moved.parameters(), *moved.buffers()))
+    assert moved.lm_head.weight is moved.shared.weight
+    assert moved.encoder.blocks[0].ff.wo.weight.dtype == (torch.float32 if dtype == torch.float16 else dtype)
+
+
+# --- int8-dynamic's load: each layer packed once, the model torch.ao builds ---------------------------------
+
+
+def torch_ao_int8_dynamic(checkpoint, kept_ids=None, names=()):
+    """The reference for load_for_inference(quantization="int8-dynamic"): the modules `names` quantized by torch.ao's
+    own quantize_dynamic under per_channel_dynamic_qconfig (each packed for the engine set now), then the head
+    unpacked and packed again for oneDNN where pack_head_for_cpu runs it there."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    from model.packed import int8_head_engine
+    from model.vocabulary import restrict_vocabulary
+
+    model = ours.MT5ForConditionalGeneration.from_pretrained(checkpoint)
+    if kept_ids is not None:
+        restrict_vocabulary(model, kept_ids)
+    quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in names}, inplace=True)
+    head = model.lm_head.kept if kept_ids is not None else model.lm_head
+    if int8_head_engine(model) == "onednn":
+        current, torch.backends.quantized.engine = torch.backends.quantized.engine, "onednn"
+        try:
+            head._packed_params.set_weight_bias(*head._packed_params._weight_bias())
+        finally:
+            torch.backends.quantized.engine = current
+    return model
+
+
+def assert_same_state(got, expected, key: str = "") -> None:
+    """Equal bit for bit: quantized tensors by their int8 codes, per-channel scales, zero points and axis."""
+    if isinstance(expected, (tuple, list)):
+        assert type(got) is type(expected) and len(got) == len(expected), key
+        for g, e in zip(got, expected):
+            assert_same_state(g, e, key)
+    elif isinstance(expected, torch.Tensor) and expected.is_quantized:
+        assert got.dtype == expected.dtype and got.qscheme() == expected.qscheme(), key
+        assert torch.equal(got.int_repr(), expected.int_repr()), key
+        assert torch.equal(got.q_per_channel_scales(), expected.q_per_channel_scales()), key
+        assert torch.equal(got.q_per_channel_zero_points(), expected.q_per_channel_zero_points()), key
+        assert got.q_per_channel_axis() == expected.q_per_channel_axis(), key
+    elif isinstance(expected, torch.Tensor):
+        assert got.dtype == expected.dtype and torch.equal(got, expected), key
+    else:
+        assert got == expected, key
+
+
+@pytest.mark.parametrize("kept_ids", [None, range(0, 4000, 7)], ids=["full", "restricted"])
+def test_int8_dynamic_load_packs_each_layer_once_into_the_model_torch_ao_builds(tiny_checkpoint, kept_ids, monkeypatch):
+    from model.packed import int8_head_engine
+    from model.quantize import dynamic_int8_engine
+
+    packs, unpacks = [], []
+    prepack, unpack = torch.ops.quantized.linear_prepack, torch.ops.quantized.linear_unpack
+    monkeypatch.setattr(torch.ops.quantized, "linear_prepack", lambda w, b=None: packs.append(w.shape) or prepack(w, b))
+    monkeypatch.setattr(torch.ops.quantized, "linear_unpack", lambda p: unpacks.append(1) or unpack(p))
+    model = ours.load_for_inference(tiny_checkpoint, quantization="int8-dynamic", kept_ids=kept_ids)
+    monkeypatch.undo()
+    layers = {name: m for name, m in model.named_modules() if type(m) is DynamicLinear}
+    assert len(layers) == 3 * 3 + 2 * 6 + 1
+    # One pack of each weight at its size, no unpack. Besides: the 1 x 1 placeholders the layers are built with, and
+    # the 64 x 64 probe layer quantize() runs first (_check_dynamic_int8).
+    full_size = Counter(tuple(shape) for shape in packs if tuple(shape) != (1, 1))
+    assert full_size - Counter((m.out_features, m.in_features) for m in layers.values()) == Counter({(64, 64): 1})
+    assert sum(full_size.values()) == len(layers) + 1
+    assert unpacks == []
+    head = model.lm_head.kept if kept_ids is not None else model.lm_head
+    assert dynamic_int8_engine(head) == (int8_head_engine(model) or torch.backends.quantized.engine)
+
+    expected = torch_ao_int8_dynamic(tiny_checkpoint, kept_ids, names=layers)
+    assert {n for n, m in expected.named_modules() if type(m) is DynamicLinear} == set(layers)
+    # A restricted model refuses state_dict() (it cannot be saved): its parts are compared instead.
+    parts = [""] if kept_ids is None else ["encoder", "decoder", "shared", "lm_head.kept"]
+    for part in parts:
+        got_state, expected_state = model.get_submodule(part).state_dict(), expected.get_submodule(part).state_dict()
+        assert list(got_state) == list(expected_state), part
+        for key, value in expected_state.items():
+            assert_same_state(got_state[key], value, f"{part}.{key}")
+    # The same kernels on the same packed weights: the logits and tokens are equal, not merely close.
+    for seed in (0, 3):
+        assert torch.equal(logits(model, seed), logits(expected, seed))
+    ids, mask = batch_with_padding()
+    for settings in (dict(num_beams=1), dict(num_beams=4, no_repeat_ngram_size=2)):
+        got = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, **settings)
+        assert torch.equal(got, expected.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, **settings))

@@ -1,10 +1,14 @@
 """MT5Tokenizer against transformers' T5 tokenizer, both loaded from the same mT5-shaped spiece.model."""
 
 import json
+import math
 import pickle
 import random
 import shutil
+import subprocess
+import sys
 import unicodedata
+from pathlib import Path
 
 import pytest
 import sentencepiece as spm
@@ -14,7 +18,7 @@ from sentencepiece import sentencepiece_model_pb2
 from tokenizers import Tokenizer, models, normalizers
 
 from model.errors import ModelLoadError
-from model.tokenizer import MT5Tokenizer, _Normalizer, _Unigram
+from model.tokenizer import MT5Tokenizer, _all_finite, _Normalizer, _Unigram
 from synthetic.real_text import django_translations
 from synthetic.spiece import MT5_SPIECE_PIECES, build_spiece_model, train_unigram
 
@@ -421,3 +425,66 @@ def test_tokenizer_survives_pickling(tok):
     """Ray ships the tokenizer to its workers by pickling it."""
     texts = list(TRICKY.values())
     assert pickle.loads(pickle.dumps(tok))(texts)["input_ids"] == tok(texts)["input_ids"]
+
+
+def test_a_process_that_only_tokenizes_never_imports_torch(tok):
+    """The tokenize pool's workers (spawned) unpickle the tokenizer and encode: importing torch there would cost
+    each of them seconds and hundreds of MiB. torch is imported only to return tensors."""
+    texts = list(TRICKY.values())
+    child = (
+        "import pickle, sys\n"
+        "tok, texts = pickle.load(sys.stdin.buffer)\n"
+        "ids = tok(texts)['input_ids']\n"
+        "assert tok(tok.batch_decode(ids))['input_ids'] and tok.convert_ids_to_tokens(ids[0])\n"
+        "sys.stdout.buffer.write(pickle.dumps((ids, sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", child],
+        input=pickle.dumps((tok, texts)),
+        capture_output=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[2],  # the repository root, where `model` is importable
+    )
+    assert run.returncode == 0, run.stderr.decode()[-2000:]
+    ids, torch_modules = pickle.loads(run.stdout)
+    assert ids == tok(texts)["input_ids"]
+    assert torch_modules == []
+
+
+def test_lazily_built_segmentation_table_is_the_one_built_piece_by_piece(tok):
+    """The table of pieces and their prefixes is built on first use, in bulk: it must hold what building it piece
+    by piece (setdefault for every prefix, then every piece, a later duplicate winning) gives."""
+    unigram = pickle.loads(pickle.dumps(tok._vocab.unigram))  # unpickled: the table is not built yet
+    assert unigram._prefixes is None
+    pieces = unigram._pieces + ["ab", "abc", "ab"]  # a duplicate piece: the later id wins
+    scores = unigram._scores + [-1.0, -2.0, -3.0]
+    expected = {}
+    for piece in pieces:
+        for end in range(1, len(piece)):
+            expected.setdefault(piece[:end], -1)
+    expected.update((piece, i) for i, piece in enumerate(pieces))
+    built = _Unigram.from_columns(pieces, scores, unk_id=tok.unk_token_id)._build_prefixes()
+    assert built == expected
+    assert built["ab"] == len(pieces) - 1 and built["a"] == expected["a"]
+
+
+@pytest.mark.parametrize(
+    ("scores", "finite"),
+    [
+        ([0.0, -1.5], True),
+        ([1e308, 1e308], True),
+        ([0.0, math.inf], False),
+        ([-math.inf, math.inf], False),
+        ([0.0, math.nan], False),
+        ([1e308, 1e308, math.nan], False),
+    ],
+)
+def test_scores_are_checked_finite_even_when_their_sum_overflows(scores, finite):
+    """Loading sums the scores in C and checks each one alone only when the sum is not finite."""
+    assert _all_finite(scores) is finite
+    pieces = [(str(i), score) for i, score in enumerate(scores)]
+    if finite:
+        assert _Unigram(pieces, unk_id=0)._unk_score == min(scores) - 10.0
+    else:
+        with pytest.raises(ValueError, match="finite"):
+            _Unigram(pieces, unk_id=0)
