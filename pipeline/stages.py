@@ -173,7 +173,9 @@ class _ModelThread:
         return job.future
 
     def close(self) -> None:
-        """Stop taking rows; windows not done are cancelled. The rows in the batch finish, unread."""
+        """Stop taking rows; windows not done are cancelled. The rows in the batch finish, unread, and then the
+        thread ends: joined here, since a daemon thread still inside torch when the interpreter exits aborts
+        the process ("terminate called without an active exception")."""
         with self._lock:
             self._closed = True
             self._queue.clear()
@@ -181,6 +183,8 @@ class _ModelThread:
                 job.future.cancel()
             self._jobs.clear()
             self._lock.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
 
     def _run(self) -> None:
         while True:

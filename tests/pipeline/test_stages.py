@@ -297,3 +297,14 @@ def test_windows_of_small_row_groups_share_one_stream(model_and_tokenizer, tiny_
     assert pa.Table.from_batches(out).column("summary").to_pylist() == clean
     assert len(streams) == 1
     assert max(widths) == SETTINGS["batch_size"]
+
+
+def test_close_ends_the_model_thread(model_and_tokenizer, tiny_checkpoint, docs):
+    """A daemon thread still inside torch when the interpreter exits aborts the process: close() joins it, after
+    the rows it was decoding finish."""
+    model, tokenizer = model_and_tokenizer
+    summarizer = Summarizer(model, tokenizer, SummarizeSettings(model=str(tiny_checkpoint), **SETTINGS))
+    summarizer.summarize_table(pa.Table.from_pylist(docs))
+    thread = summarizer._model._thread
+    summarizer.close()
+    assert not thread.is_alive()
