@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from jobs.ray_address import ray_address, recorded_cluster
+from jobs.ray_address import joined_ray, ray_address, recorded_cluster
 
 
 @pytest.fixture
@@ -46,3 +46,17 @@ def test_a_stale_record_starts_a_local_ray_and_says_so(ray_tmpdir, capsys):
     recorded_cluster().write_text(f"127.0.0.1:{free_port()}")
     assert ray_address() == "local"
     assert "does not answer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("address", "dashboard"), [("local", False), ("ray://head:10001", None)])
+def test_only_a_ray_of_the_jobs_own_starts_without_a_dashboard(ray_tmpdir, monkeypatch, address, dashboard):
+    import ray
+
+    calls = []
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    monkeypatch.setattr(ray, "init", lambda **options: calls.append(options))
+    monkeypatch.setattr(ray, "shutdown", lambda: None)
+    with joined_ray():
+        pass
+    assert calls[0]["address"] == address
+    assert calls[0].get("include_dashboard") is dashboard
