@@ -59,7 +59,8 @@ def add_replica_flags(parser: argparse.ArgumentParser, source) -> None:
 
 
 def add_placement_flags(parser: argparse.ArgumentParser) -> None:
-    """The flags of pipeline.placement.Placement: where replicas run, what each asks for, and how long to wait."""
+    """The flags of pipeline.placement.Placement but --tokenize-workers (add_tokenize_flag): where replicas run, what
+    each asks for, and how long to wait."""
     add_flag(
         parser,
         "--device",
@@ -83,6 +84,11 @@ def add_placement_flags(parser: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="replicas not placed with their model loaded by then are dropped, with a warning; none placed: exit 2",
     )
+
+
+def add_tokenize_flag(parser: argparse.ArgumentParser) -> None:
+    """--tokenize-workers (Placement.tokenize_workers): summarizing only; fine-tuning replicas tokenize in their own
+    thread and ask Ray for no CPU to tokenize."""
     add_flag(
         parser,
         "--tokenize-workers",

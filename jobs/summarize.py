@@ -48,6 +48,7 @@ def build_parser():
     setting("--id-column", help="carried through and used in messages; '' for none")
     cli.add_replica_flags(p, run)
     cli.add_placement_flags(p)
+    cli.add_tokenize_flag(p)
     setting("--batch-size", help="most documents decoded at once (continuous batching)")
     setting("--max-batch-tokens", help="documents x longest input, decoded at once")
     setting("--rows-per-unit", help="rows per work unit (big files are split)")

@@ -7,7 +7,6 @@ overwrite, never duplicate. Units that fail on their own data are recorded and t
 
 from __future__ import annotations
 
-import hashlib
 import json
 import posixpath
 import sys
@@ -21,6 +20,7 @@ from model.checkpoint import hub_commit, resolve_checkpoint
 from model.storage import redact_url
 
 from . import fit, vocabulary
+from .checkpoint_hash import checkpoint_hash
 from .commit import DEFAULT_LEASE_TIMEOUT, Changes, OutputLocation
 from .errors import InputError
 from .footers import ShardReadError, check_columns, describe, inspect_shards
@@ -69,19 +69,13 @@ def model_fingerprint(source: str, revision: str | None = None, storage_options:
 
     Content, not file times: a fresh download or cache copy on a new cluster has new mtimes and the same bytes,
     and must not be refused as another model, while a checkpoint rewritten in place with new weights must be
-    (issue 12). Reading every byte costs about a second per GB, small beside summarizing with the model.
+    (issue 12). Reading every byte costs about a second per GB, so the hash is cached by the files' stat
+    (pipeline/checkpoint_hash.py): a run on files unchanged since the last one reads none of them.
     """
     directory = resolve_checkpoint(source, revision=revision, storage_options=storage_options)
     MT5ForConditionalGeneration.check_pretrained(directory)
     MT5Tokenizer.from_pretrained(directory)  # a missing or broken spiece.model fails here, before any work
-    digest = hashlib.sha256()
-    for path in sorted(directory.iterdir()):
-        if path.is_file() and (path.suffix in (".json", ".safetensors", ".model")):
-            digest.update(f"{path.name}:{path.stat().st_size}\n".encode())
-            with open(path, "rb") as f:
-                while chunk := f.read(1 << 24):
-                    digest.update(chunk)
-    return {"model": source, "model_hash": digest.hexdigest()[:32], "model_revision": hub_commit(directory)}
+    return {"model": source, "model_hash": checkpoint_hash(directory), "model_revision": hub_commit(directory)}
 
 
 class EventLog:
@@ -446,7 +440,16 @@ def start_replicas(
         max_restarts=-1, max_task_retries=0, max_concurrency=UNITS_PER_REPLICA, **target.options
     )
     actors = [
-        actor.remote(settings, input_url, output_url, storage_options, cpus_per_replica, generation, placement.device)
+        actor.remote(
+            settings,
+            input_url,
+            output_url,
+            storage_options,
+            cpus_per_replica,
+            generation,
+            placement.device,
+            target.tokenize_workers,  # the workers its num_cpus includes
+        )
         for _ in range(count)
     ]
     return wait_until_placed(actors, target, placement.placement_timeout, log)

@@ -61,6 +61,8 @@ def finetune(
     if resume and (checkpoint := latest_checkpoint(output)) is not None:
         check_resume(checkpoint, settings, replicas)
     quantization = "nf4" if settings.method == "qlora" else "none"
+    # the replicas tokenize their training and evaluation text in their own thread: no CPU asked to tokenize
+    placement = dataclasses.replace(placement, tokenize_workers=0)
     placement.check(quantization)
     log = EventLog(out)
     target = placement.choose(cpus_per_replica, quantization, log)

@@ -2,9 +2,10 @@
 
 Placement holds the flags (--device, --gpus-per-replica, --accelerator-type, --placement-timeout,
 --tokenize-workers).
-`target` turns them and the cluster's resources into a Target: the device, why, and the actor options. The
-summarization driver, the fine-tuning driver (through driver.start_replicas) and the Ray Data adapter all
-ask for replicas this way, and each replica picks its torch device with `torch_device`.
+`target` turns them and the cluster's resources into a Target: the device, why, the actor options, and the tokenize
+workers those options ask CPUs for, which each replica is handed as they are (its one source). The summarization
+driver, the fine-tuning driver (through driver.start_replicas) and the Ray Data adapter all ask for replicas this way,
+and each replica picks its torch device with `torch_device`.
 """
 
 from __future__ import annotations
@@ -115,7 +116,7 @@ class Placement:
         # asked for: the replica's cores run the model, and tokenizing in its thread costs it little (README)
         workers = self.tokenize_workers or 0
         cores = f"{cpus_per_replica} CPU core(s) per replica" + (f" and {workers} to tokenize" if workers else "")
-        return Target("cpu", f"{why}; {cores}", {"num_cpus": cpus_per_replica + workers})
+        return Target("cpu", f"{why}; {cores}", {"num_cpus": cpus_per_replica + workers}, workers)
 
     def _on_gpu(self, why: str, cluster: dict, node_cpus_per_gpu: float | None = None) -> Target:
         workers = self.tokenize_workers_on_gpu(node_cpus_per_gpu)
@@ -130,7 +131,7 @@ class Placement:
                 else:
                     why += f"; {self.accelerator_type} is not one of Ray's known types, nor on the cluster now"
         tokenizing = f", {workers} CPU(s) to tokenize" if workers else ""
-        return Target("cuda", f"{why}; {share}{tokenizing} per replica", options)
+        return Target("cuda", f"{why}; {share}{tokenizing} per replica", options, workers)
 
 
 DEFAULT_PLACEMENT = Placement()
@@ -138,11 +139,15 @@ DEFAULT_PLACEMENT = Placement()
 
 @dataclass(frozen=True)
 class Target:
-    """What a Placement comes to on one cluster: the device, why, and each replica's Ray actor options."""
+    """What a Placement comes to on one cluster: the device, why, each replica's Ray actor options, and the
+    tokenize workers among their CPUs."""
 
     device: str  # "cuda" or "cpu"
     reason: str
     options: dict  # num_cpus, num_gpus, accelerator_type
+    # processes that tokenize for each replica (pipeline/tokenize_pool.py), one CPU each in options["num_cpus"]:
+    # handed to the replica's Summarizer as they are
+    tokenize_workers: int = 0
 
     def describe(self) -> str:
         return f"device: {self.device} ({self.reason})"

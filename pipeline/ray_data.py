@@ -34,18 +34,23 @@ from .placement import DEFAULT_PLACEMENT, Placement, torch_device
 from .replica import load_model
 from .settings import SummarizeSettings
 from .stages import Summarizer
-from .tokenize_pool import workers_given
 
 
 class SummarizeBatches:
-    def __init__(self, settings: SummarizeSettings, storage_options: dict | None = None, device: str = "auto"):
-        """`device`: Placement.device; "cuda" makes an actor that torch gives no CUDA device fail."""
+    def __init__(
+        self,
+        settings: SummarizeSettings,
+        storage_options: dict | None = None,
+        device: str = "auto",
+        tokenize_workers: int = 0,
+    ):
+        """`device`: Placement.device; "cuda" makes an actor that torch gives no CUDA device fail.
+        `tokenize_workers`: Target.tokenize_workers, the processes that tokenize, one of the actor's CPUs each."""
         import ray
 
         device = torch_device(device, ray.get_gpu_ids())
         model, tokenizer = load_model(settings, device, storage_options)
-        # on a GPU, the CPUs Ray gave beyond the actor's own thread tokenize (placement asked for them)
-        self.summarizer = Summarizer(model, tokenizer, settings, workers_given(1) if device == "cuda" else 0)
+        self.summarizer = Summarizer(model, tokenizer, settings, tokenize_workers)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         out, _ = self.summarizer.summarize_table(batch)
@@ -65,7 +70,12 @@ def map_batches_options(
     target = placement.choose(cpus_per_replica, settings.quantization, log)
     settings = fit.resolved(settings, target.device, placement, storage_options, log)  # once, for every actor
     return dict(
-        fn_constructor_kwargs={"settings": settings, "storage_options": storage_options, "device": placement.device},
+        fn_constructor_kwargs={
+            "settings": settings,
+            "storage_options": storage_options,
+            "device": placement.device,
+            "tokenize_workers": target.tokenize_workers,
+        },
         batch_format="pyarrow",
         **target.options,
     )

@@ -32,7 +32,6 @@ from .placement import torch_device
 from .retry import Replayable, is_transient, read_resuming, with_retries
 from .settings import SummarizeSettings
 from .stages import Stats, Summarizer, output_schema
-from .tokenize_pool import workers_given
 from .units import WorkUnit, ensure_unchanged, resolve_unit
 
 # Units a replica runs at once: two keep the model busy across unit boundaries.
@@ -65,8 +64,11 @@ class Replica:
         cpu_threads: int,
         generation: int | None = None,
         device: str = "auto",
+        tokenize_workers: int = 0,
     ):
-        """`device`: the job's --device; "cuda" makes a replica that torch gives no CUDA device fail."""
+        """`device`: the job's --device; "cuda" makes a replica that torch gives no CUDA device fail.
+        `tokenize_workers`: the processes that tokenize for it, as its placement chose them and asked Ray CPUs for
+        (Target.tokenize_workers)."""
         import ray  # the actor runs inside Ray; the module stays importable without a cluster
 
         self.device = torch_device(device, ray.get_gpu_ids())
@@ -76,6 +78,7 @@ class Replica:
         # The model loads on first use, not here: the driver's placement wait (pipeline/placement.py) then tells a
         # replica waiting for resources from one loading its model. A replica that Ray restarts loads it again.
         self._model_settings = (settings, storage_options)
+        self.tokenize_workers = tokenize_workers
         self._summarizer: Summarizer | None = None
         self._load_lock = threading.Lock()
         self.fs, _ = open_filesystem(input_url, storage_options, error=InputError)
@@ -91,9 +94,15 @@ class Replica:
         """Answers as soon as Ray has placed the replica, before its model is loaded."""
 
     def where(self) -> dict:
-        """Where the replica runs, once its model is loaded."""
-        self.summarizer  # noqa: B018 (loads it)
-        return {"host": socket.gethostname(), "pid": os.getpid(), "device": self.device, "dtype": self.dtype}
+        """Where the replica runs, once its model is loaded, and how many processes tokenize for it."""
+        pool = self.summarizer._pool  # loads the model
+        return {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "device": self.device,
+            "dtype": self.dtype,
+            "tokenize_workers": pool.workers if pool is not None else 0,
+        }
 
     @property
     def summarizer(self) -> Summarizer:
@@ -102,9 +111,7 @@ class Replica:
             if self._summarizer is None:
                 settings, storage_options = self._model_settings
                 model, tokenizer = load_model(settings, self.device, storage_options)
-                # the CPUs Ray gave beyond the model's (placement asked for them) tokenize
-                model_cpus = torch.get_num_threads() if self.device == "cpu" else 1
-                self._summarizer = Summarizer(model, tokenizer, settings, workers_given(model_cpus))
+                self._summarizer = Summarizer(model, tokenizer, settings, self.tokenize_workers)
         return self._summarizer
 
     def heartbeat(self) -> dict[str, int]:

@@ -2,9 +2,9 @@
 
 Our tokenizer segments in Python, about 0.8 M characters/s per core on text it has not seen (benchmarks/README.md,
 "Tokenizer throughput"): one core keeps up with today's GPU engine, not with what an H200 could decode. A replica
-given more CPUs than its model thread needs (a GPU replica: pipeline/placement.py asks Ray for them) tokenizes its
-windows in a pool of processes, each loading the tokenizer once. The Summarizer sends a window's texts, already cut
-by characters, and gets their ids back in order (pipeline/stages.py).
+given tokenize workers (a GPU replica: pipeline/placement.py chooses how many, asks Ray for a CPU each and hands the
+count to the replica) tokenizes its windows in a pool of processes, each loading the tokenizer once. The Summarizer
+sends a window's texts, already cut by characters, and gets their ids back in order (pipeline/stages.py).
 
 The workers are started with `spawn`: forking a replica would copy torch's thread pools and Ray's threads into a
 child that cannot use them safely. A worker that dies (killed, out of memory) breaks the pool; the pool is started
@@ -144,14 +144,3 @@ class TokenizePool:
             self._closed = True
             executor = self._executor
         executor.shutdown(wait=True, cancel_futures=True)
-
-
-def workers_given(model_cpus: int) -> int:
-    """A Ray actor's tokenize workers: the CPUs Ray gave it (pipeline/placement.py asked for them) beyond the
-    `model_cpus` its model uses (1 on a GPU, its torch threads on CPU)."""
-    import ray
-
-    if not ray.is_initialized() or ray.get_runtime_context().get_actor_id() is None:  # not an actor: none given
-        return 0
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 0)
-    return max(0, int(cpus) - model_cpus)

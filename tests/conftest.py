@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 
 import pytest
 
 from synthetic.checkpoints import MT5_SMALL, TINY, TINY_RELU_TIED, build_checkpoint
 from synthetic.spiece import build_spiece_model
+
+# The driver caches checkpoint hashes in the user's cache directory (pipeline/checkpoint_hash.py); tests and the jobs
+# they start keep theirs in a folder of their own, never in the home of whoever runs them.
+os.environ["LAKESUM_CACHE"] = tempfile.mkdtemp(prefix="lakesum-test-cache-")
 
 
 @pytest.fixture(scope="session")

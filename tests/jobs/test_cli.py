@@ -90,6 +90,16 @@ def test_placement_flags_reach_the_placement_with_the_librarys_defaults():
     assert "device" not in cli.arguments_for(run, args)  # placement travels as one object, not as run()'s arguments
 
 
+def test_only_the_summarize_job_offers_tokenize_workers():
+    """Fine-tuning replicas tokenize in their own thread (pipeline/finetune.py): the flag would mean nothing there."""
+    assert "--tokenize-workers" in summarize_job.build_parser().format_help()
+    assert "--tokenize-workers" not in finetune_job.build_parser().format_help()
+    with pytest.raises(SystemExit):
+        finetune_job.build_parser().parse_args(
+            ["--model", "m", "--train", "t", "--output-model", "o", "--tokenize-workers", "2"]
+        )
+
+
 def test_finetune_flags_build_the_settings_with_switches_and_optional_numbers():
     args = finetune_job.build_parser().parse_args(
         [

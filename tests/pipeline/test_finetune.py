@@ -4,6 +4,7 @@ and the guards (non-finite steps skipped, nothing non-finite saved, empty slices
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -25,6 +26,8 @@ from jobs.finetune import build_parser
 from model import ModelLoadError, MT5ForConditionalGeneration, MT5Tokenizer
 from pipeline.errors import InputError
 from pipeline.finetune import finetune
+from pipeline.placement import Placement
+from pipeline.tokenize_pool import AUTO_MAX_WORKERS
 from pipeline.train import (
     TRAIN_LOG,
     FinetuneSettings,
@@ -378,6 +381,38 @@ def test_bad_input_is_refused_before_any_replica_trains(ray_local, base, data, t
     with pytest.raises(ValueError, match="fp16 training is refused.*bfloat16"):
         settings(dtype="float16")
     assert not (tmp_path / "out" / TRAIN_LOG).exists()
+
+
+@pytest.mark.parametrize("asked", [None, 3], ids=["auto", "three"])
+def test_fine_tuning_asks_a_gpu_node_for_no_cpu_to_tokenize(base, data, tmp_path, monkeypatch, asked):
+    """On a (simulated) GPU node of 32 CPUs, the replicas fine-tuning asks Ray for hold one CPU each and no tokenize
+    worker, whatever the Placement's tokenize_workers (auto, or 3 from a library caller), where summarizing with the
+    same placement asks for several."""
+    import ray
+
+    gpu_node = {"CPU": 32.0, "GPU": 1.0}
+    monkeypatch.setattr(ray, "cluster_resources", lambda: gpu_node)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True, "Resources": gpu_node}])
+    started = []
+
+    class Started(Exception):
+        pass
+
+    def start_replicas(*args, target, **kwargs):  # the resource request, where Ray would be asked for it
+        started.append(target)
+        raise Started
+
+    monkeypatch.setattr("pipeline.finetune.start_replicas", start_replicas)
+    settings = FinetuneSettings(
+        model=str(base), train=str(data / "train.parquet"), output_model=str(tmp_path / "out"), max_steps=1
+    )
+    with pytest.raises(Started):
+        finetune(settings, replicas=1, placement=Placement(tokenize_workers=asked), out=io.StringIO())
+    (target,) = started
+    assert target.device == "cuda" and target.options == {"num_cpus": 1, "num_gpus": 1.0}
+    assert target.tokenize_workers == 0 and "to tokenize" not in target.reason
+    summarizing = Placement(tokenize_workers=asked).target(gpu_node, 1, node_cpus_per_gpu=32.0)
+    assert summarizing.tokenize_workers == (asked or AUTO_MAX_WORKERS) > 0  # what fine-tuning no longer asks for
 
 
 def test_fp16_flag_exits_2_with_the_reason(base, data, tmp_path):

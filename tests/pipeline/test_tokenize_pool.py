@@ -198,6 +198,7 @@ GPU_CLUSTER = {"CPU": 32.0, "GPU": 8.0}
 def test_a_gpu_replica_asks_ray_for_a_cpu_per_tokenize_worker(placement, node_cpus_per_gpu, num_cpus):
     target = placement.target(GPU_CLUSTER, cpus_per_replica=2, node_cpus_per_gpu=node_cpus_per_gpu)
     assert target.device == "cuda" and target.options["num_cpus"] == num_cpus
+    assert target.tokenize_workers == num_cpus - 1  # what the replica is handed: the CPUs asked beyond its own
     assert (f"{num_cpus - 1} CPU(s) to tokenize" in target.reason) == (num_cpus > 1)
 
 
@@ -205,6 +206,7 @@ def test_a_cpu_replica_tokenizes_in_its_own_thread_unless_asked():
     assert Placement(device="cpu").target(GPU_CLUSTER, 4, node_cpus_per_gpu=26.0).options == {"num_cpus": 4}
     asked = Placement(device="cpu", tokenize_workers=2).target(GPU_CLUSTER, 4)
     assert asked.options == {"num_cpus": 6} and "4 CPU core(s) per replica and 2 to tokenize" in asked.reason
+    assert asked.tokenize_workers == 2
 
 
 def test_cpus_per_gpu_is_the_fewest_of_the_live_gpu_nodes():
@@ -216,6 +218,35 @@ def test_cpus_per_gpu_is_the_fewest_of_the_live_gpu_nodes():
     ]
     assert cpus_per_gpu(nodes) == 8.0
     assert cpus_per_gpu(nodes[:1]) is None
+
+
+@pytest.mark.parametrize("device,gpus", [("cpu", 0), ("auto", 1)], ids=["cpu", "gpu"])
+def test_the_workers_the_placement_counted_reach_each_replicas_summarizer(tiny_checkpoint, tmp_path, device, gpus):
+    """The Summarizer of a replica started by the driver, and of a Ray Data actor, runs the tokenize workers its
+    Target counted (and asked Ray a CPU each for), none where it counted none. "gpu": a Ray declaring a GPU, so the
+    target is cuda (the replica runs on CPU torch; its workers are the placement's all the same)."""
+    from pipeline.driver import start_replicas
+    from pipeline.ray_data import SummarizeBatches, map_batches_options
+    from tests.pipeline.helpers import FAST, local_ray
+
+    settings = SummarizeSettings(model=str(tiny_checkpoint), **FAST)
+    quiet = lambda *args, **fields: None  # noqa: E731
+    with local_ray(num_gpus=gpus) as ray:
+        for workers in (0, 1):
+            placement = Placement(device=device, tokenize_workers=workers, placement_timeout=60)
+            (actor,) = start_replicas(settings, "i", str(tmp_path), None, 1, 1, placement=placement, log=quiet)
+            try:
+                assert ray.get(actor.where.remote())["tokenize_workers"] == workers
+            finally:
+                ray.kill(actor)
+            options = map_batches_options(settings, placement, log=quiet)
+            assert options["num_cpus"] == 1 + workers
+            batches = SummarizeBatches(**options["fn_constructor_kwargs"])  # in this process: Ray Data's actor
+            try:
+                pool = batches.summarizer._pool
+                assert (pool.workers if pool else 0) == workers
+            finally:
+                batches.summarizer.close()
 
 
 def test_a_replica_given_a_cpu_to_tokenize_summarizes_as_one_without(tiny_checkpoint, tmp_path):
