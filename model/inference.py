@@ -1,8 +1,9 @@
-"""The one way to load a model for summarizing: the checkpoint, its output vocabulary restricted, quantized,
-and its head laid out for the CPU, in that order.
+"""The one way to load a model for summarizing: the checkpoint in the dtype it runs in on its device, its output
+vocabulary restricted, quantized, and its head laid out for the CPU, in that order.
 
 The replica and the Ray Data adapter (pipeline/replica.py) and the benchmarks load through
-load_for_inference, so that what they measure is what a job runs. The order is the recipe:
+load_for_inference, so that what they measure is what a job runs. It chooses the dtype and asks
+MT5ForConditionalGeneration.from_pretrained for the rest, whose order is the recipe, written there once:
 - restrict before quantizing, so that int8-dynamic quantizes the smaller head (model/vocabulary.py);
 - quantize while moving to the device: a quantized model is loaded in host memory and each layer is quantized as it
   reaches the GPU, which never holds more than the quantized model plus one full-precision layer;
@@ -18,10 +19,6 @@ from pathlib import Path
 import torch
 
 from .mt5 import MT5ForConditionalGeneration
-from .packed import int8_head_engine, pack_head_for_cpu
-from .quantize import METHODS as QUANTIZATIONS
-from .quantize import quantize
-from .vocabulary import restrict_vocabulary
 
 
 def load_for_inference(
@@ -39,24 +36,22 @@ def load_for_inference(
 
     source, revision, cache_dir: as MT5ForConditionalGeneration.from_pretrained.
     dtype: as inference_dtype.
-    quantization: one of model.quantize.METHODS.
+    quantization: one of model.quantize.METHODS; a quantized model is loaded in host memory and quantized layer by
+        layer as it moves to `device` (from_pretrained): where --quantization auto chose it because the
+        full-precision model does not fit the GPU's share, loading it there first would run out of memory.
     kept_ids: the only ids the model may generate (restrict_vocabulary), or None for the whole vocabulary.
     """
-    if quantization not in QUANTIZATIONS:  # before reading any weight
-        raise ValueError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
     device = torch.device(device)
-    # A quantized model is loaded in host memory, already in the dtype it runs in, and quantized layer by layer as
-    # it moves to `device`: where --quantization auto chose it because the full-precision model does not fit the
-    # GPU's share, loading it there first would run out of memory (model.quantize.quantize, `device`).
-    host = torch.device("cpu") if quantization != "none" else device
-    model = MT5ForConditionalGeneration.from_pretrained(
-        source, dtype=inference_dtype(dtype, device), device=host, revision=revision, cache_dir=cache_dir
+    return MT5ForConditionalGeneration.from_pretrained(
+        source,
+        dtype=inference_dtype(dtype, device),
+        device=device,
+        quantization=quantization,
+        kept_ids=kept_ids,
+        pack_head=True,
+        revision=revision,
+        cache_dir=cache_dir,
     )
-    if kept_ids is not None:
-        restrict_vocabulary(model, kept_ids)
-    quantize(model, quantization, device=device, head_engine=int8_head_engine(model))  # the head packed once
-    pack_head_for_cpu(model)
-    return model
 
 
 def inference_dtype(dtype: torch.dtype | str, device: str | torch.device) -> torch.dtype | str:

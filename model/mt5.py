@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +24,10 @@ from .modules import (
     RMSNorm,
     SelfAttention,
 )
+from .packed import int8_head_engine, pack_head_for_cpu
 from .quantize import METHODS as QUANTIZATIONS
 from .quantize import is_quantized, quantize
+from .vocabulary import restrict_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +80,8 @@ class MT5PreTrainedModel(nn.Module):
         cache_dir: str | Path | None = None,
         quantization: str = "none",
         revision: str | None = None,
+        kept_ids: Iterable[int] | None = None,
+        pack_head: bool = False,
     ):
         """Load a Hugging Face mT5 checkpoint: a directory, an fsspec URI or a hub id.
 
@@ -85,6 +90,10 @@ class MT5PreTrainedModel(nn.Module):
         `quantization` swaps the blocks' linear layers for quantized ones (model.quantize.METHODS); the model is
         then loaded in host memory and each layer quantized as it moves to `device`, which never holds the whole
         model in full precision.
+        `kept_ids`: the only ids the model may generate (model.vocabulary.restrict_vocabulary), restricted before
+        quantizing, so that int8-dynamic quantizes the smaller head. `pack_head`: the output head laid out for CPU
+        inference (model.packed.pack_head_for_cpu; an int8-dynamic head is packed for its engine as it is quantized,
+        once); a packed head takes no gradient. model.load_for_inference loads with both.
         """
         dtype = as_dtype(dtype)
         if quantization not in QUANTIZATIONS:  # before reading any weight
@@ -93,7 +102,12 @@ class MT5PreTrainedModel(nn.Module):
         host = torch.device("cpu") if quantization != "none" else device
         weights.load_into(model, directory, dtype=dtype, device=host)
         model.eval()
-        quantize(model, quantization, device=device)  # after eval(): the new layers copy the training flag
+        if kept_ids is not None:  # before quantizing: int8-dynamic then quantizes the smaller head
+            restrict_vocabulary(model, kept_ids)
+        # after eval(): the new layers copy the training flag
+        quantize(model, quantization, device=device, head_engine=int8_head_engine(model) if pack_head else None)
+        if pack_head:
+            pack_head_for_cpu(model)
         model._after_load(directory)
         return model
 
