@@ -11,6 +11,9 @@ This module knows files, not model structure: mapping HF key names onto our modu
 
 Weights are safetensors only. Pickled checkpoints (pytorch_model.bin) can run arbitrary code when loaded, so they
 are refused with the command that converts them, and never opened.
+
+torch is imported only by the functions that make or write tensors: the tokenizer resolves its checkpoint here, and
+a process that only tokenizes (the tokenize pool's workers, the driver's checks) never pays for importing it.
 """
 
 from __future__ import annotations
@@ -27,13 +30,13 @@ import re
 import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 import fsspec
 import huggingface_hub
 import safetensors
-import torch
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.utils import (
     GatedRepoError,
@@ -43,11 +46,13 @@ from huggingface_hub.utils import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from safetensors.torch import save_file
 
 from .config import MT5Config
 from .errors import ModelLoadError
 from .storage import PARTIAL_SUFFIX, atomic_path, open_filesystem, redact_url, scrub, url_secrets
+
+if TYPE_CHECKING:  # imported where tensors are made or written (see the module docstring)
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -550,6 +555,8 @@ def save_tensors(
     Each file is written atomically. Weight files of an earlier save that this one does not overwrite (old shards,
     an index or a model.safetensors) are deleted afterwards, so the directory never holds two candidate checkpoints.
     """
+    from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
     file_metadata = {"format": "pt", **(metadata or {})}
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in file_metadata.items()):
