@@ -202,6 +202,15 @@ def agreement(outputs, reference_ids, reference_texts) -> dict:
     return {"sequences": same / len(outputs), "tokens": None}
 
 
+def transparent_hugepage() -> str | None:
+    """The kernel's THP mode, the bracketed word of /sys/kernel/mm/transparent_hugepage/enabled."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return None
+    return text[text.find("[") + 1 : text.find("]")] if "[" in text else text.strip()
+
+
 def machine(args) -> dict:
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
@@ -223,6 +232,10 @@ def machine(args) -> dict:
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "python": platform.python_version(),
         "torch": torch.__version__,
+        "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        "transparent_hugepage": transparent_hugepage(),
+        "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "ct2_force_cpu_isa": os.environ.get("CT2_FORCE_CPU_ISA"),
     }
     for package in ("transformers", "ctranslate2", "bitsandbytes", "ray"):
         try:
