@@ -62,14 +62,27 @@ def prepare() -> Task:
     return task
 
 
-def base_checkpoint(d_model: int = 256, layers: int = 2, seed: int = 0) -> Path:
-    """A randomly initialised small mT5 (our save_pretrained; transformers loads it) with the task's tokenizer."""
+def base_checkpoint(d_model: int = 256, layers: int = 2, seed: int = 0, small_head: bool = False) -> Path:
+    """A randomly initialised small mT5 (our save_pretrained; transformers loads it) with the task's tokenizer.
+
+    T5's initialisation gives an untied lm_head a standard deviation of 1, made for a model whose pretrained
+    weights replace it: from scratch its first logits have a standard deviation near sqrt(d_model) (a loss of
+    40-60 against ln(8192) = 9 for a uniform guess), and a short fine-tuning run spends itself shrinking them.
+    `small_head` draws it with d_model^-0.5 instead, as T5 scales a tied head, so that training starts from
+    near-uniform logits.
+    """
     from synthetic.checkpoints import build_trainable_checkpoint
 
     task = prepare()
-    out = CACHE / f"base-d{d_model}-l{layers}-s{seed}"
+    out = CACHE / f"base-d{d_model}-l{layers}-s{seed}{'-small-head' if small_head else ''}"
     if not (out / "model.safetensors").exists():
         build_trainable_checkpoint(out, task.spiece, d_model=d_model, seed=seed, vocab_size=MODEL_VOCAB, layers=layers)
+        if small_head:
+            from model import MT5ForConditionalGeneration
+
+            model = MT5ForConditionalGeneration.from_pretrained(out)
+            model.lm_head.weight.data.mul_(d_model**-0.5)
+            model.save_pretrained(out)
     return out
 
 

@@ -148,15 +148,29 @@ def patched(obj, name, value):
         setattr(obj, name, old)
 
 
-def generate(model, tokenizer, texts: list[str], decoding: dict, batch_size: int) -> list[list[int]]:
-    """Generated ids per document: after the decoder start, up to and including </s>."""
+def generate(
+    model,
+    tokenizer,
+    texts: list[str],
+    decoding: dict,
+    batch_size: int,
+    *,
+    max_input_tokens: int = 32,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+) -> list[list[int]]:
+    """Generated ids per document: after the decoder start, up to and including </s>. The defaults are the
+    recipe's truncation and target length (benchmarks/quality_descriptions.py passes its own)."""
     out = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(
-            texts[start : start + batch_size], max_length=32, truncation=True, padding=True, return_tensors="pt"
+            texts[start : start + batch_size],
+            max_length=max_input_tokens,
+            truncation=True,
+            padding=True,
+            return_tensors="pt",
         )
         with torch.inference_mode():
-            rows = model.generate(**batch, max_new_tokens=MAX_NEW_TOKENS, **decoding).tolist()
+            rows = model.generate(**batch, max_new_tokens=max_new_tokens, **decoding).tolist()
         for row in rows:
             row = row[1:]
             out.append(row[: row.index(1) + 1] if 1 in row else row)
