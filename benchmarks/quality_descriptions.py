@@ -78,6 +78,7 @@ RECIPE_FLAGS = (
 def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated; each is the base's init and the data order")
+    p.add_argument("--arms", default=",".join(ARMS), help="who fine-tunes: ours, trainer, or both (compared)")
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=2, help="encoder and decoder layers each")
     p.add_argument("--small-head", action="store_true", help="lm_head drawn at d_model^-0.5")
@@ -109,6 +110,9 @@ def parse_args(argv):
     p.add_argument("--task", help=argparse.SUPPRESS)  # a subprocess's one training or scoring
     args = p.parse_args(argv)
     args.seeds = [int(s) for s in args.seeds.split(",")]
+    args.arms = [a for a in ARMS if a in args.arms.split(",")]
+    if "ours" not in args.arms:
+        p.error("--arms must include ours: the speed settings are scored on our job's model")
     args.settings = [s for s in args.settings.split(",") if s]
     if args.settings[:1] != ["fp32"]:
         p.error("--settings must start with fp32, the reference of the agreement")
@@ -382,8 +386,8 @@ def transformers_spot_check(args, checkpoint: Path, model, tokenizer, texts: lis
 
 
 def tasks(args) -> tuple[list[str], list[str]]:
-    trainings = [f"train:{arm}:{seed}" for arm in ARMS for seed in args.seeds]
-    scorings = [f"score:{arm}:{seed}:fp32" for seed in args.seeds for arm in ARMS]
+    trainings = [f"train:{arm}:{seed}" for arm in args.arms for seed in args.seeds]
+    scorings = [f"score:{arm}:{seed}:fp32" for seed in args.seeds for arm in args.arms]
     scorings += [f"score:ours:{args.seeds[0]}:{setting}" for setting in args.settings if setting != "fp32"]
     return trainings, scorings
 
@@ -523,7 +527,7 @@ def report(args, argv, started) -> dict:
     tokenizer = MT5Tokenizer.from_pretrained(work / f"ours-s{args.seeds[0]}")
 
     runs, scores = [], {}
-    for arm in ARMS:
+    for arm in args.arms:
         for seed in args.seeds:
             trained = load(f"train:{arm}:{seed}")
             scored = load(f"score:{arm}:{seed}:fp32")
@@ -549,11 +553,13 @@ def report(args, argv, started) -> dict:
     summary = {}
     for decoding in quality.DECODINGS:
         summary[decoding] = {}
-        for arm in ARMS:
+        for arm in args.arms:
             summary[decoding][arm] = {
                 language: {m: mean_std([scores[(arm, s, decoding)][language][m] for s in args.seeds]) for m in METRICS}
                 for language in languages
             }
+        if args.arms != list(ARMS):
+            continue
         summary[decoding]["ours_vs_trainer"] = {
             language: {
                 m: agreement(
@@ -565,7 +571,7 @@ def report(args, argv, started) -> dict:
             for language in languages
         }
     curves = {}
-    for seed in args.seeds:
+    for seed in args.seeds if args.arms == list(ARMS) else ():
         ours, theirs = (load(f"train:{arm}:{seed}")["losses"] for arm in ARMS)
         curves[seed] = {
             "first_step_relative_difference": abs(ours[0] - theirs[0]) / abs(theirs[0]),
@@ -633,8 +639,9 @@ def print_tables(result: dict) -> None:
     print("|---|---|---|---|---|")
     lead = result["lead_baseline"]["overall"]
     print(f"| lead baseline (first K words) | | {lead['rouge1']:.1f} | {lead['rouge2']:.1f} | {lead['rougeL']:.1f} |")
+    arms = [arm for arm in ARMS if arm in next(iter(result["summary"].values()))]
     for decoding, by_arm in result["summary"].items():
-        for arm in ARMS:
+        for arm in arms:
             cells = [
                 f"{by_arm[arm]['overall'][m]['mean']:.1f} ± {by_arm[arm]['overall'][m]['std']:.1f}" for m in METRICS
             ]
@@ -645,7 +652,7 @@ def print_tables(result: dict) -> None:
     print("|---|---|" + "---|" * len(languages))
     print("| lead baseline | | " + " | ".join(f"{result['lead_baseline'][x]['rougeL']:.1f}" for x in languages) + " |")
     for decoding, by_arm in result["summary"].items():
-        for arm in ARMS:
+        for arm in arms:
             print(
                 f"| {arm} | {decoding} | "
                 + " | ".join(f"{by_arm[arm][x]['rougeL']['mean']:.1f}" for x in languages)
@@ -681,7 +688,7 @@ def main(argv=None) -> None:
         # converted from spiece.model once, as transformers does for a checkpoint without tokenizer.json
         AutoTokenizer.from_pretrained(base_for(args, args.seeds[0])).save_pretrained(tokenizer_dir)
     trainings, scorings = tasks(args)
-    lanes = [[t for t in trainings if t.startswith(f"train:{arm}:")] for arm in ARMS]
+    lanes = [[t for t in trainings if t.startswith(f"train:{arm}:")] for arm in args.arms]
     run_tasks(args, argv, trainings, lanes=lanes)
     run_tasks(args, argv, scorings)
     result = report(args, argv, started)
