@@ -22,16 +22,15 @@ def _task(path: Path, count: int, seed: int) -> Path:
 def test_trainer_replays_our_order_from_the_same_loss_and_every_setting_is_scored(tmp_path, spiece_model):
     steps = 4
     base = build_trainable_checkpoint(tmp_path / "base", spiece_model, d_model=32)
-    report = run_benchmark(
-        "quality_descriptions.py",
+    arguments = (
         ["--base", str(base), "--work", str(tmp_path / "work")]
         + ["--train", str(_task(tmp_path / "train.parquet", 48, seed=1))]
         + ["--eval", str(_task(tmp_path / "eval.parquet", 24, seed=2))]
         + ["--seeds", "0", "--steps", str(steps), "--batch-size", "4", "--log-every", "2", "--warmup-steps", "1"]
         + ["--max-input-tokens", "32", "--max-target-tokens", "8", "--max-new-tokens", "6", "--lr", "1e-2"]
-        + ["--eval-per-language", "2", "--spot-check", "4", "--vocabulary-rows", "40", "--jobs", "1"],
-        tmp_path / "quality.json",
+        + ["--eval-per-language", "2", "--spot-check", "4", "--vocabulary-rows", "40", "--jobs", "1"]
     )
+    report = run_benchmark("quality_descriptions.py", arguments, tmp_path / "quality.json")
     assert report["machine"]["simd"] and report["machine"]["cpu"]
     runs = {run["arm"]: run for run in report["runs"]}
     assert set(runs) == {"ours", "trainer"}
@@ -61,3 +60,9 @@ def test_trainer_replays_our_order_from_the_same_loss_and_every_setting_is_score
     for row in report["quantization"]:
         if row["setting"] == "fp32":
             assert row["sequence_agreement"] == 1.0 and row["token_agreement"] == 1.0
+
+    # --arms ours: our job alone (a long headline run), reported from the same work folder without the Trainer
+    ours_alone = run_benchmark("quality_descriptions.py", [*arguments, "--arms", "ours"], tmp_path / "ours.json")
+    assert [run["arm"] for run in ours_alone["runs"]] == ["ours"]
+    assert ours_alone["runs"][0]["scores"] == runs["ours"]["scores"]
+    assert set(ours_alone["summary"]["greedy"]) == {"ours"} and ours_alone["loss_curves_ours_vs_trainer"] == {}
