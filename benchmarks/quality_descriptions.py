@@ -113,6 +113,7 @@ def parse_args(argv):
     args.arms = [a for a in ARMS if a in args.arms.split(",")]
     if "ours" not in args.arms:
         p.error("--arms must include ours: the speed settings are scored on our job's model")
+    args.compared = "trainer" in args.arms
     args.settings = [s for s in args.settings.split(",") if s]
     if args.settings[:1] != ["fp32"]:
         p.error("--settings must start with fp32, the reference of the agreement")
@@ -558,7 +559,7 @@ def report(args, argv, started) -> dict:
                 language: {m: mean_std([scores[(arm, s, decoding)][language][m] for s in args.seeds]) for m in METRICS}
                 for language in languages
             }
-        if args.arms != list(ARMS):
+        if not args.compared:
             continue
         summary[decoding]["ours_vs_trainer"] = {
             language: {
@@ -571,7 +572,7 @@ def report(args, argv, started) -> dict:
             for language in languages
         }
     curves = {}
-    for seed in args.seeds if args.arms == list(ARMS) else ():
+    for seed in args.seeds if args.compared else ():
         ours, theirs = (load(f"train:{arm}:{seed}")["losses"] for arm in ARMS)
         curves[seed] = {
             "first_step_relative_difference": abs(ours[0] - theirs[0]) / abs(theirs[0]),
@@ -610,6 +611,7 @@ def report(args, argv, started) -> dict:
         "setup": {
             "recipe": recipe(args),
             "seeds": args.seeds,
+            "arms": args.arms,
             "rows": {"train_file": counts["train"], "eval_file": counts["eval"], "scored": len(rows)},
             "base_config": json.loads((base / "config.json").read_text()),
             "decodings": quality.DECODINGS,
@@ -639,9 +641,8 @@ def print_tables(result: dict) -> None:
     print("|---|---|---|---|---|")
     lead = result["lead_baseline"]["overall"]
     print(f"| lead baseline (first K words) | | {lead['rouge1']:.1f} | {lead['rouge2']:.1f} | {lead['rougeL']:.1f} |")
-    arms = [arm for arm in ARMS if arm in next(iter(result["summary"].values()))]
     for decoding, by_arm in result["summary"].items():
-        for arm in arms:
+        for arm in setup["arms"]:
             cells = [
                 f"{by_arm[arm]['overall'][m]['mean']:.1f} ± {by_arm[arm]['overall'][m]['std']:.1f}" for m in METRICS
             ]
@@ -652,7 +653,7 @@ def print_tables(result: dict) -> None:
     print("|---|---|" + "---|" * len(languages))
     print("| lead baseline | | " + " | ".join(f"{result['lead_baseline'][x]['rougeL']:.1f}" for x in languages) + " |")
     for decoding, by_arm in result["summary"].items():
-        for arm in arms:
+        for arm in setup["arms"]:
             print(
                 f"| {arm} | {decoding} | "
                 + " | ".join(f"{by_arm[arm][x]['rougeL']['mean']:.1f}" for x in languages)
@@ -682,7 +683,7 @@ def main(argv=None) -> None:
     for seed in args.seeds:
         base_for(args, seed)
     tokenizer_dir = work / "transformers-tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").exists():
+    if args.compared and not (tokenizer_dir / "tokenizer.json").exists():
         from transformers import AutoTokenizer
 
         # converted from spiece.model once, as transformers does for a checkpoint without tokenizer.json

@@ -63,6 +63,6 @@ def test_trainer_replays_our_order_from_the_same_loss_and_every_setting_is_score
 
     # --arms ours: our job alone (a long headline run), reported from the same work folder without the Trainer
     ours_alone = run_benchmark("quality_descriptions.py", [*arguments, "--arms", "ours"], tmp_path / "ours.json")
-    assert [run["arm"] for run in ours_alone["runs"]] == ["ours"]
+    assert [run["arm"] for run in ours_alone["runs"]] == ours_alone["setup"]["arms"] == ["ours"]
     assert ours_alone["runs"][0]["scores"] == runs["ours"]["scores"]
     assert set(ours_alone["summary"]["greedy"]) == {"ours"} and ours_alone["loss_curves_ours_vs_trainer"] == {}
