@@ -24,7 +24,7 @@ import torch
 
 from .compiled_decode import CompiledDecodeBatch
 from .decode_batch import DecodeBatch, Document, StepBuffers
-from .logits import LogitsProcessor, top_k
+from .logits import LogitsProcessor, argmax, top_k
 
 if TYPE_CHECKING:
     from .generate import GenerationConfig
@@ -70,7 +70,7 @@ class Greedy:
         pass
 
     def choose(self, scores: torch.Tensor) -> torch.Tensor:
-        return scores.argmax(-1)
+        return argmax(scores)
 
     def step(self, batch: DecodeBatch) -> None:
         c = self.config

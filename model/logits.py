@@ -98,3 +98,32 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         ids = torch.cat([ids, torch.arange(whole, n, device=scores.device).expand(rows, n - whole)], 1)
     values, picked = torch.topk(torch.gather(scores, 1, ids), k)
     return values, torch.gather(ids, 1, picked)
+
+
+def argmax(scores: torch.Tensor) -> torch.Tensor:
+    """scores.argmax(-1) over [rows, n], exactly, the first of equal maxima included.
+
+    torch.argmax tracks an index beside every comparison and does not vectorize: over 16 rows of mT5's
+    250k ids it took 2.1 ms on one AMD EPYC core where amax took 0.2 (on Intel, 7.6 ms of a 94 ms greedy
+    step). Here amax takes each chunk's maximum, argmax over those few thousand maxima finds the first
+    chunk holding the row's maximum, and argmax searches that chunk alone. The first chunk holding the
+    maximum holds its first occurrence, so the index is argmax's. A NaN, which argmax and amax both treat
+    as the maximum, is found the same way."""
+    rows, n = scores.shape
+    chunk = TOP_K_CHUNK
+    whole = n - n % chunk
+    # A GPU's argmax is one reduction kernel already.
+    if whole == 0 or rows == 0 or scores.device.type != "cpu":
+        return scores.argmax(-1)
+    chunks = scores[:, :whole].reshape(rows, whole // chunk, chunk)
+    maxima = chunks.amax(-1)
+    first = maxima.argmax(-1)  # [rows]
+    best = first * chunk + chunks[torch.arange(rows), first].argmax(-1)
+    if whole == n:
+        return best
+    # The ids past the last whole chunk (a restricted vocabulary's odd size) win only on a larger score:
+    # on a tie the earlier id is argmax's.
+    tail = scores[:, whole:]
+    tail_best, whole_best = tail.amax(-1), maxima.amax(-1)
+    tail_wins = (tail_best > whole_best) | (tail_best.isnan() & ~whole_best.isnan())
+    return torch.where(tail_wins, whole + tail.argmax(-1), best)

@@ -8,7 +8,7 @@ import torch
 import model as ours
 from model.decode import BeamSearch
 from model.decode_batch import DecodeBatch
-from model.logits import TOP_K_CHUNK, ban_repeated_ngrams, top_k
+from model.logits import TOP_K_CHUNK, argmax, ban_repeated_ngrams, top_k
 from tests.model.helpers import batch_with_padding
 
 
@@ -94,3 +94,21 @@ def test_chunked_top_k_equals_torch_topk(n):
     expected_values, expected_ids = torch.topk(scores, k)
     assert torch.equal(values, expected_values)
     assert torch.equal(ids, expected_ids)
+
+
+@pytest.mark.parametrize("n", [250112, 40 * TOP_K_CHUNK + 77, 3 * TOP_K_CHUNK, TOP_K_CHUNK - 1])
+def test_chunked_argmax_equals_torch_argmax(n):
+    # Scores from few values, so that most rows hold their maximum many times: argmax is the first of them.
+    # Row 0 ties its maximum across two chunks; row 1's only maximum is in the tail past the last whole
+    # chunk, row 2 ties the best whole-chunk score in the tail (the earlier id wins); row 3 is all -inf;
+    # rows 4 and 5 hold a NaN, which argmax takes as the maximum, in a chunk and in the tail.
+    rows = 8
+    generator = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (rows, n), generator=generator).float()
+    scores[0, [n // 2, 7]] = 9.0
+    scores[1, n - 1] = 9.0
+    scores[2, [3, n - 2]] = 9.0
+    scores[3] = float("-inf")
+    scores[4, [n // 3, n - 1]] = float("nan")
+    scores[5, n - 1] = float("nan")
+    assert torch.equal(argmax(scores), scores.argmax(-1))
