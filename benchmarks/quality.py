@@ -121,14 +121,18 @@ def build(checkpoint: Path, setting: str, kept: set[int]):
     keep = {"int8-dynamic+wo": (), "int8-dynamic-head-kept": ("wo", "lm_head")}.get(
         setting, quantization.DYNAMIC_KEEP_UNQUANTIZED
     )
-    with patched(quantization, "DYNAMIC_KEEP_UNQUANTIZED", keep):
+    # int8-dynamic-wo-float32: `wo` in float32 even where int8-dynamic holds it in bfloat16 (native_bfloat16).
+    native = (lambda: False) if setting == "int8-dynamic-wo-float32" else quantization.native_bfloat16
+    with patched(quantization, "DYNAMIC_KEEP_UNQUANTIZED", keep), patched(quantization, "native_bfloat16", native):
         return load_for_inference(checkpoint, dtype="float32", quantization=method, kept_ids=kept_ids)
 
 
-# int8-dynamic+wo and int8-dynamic-head-kept: what quantizing `wo` too, or keeping lm_head in float32, changes.
+# int8-dynamic+wo and int8-dynamic-head-kept: what quantizing `wo` too, or keeping lm_head in float32, changes;
+# int8-dynamic-wo-float32: what holding `wo` in bfloat16 changes, on a CPU where int8-dynamic does.
 SETTINGS = (
     "fp32",
     "int8-dynamic",
+    "int8-dynamic-wo-float32",
     "int8-dynamic+wo",
     "int8-dynamic-head-kept",
     "bnb-int8",
@@ -193,6 +197,7 @@ def scores(ids: list[list[int]], reference_ids: list[list[int]], texts: list[str
 def main(argv=None) -> None:
     from benchmarks.run import machine, write_report
     from model import MT5Tokenizer
+    from model import quantize as quantization
     from model.vocabulary import kept_ids_from_text
     from synthetic.corpus import first_words_task
 
@@ -206,7 +211,15 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, help="results JSON, e.g. benchmarks/results/quality-first-words.json")
+    parser.add_argument(
+        "--settings",
+        default=",".join(SETTINGS),
+        help="comma-separated, fp32 first (the reference the others are compared with); default: all",
+    )
     args = parser.parse_args(argv)
+    settings = args.settings.split(",")
+    if settings[0] != "fp32" or not set(settings) <= set(SETTINGS):
+        parser.error(f"--settings: fp32 first, then any of {', '.join(SETTINGS[1:])}")
     torch.set_num_threads(args.threads)
     started = datetime.datetime.now(datetime.timezone.utc)
 
@@ -218,7 +231,7 @@ def main(argv=None) -> None:
     kept = kept_ids_from_text(tokenizer, [r["summary"] for r in training_rows()])
 
     results, reference = [], {}
-    for setting in SETTINGS:
+    for setting in settings:
         model = build(checkpoint, setting, kept)
         for name, decoding in DECODINGS.items():
             start = time.perf_counter()
@@ -252,6 +265,7 @@ def main(argv=None) -> None:
             "training_eval": json.loads((checkpoint / "eval.json").read_text()),
             "vocab_size": json.loads((checkpoint / "config.json").read_text())["vocab_size"],
             "restricted_vocabulary": len(kept | {0, 1}),
+            "int8_dynamic_wo": "bfloat16" if quantization.native_bfloat16() else "float32",
             "max_new_tokens": MAX_NEW_TOKENS,
             "decodings": DECODINGS,
             "agreement": "with fp32 under the same decoding; tokens: same id at the same position, over the "

@@ -9,6 +9,7 @@ quantization (wrong layout, wrong scales, a layer left in an undefined state).
 from __future__ import annotations
 
 import gc
+import importlib
 import sys
 import weakref
 from collections import Counter
@@ -20,8 +21,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import model as ours
-from model.quantize import METHODS, is_quantized, quantize, quantized_bytes
+from model.quantize import METHODS, is_quantized, native_bfloat16, quantize, quantized_bytes
 from tests.model.helpers import batch_with_padding, decoder_inputs, logits
+
+model_quantize = importlib.import_module("model.quantize")  # the module: `model.quantize` is also the function
 
 QUANTIZED = ("int8", "nf4", "fp4")
 
@@ -325,10 +328,12 @@ def test_int8_dynamic_from_pretrained_replaces_every_projection_wo_and_the_head_
     for name, layer in {**layers, "lm_head": model.lm_head}.items():
         assert type(layer) is DynamicLinear and layer.weight().dtype == torch.qint8, name
         assert layer.weight().qscheme() == torch.per_channel_affine, name  # one scale per output row
-    # wo stays float32 (DYNAMIC_KEEP_UNQUANTIZED), and nothing else is left behind
-    assert {name for name, m in model.named_modules() if type(m) is nn.Linear} == {
-        f"{stack}.blocks.{i}.ff.wo" for stack, n in (("encoder", 3), ("decoder", 2)) for i in range(n)
-    }
+    # wo is left unquantized (DYNAMIC_KEEP_UNQUANTIZED), in bfloat16 where this CPU multiplies it natively, and
+    # nothing else is left behind
+    kept = {name: m for name, m in model.named_modules() if type(m) is nn.Linear}
+    assert set(kept) == {f"{stack}.blocks.{i}.ff.wo" for stack, n in (("encoder", 3), ("decoder", 2)) for i in range(n)}
+    wo_dtype = torch.bfloat16 if native_bfloat16() else torch.float32
+    assert {m.weight.dtype for m in kept.values()} == {wo_dtype}
     assert model.shared.weight.dtype == torch.float32  # the embedding is not a projection
     assert is_quantized(model)
 
@@ -339,10 +344,14 @@ def test_int8_dynamic_from_pretrained_replaces_every_projection_wo_and_the_head_
         assert ((generated >= 0) & (generated < model.config.vocab_size)).all()
 
 
+@pytest.mark.parametrize("wo_in_bfloat16", [True, False], ids=["wo-bfloat16", "wo-float32"])
 @pytest.mark.parametrize("seed", [0, 2, 4])
-def test_int8_dynamic_logits_follow_float32_logits(tiny_checkpoint, seed):
+def test_int8_dynamic_logits_follow_float32_logits(tiny_checkpoint, seed, wo_in_bfloat16, monkeypatch):
+    # Both of int8-dynamic's `wo`s on every CPU: bfloat16 runs without native instructions too, only slower.
+    monkeypatch.setattr(model_quantize, "native_bfloat16", lambda: wo_in_bfloat16)
     full = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
     dynamic = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint, quantization="int8-dynamic")
+    assert dynamic.encoder.blocks[0].ff.wo.weight.dtype == (torch.bfloat16 if wo_in_bfloat16 else torch.float32)
     expected, got = logits(full, seed), logits(dynamic, seed)
     cosine = F.cosine_similarity(got.flatten(0, 1), expected.flatten(0, 1), dim=-1)
     assert cosine.min() > DYNAMIC_MIN_COSINE, f"lowest cosine {cosine.min():.4f}"
@@ -359,6 +368,8 @@ def test_int8_dynamic_weights_take_a_quarter_of_the_bytes_plus_their_row_statist
     for name, layer in dynamic_layers.items():  # int8 weights, plus a float64 scale and an int64 zero point per row
         assert quantized_bytes(layer) == replaced[name].weight.numel() + 16 * layer.out_features, name
     saved = sum(3 * m.weight.numel() - 16 * m.out_features for m in replaced.values())
+    if native_bfloat16():  # wo held in bfloat16: two bytes a weight instead of four
+        saved += sum(2 * m.weight.numel() for name, m in full.named_modules() if name.endswith(".ff.wo"))
     assert quantized_bytes(full) - quantized_bytes(dynamic) == saved  # no float32 copy is kept
 
 
@@ -366,6 +377,8 @@ def test_int8_dynamic_skip_keeps_the_named_modules_and_a_tied_head(tiny_checkpoi
     model = load(tiny_checkpoint, "int8-dynamic", skip=("lm_head", "decoder"))
     assert type(model.lm_head) is nn.Linear and type(model.decoder.blocks[0].ff.wi) is nn.Linear
     assert type(model.encoder.blocks[0].ff.wi) is DynamicLinear
+    # a skipped part is left as it was, its wo too, whatever the CPU
+    assert model.decoder.blocks[0].ff.wo.weight.dtype == model.lm_head.weight.dtype == torch.float32
     tied = load(tiny_relu_tied_checkpoint, "int8-dynamic")
     assert type(tied.lm_head) is nn.Linear and tied.lm_head.weight is tied.shared.weight
     assert torch.isfinite(logits(tied)).all()
@@ -528,6 +541,10 @@ def torch_ao_int8_dynamic(checkpoint, kept_ids=None, names=()):
     if kept_ids is not None:
         restrict_vocabulary(model, kept_ids)
     quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in names}, inplace=True)
+    if native_bfloat16():  # int8-dynamic's rule for the wo it leaves: bfloat16 on such a CPU
+        for name, layer in model.named_modules():
+            if name.endswith(".ff.wo"):
+                layer.to(torch.bfloat16)
     head = model.lm_head.kept if kept_ids is not None else model.lm_head
     if int8_head_engine(model) == "onednn":
         current, torch.backends.quantized.engine = torch.backends.quantized.engine, "onednn"
