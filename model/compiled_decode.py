@@ -182,6 +182,15 @@ class CompiledDecodeBatch(DecodeBatch):
     move storage rows in place rather than making new tensors."""
 
     def __init__(self, model, config: GenerationConfig, search: Search, max_documents: int):
+        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+        # The decoder and the head run in the graph. Dynamo stops at an int8-dynamic layer's packed weights (a
+        # TorchScript object: "Failed to convert args/kwargs to proxy") at the first step; the encoder runs eagerly.
+        if any(isinstance(m, DynamicLinear) for name, m in model.named_modules() if not name.startswith("encoder")):
+            raise ValueError(
+                "the compiled decode step cannot run int8-dynamic layers: torch.compile does not trace their packed "
+                "weights; decode without compile, or quantize the encoder alone (skip=('decoder', 'lm_head'))"
+            )
         super().__init__(model, config, search)
         self.max_documents = max_documents
         self.storage = storage_for(model, max_documents * self.group, self.max_len, self)

@@ -51,6 +51,11 @@ class SummarizeSettings:
             raise ValueError(
                 f"--quantization int8-dynamic computes in float32 on CPU: use --dtype float32 or auto, not {self.dtype}"
             )
+        if self.quantization == "int8-dynamic" and self.compile_decode:
+            raise ValueError(
+                "--compile-decode does not run with --quantization int8-dynamic: torch.compile cannot trace torch's "
+                "dynamic int8 layers; leave out one of the two (int8-dynamic is the fast CPU path on its own)"
+            )
         for name in (
             "max_input_tokens",
             "max_new_tokens",

@@ -133,6 +133,20 @@ def test_a_head_packed_for_the_cpu_runs_after_the_graph_with_the_eager_tokens(ti
     )
 
 
+def test_int8_dynamic_layers_in_the_graph_are_refused_and_an_int8_encoder_compiles(tiny_checkpoint, traced):
+    from model.quantize import quantize
+
+    settings = SETTINGS["greedy_xlsum"]
+    int8 = quantize(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint), "int8-dynamic")
+    with pytest.raises(ValueError, match="cannot run int8-dynamic layers.*decode without compile"):
+        decode(int8, settings, compile=True, docs=documents()[:3])
+    encoder_only = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    quantize(encoder_only, "int8-dynamic", skip=("decoder", "lm_head"))
+    assert decode(encoder_only, settings, compile=True, docs=documents()[:3]) == decode(
+        encoder_only, settings, compile=False, docs=documents()[:3]
+    )
+
+
 def test_a_second_compiled_stream_on_one_model_is_refused(model, traced):
     config = model.generation_config.updated(max_new_tokens=4, compile=True)
     first = generate_stream(model, documents(), config, max_rows=2)

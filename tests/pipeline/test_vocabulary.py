@@ -120,3 +120,6 @@ def test_the_flags_reach_the_settings_and_int8_dynamic_refuses_half_precision(ti
         == 2
     )
     assert "--quantization int8-dynamic computes in float32" in capsys.readouterr().err
+    common = ["--model", str(tiny_checkpoint), "--input", str(tmp_path), "--output", str(tmp_path / "out")]
+    assert main([*common, "--quantization", "int8-dynamic", "--compile-decode"]) == 2
+    assert "--compile-decode does not run with --quantization int8-dynamic" in capsys.readouterr().err
