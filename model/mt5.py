@@ -26,7 +26,7 @@ from .modules import (
 )
 from .packed import int8_head_engine, pack_head_for_cpu
 from .quantize import METHODS as QUANTIZATIONS
-from .quantize import is_quantized, quantize
+from .quantize import Int8HeadBlocks, is_quantized, quantize
 from .vocabulary import restrict_vocabulary
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ class MT5PreTrainedModel(nn.Module):
         if kept_ids is not None:  # before quantizing: int8-dynamic then quantizes the smaller head
             restrict_vocabulary(model, kept_ids)
         # after eval(): the new layers copy the training flag
-        quantize(model, quantization, device=device, head_engine=int8_head_engine(model) if pack_head else None)
+        head_engine = (int8_head_engine(model) or torch.backends.quantized.engine) if pack_head else None
+        quantize(model, quantization, device=device, head_engine=head_engine)
         if pack_head:
             pack_head_for_cpu(model)
         model._after_load(directory)
@@ -276,6 +277,8 @@ class MT5ForConditionalGeneration(_EncoderDecoder):
         if self.config.tie_word_embeddings:
             # Tied T5 rescales before the shared embedding; real (untied) mT5 checkpoints do not.
             hidden = hidden * self.config.d_model**-0.5
+        if out is not None and isinstance(self.lm_head, Int8HeadBlocks):
+            return self.lm_head(hidden, out=out)  # written block by block into `out`: no fresh vocabulary-sized tensor
         scores = self.lm_head(hidden)  # [..., ids the head covers]
         ids = getattr(self.lm_head, "kept_ids", None)
         if ids is None:

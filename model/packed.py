@@ -14,10 +14,11 @@ a replica fine-tunes the model it serves). state_dict() and save_pretrained unpa
 model saves the same checkpoint as before. model.load_for_inference packs after restricting the vocabulary
 and quantizing.
 
-An int8-dynamic head (torch's dynamically quantized Linear, model/quantize.py) stays that module, and its int8
-weight runs on oneDNN's kernel rather than fbgemm's (torch's "x86" engine picks fbgemm for dynamic linears) on CPUs
-with VNNI. load_for_inference has quantize() pack it for oneDNN straight away (int8_head_engine), so that its 250k
-rows are packed once and pack_head_for_cpu finds nothing to do; a head packed for fbgemm is repacked in place.
+An int8-dynamic head (torch's dynamically quantized Linear, model/quantize.py) runs its int8 weight on oneDNN's
+kernel rather than fbgemm's (torch's "x86" engine picks fbgemm for dynamic linears) on CPUs with VNNI.
+load_for_inference has quantize() make it an Int8HeadBlocks (vocabulary blocks written into the decode step's
+reused buffer) packed for oneDNN there (int8_head_engine), for the engine set now elsewhere, so that its 250k rows
+are packed once and pack_head_for_cpu finds nothing to do; a one-layer head packed for fbgemm is repacked in place.
 There oneDNN runs the head's u8 x s8 GEMM with VNNI or AMX tiles, 1.6-2x fbgemm's speed at 64 rows (beam 4's
 16 x 4) and on par at 16 on an AVX-512 / AMX Xeon (benchmarks/README.md).
 Both quantize the input alike (per tensor, 7 bits: reduce_range) and sum the int8 products exactly in int32;
@@ -29,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .quantize import dynamic_int8_engine, pack_dynamic_int8
+from .quantize import Int8HeadBlocks, dynamic_int8_engine, pack_dynamic_int8
 
 # The row count oneDNN's layout is chosen for: a decode step's rows (batch x beams). Measured on the head
 # at 1-64 rows, layouts picked for 16 and for 64 rows ran within noise of each other.
@@ -150,6 +151,10 @@ def pack_head_for_cpu(model: nn.Module, rows_hint: int = ROWS_HINT) -> bool:
         return False  # a tied head is the input embedding too: packing it would unshare the two
     owner, name = _head_slot(model)
     linear = getattr(owner, name, None)
+    if isinstance(linear, Int8HeadBlocks):  # quantize(head_engine=...) made it so; a copy may need repacking
+        engine = int8_head_engine(model)
+        stale = [block for block in linear.blocks if dynamic_int8_engine(block) != engine]
+        return engine is not None and all(repack_dynamic_int8(block, engine) for block in stale)
     if _is_dynamic_int8(linear):
         engine = int8_head_engine(model)
         return engine is not None and (dynamic_int8_engine(linear) == engine or repack_dynamic_int8(linear, engine))

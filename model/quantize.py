@@ -240,16 +240,9 @@ def _check_runs(bnb, method: str, device: torch.device, compute_dtype: torch.dty
         ) from err
 
 
-def _dynamic_int8_layer(layer: nn.Linear, engine: str | None = None) -> nn.Module:
-    """torch's dynamically quantized Linear holding `layer`'s weight as int8, one scale per output row, packed once,
-    for the kernels of torch's quantized `engine` (by default the one set now).
-
-    The weight is quantized as DynamicLinear.from_float(layer) quantizes it under per_channel_dynamic_qconfig (its
-    observer's scales and zero points, then _quantize_weight), but the layer is built at 1 x 1 and given its size
-    after: from_float builds it at full size, which packs an all-zero weight of that size before the real one is
-    packed again (for mT5's 250k-row head, seconds each). The module is the same, bit for bit
-    (tests/model/test_quantize.py compares a loaded model with what torch.ao.quantization.quantize_dynamic builds)."""
-    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+def _dynamic_int8_weight(layer: nn.Linear) -> torch.Tensor:
+    """`layer`'s weight as int8 with one scale per output row, as DynamicLinear.from_float(layer) quantizes it under
+    per_channel_dynamic_qconfig (its observer's scales and zero points, then _quantize_weight)."""
     from torch.ao.nn.quantized.modules.utils import _quantize_weight
     from torch.ao.quantization import per_channel_dynamic_qconfig
 
@@ -260,12 +253,81 @@ def _dynamic_int8_layer(layer: nn.Linear, engine: str | None = None) -> nn.Modul
         warnings.simplefilter("ignore", DeprecationWarning)
         observer = per_channel_dynamic_qconfig.weight()  # qint8 weights, symmetric per-channel scales
         observer(layer.weight)
-        weight = _quantize_weight(layer.weight.float(), observer)
+        return _quantize_weight(layer.weight.float(), observer)
+
+
+def _packed_dynamic_int8(weight: torch.Tensor, bias: torch.Tensor | None, engine: str | None) -> nn.Module:
+    """torch's dynamically quantized Linear holding the qint8 `weight`, packed once for `engine`. It is built at 1 x 1
+    and given its size after: from_float builds it at full size, which packs an all-zero weight of that size before
+    the real one is packed again (for mT5's 250k-row head, seconds each)."""
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
         new = DynamicLinear(1, 1, bias_=False)
-    new.in_features, new.out_features = layer.in_features, layer.out_features
-    pack_dynamic_int8(new, weight, layer.bias, engine)
+    new.out_features, new.in_features = weight.shape
+    pack_dynamic_int8(new, weight, bias, engine)
+    return new
+
+
+def _dynamic_int8_layer(layer: nn.Linear, engine: str | None = None) -> nn.Module:
+    """torch's dynamically quantized Linear holding `layer`'s weight as int8, one scale per output row, packed once,
+    for the kernels of torch's quantized `engine` (by default the one set now). The module is the one
+    DynamicLinear.from_float(layer) builds, bit for bit (tests/model/test_quantize.py compares a loaded model with
+    what torch.ao.quantization.quantize_dynamic builds)."""
+    new = _packed_dynamic_int8(_dynamic_int8_weight(layer), layer.bias, engine)
     new.train(layer.training)
     return new
+
+
+# The int8-dynamic head's vocabulary blocks (Int8HeadBlocks): ids per block. At 128 rows (32 documents x 4 beams) a
+# block's float32 output is 16 MiB, under glibc's largest mmap threshold (32 MiB).
+HEAD_BLOCK_IDS = 32768
+
+
+class Int8HeadBlocks(nn.Module):
+    """An int8-dynamic output head as vocabulary blocks, each an int8-dynamic layer of its own, written into one
+    output: the decode step's reused logits buffer where it passes one (MT5ForConditionalGeneration.lm_logits).
+
+    Neither torch's dynamic linear nor oneDNN's takes `out=`. A fresh [rows, 250k] float32 output above glibc's mmap
+    threshold (33 rows and more: beam 4 from 9 documents) is mapped from the OS at every step and faults in every
+    4 KiB page as it is written. A block's output comes from memory freed by the block before, and the copy into
+    `out` costs less than the faults did: on an AMD EPYC, one thread, oneDNN, 8 blocks against the whole head,
+    16 rows 8.7 -> 8.5 ms, 48 rows 36.0 -> 19.3 ms, 128 rows 95.2 -> 42.6 ms (benchmarks/README.md, "on AMD").
+    The logits are the whole layer's, bit for bit: a block holds its rows' int8 codes and per-channel scales, and
+    every block quantizes the same input rows alike."""
+
+    def __init__(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, engine: str | None, block_ids: int = HEAD_BLOCK_IDS
+    ):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.starts = list(range(0, self.out_features, block_ids))
+        codes, scales, zeros = weight.int_repr(), weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
+        blocks = []
+        for start in self.starts:
+            end = min(start + block_ids, self.out_features)
+            part = torch._make_per_channel_quantized_tensor(
+                codes[start:end].contiguous(), scales[start:end], zeros[start:end], 0
+            )
+            blocks.append(_packed_dynamic_int8(part, None if bias is None else bias[start:end], engine))
+        self.blocks = nn.ModuleList(blocks)
+
+    @classmethod
+    def from_float(cls, layer: nn.Linear, engine: str | None, block_ids: int = HEAD_BLOCK_IDS) -> Int8HeadBlocks:
+        return cls(_dynamic_int8_weight(layer), layer.bias, engine, block_ids).train(layer.training)
+
+    def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The logits of `x` [..., in_features], written into `out` [rows, out_features] where given."""
+        rows = x.reshape(-1, self.in_features)
+        if out is None:
+            out = rows.new_empty(rows.shape[0], self.out_features)
+        for start, block in zip(self.starts, self.blocks):
+            out[:, start : start + block.out_features] = block(rows)
+        return out.view(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {len(self.blocks)} int8 blocks"
 
 
 # The engine pack_dynamic_int8 packed each layer for, with the packed object it made, held weakly on both sides: a
@@ -430,9 +492,10 @@ def quantize(
         reaches a GPU too small for it in full precision (model/inference.py).
     observe: called with `model` after each move, the full-precision layer in place before it is quantized: the
         points where `device` holds the most. For tests that count the bytes there (quantized_bytes(model, device)).
-    head_engine: int8-dynamic only: the quantized engine whose kernels the output head is packed for (by default the
-        one set now, as for the stacks' layers). load_for_inference passes model.packed.int8_head_engine(model), the
-        one pack_head_for_cpu would repack it for, so that the head is packed once.
+    head_engine: int8-dynamic only: where given, the output head becomes an Int8HeadBlocks whose blocks are packed for
+        that quantized engine's kernels (by default the head is one layer packed for the engine set now, as the stacks'
+        layers are). load_for_inference passes model.packed.int8_head_engine(model), or the engine set now, so that
+        the head is packed once, in the layout it decodes with.
     """
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
@@ -454,6 +517,8 @@ def quantize(
         _check_dynamic_int8(device, dtype)
 
         def make_layer(layer: nn.Linear, head: bool) -> nn.Module:
+            if head and head_engine is not None:
+                return Int8HeadBlocks.from_float(layer, head_engine)
             return _dynamic_int8_layer(layer, head_engine if head else None)
 
     elif weight_only:

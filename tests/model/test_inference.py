@@ -8,14 +8,15 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 import model as ours
 from model.packed import PackedLinear, can_pack, pack_head_for_cpu
-from model.quantize import BITSANDBYTES, quantize, quantized_bytes
+from model.quantize import BITSANDBYTES, Int8HeadBlocks, quantize, quantized_bytes
 from model.vocabulary import RestrictedHead, restrict_vocabulary
 from tests.model.helpers import FP32_ATOL, batch_with_padding, decoder_inputs, logits
 
 
 def test_kept_ids_are_restricted_before_int8_dynamic_quantizes_the_smaller_head(tiny_checkpoint):
     model = ours.load_for_inference(tiny_checkpoint, quantization="int8-dynamic", kept_ids=range(100))
-    assert type(model.lm_head) is RestrictedHead and type(model.lm_head.kept) is DynamicLinear
+    assert type(model.lm_head) is RestrictedHead and type(model.lm_head.kept) is Int8HeadBlocks
+    assert [type(block) for block in model.lm_head.kept.blocks] == [DynamicLinear]  # one block of 100 ids
     assert model.lm_head.kept.out_features == 100  # pad, eos and the decoder start are among the first 100
 
 

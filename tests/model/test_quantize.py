@@ -21,7 +21,15 @@ import torch.nn.functional as F
 from torch import nn
 
 import model as ours
-from model.quantize import METHODS, is_quantized, native_bfloat16, quantize, quantized_bytes
+from model.quantize import (
+    HEAD_BLOCK_IDS,
+    METHODS,
+    Int8HeadBlocks,
+    is_quantized,
+    native_bfloat16,
+    quantize,
+    quantized_bytes,
+)
 from tests.model.helpers import batch_with_padding, decoder_inputs, logits
 
 model_quantize = importlib.import_module("model.quantize")  # the module: `model.quantize` is also the function
@@ -373,6 +381,23 @@ def test_int8_dynamic_weights_take_a_quarter_of_the_bytes_plus_their_row_statist
     assert quantized_bytes(full) - quantized_bytes(dynamic) == saved  # no float32 copy is kept
 
 
+def test_int8_head_blocks_give_the_whole_layers_logits_into_the_buffer_they_are_given(tiny_checkpoint):
+    model = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    whole = quantize(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint), "int8-dynamic").lm_head
+    ids = model.config.vocab_size
+    blocks = Int8HeadBlocks.from_float(model.lm_head, torch.backends.quantized.engine, block_ids=ids // 3 + 5)
+    assert [b.out_features for b in blocks.blocks] == [ids // 3 + 5] * 2 + [ids - 2 * (ids // 3 + 5)]  # and a tail
+    hidden = torch.randn(2, 3, model.config.d_model, generator=torch.Generator().manual_seed(0))
+    expected = whole(hidden)
+    # Each block quantizes the same rows alike and holds its ids' codes and scales: equal, not merely close.
+    assert torch.equal(blocks(hidden), expected)
+    buffer = torch.full((8, ids), float("nan"))  # a decode step's reused buffer, with rows to spare
+    written = blocks(hidden, out=buffer[:6])
+    assert written.data_ptr() == buffer.data_ptr() and torch.equal(written, expected)
+    assert torch.isnan(buffer[6:]).all()  # the rows past the step's are left alone
+    assert quantized_bytes(blocks) == quantized_bytes(whole)  # the same int8 codes and row statistics, split
+
+
 def test_int8_dynamic_skip_keeps_the_named_modules_and_a_tied_head(tiny_checkpoint, tiny_relu_tied_checkpoint):
     model = load(tiny_checkpoint, "int8-dynamic", skip=("lm_head", "decoder"))
     assert type(model.lm_head) is nn.Linear and type(model.decoder.blocks[0].ff.wi) is nn.Linear
@@ -584,26 +609,37 @@ def test_int8_dynamic_load_packs_each_layer_once_into_the_model_torch_ao_builds(
     monkeypatch.setattr(torch.ops.quantized, "linear_unpack", lambda p: unpacks.append(1) or unpack(p))
     model = ours.load_for_inference(tiny_checkpoint, quantization="int8-dynamic", kept_ids=kept_ids)
     monkeypatch.undo()
-    layers = {name: m for name, m in model.named_modules() if type(m) is DynamicLinear}
-    assert len(layers) == 3 * 3 + 2 * 6 + 1
-    # One pack of each weight at its size, no unpack. Besides: the 1 x 1 placeholders the layers are built with, and
-    # the 64 x 64 probe layer quantize() runs first (_check_dynamic_int8).
+    head_name = "lm_head.kept" if kept_ids is not None else "lm_head"
+    head = model.get_submodule(head_name)
+    assert type(head) is Int8HeadBlocks  # the head in vocabulary blocks, written into the decode step's buffer
+    layers = {name: m for name, m in model.named_modules() if type(m) is DynamicLinear and "lm_head" not in name}
+    assert len(layers) == 3 * 3 + 2 * 6
+    assert [b.out_features for b in head.blocks] == [
+        min(HEAD_BLOCK_IDS, head.out_features - start) for start in range(0, head.out_features, HEAD_BLOCK_IDS)
+    ]
+    # One pack of each weight at its size (the head's in its blocks), no unpack. Besides: the 1 x 1 placeholders the
+    # layers are built with, and the 64 x 64 probe layer quantize() runs first (_check_dynamic_int8).
     full_size = Counter(tuple(shape) for shape in packs if tuple(shape) != (1, 1))
-    assert full_size - Counter((m.out_features, m.in_features) for m in layers.values()) == Counter({(64, 64): 1})
-    assert sum(full_size.values()) == len(layers) + 1
+    packed = Counter((m.out_features, m.in_features) for m in [*layers.values(), *head.blocks])
+    assert full_size == packed + Counter({(64, 64): 1})
     assert unpacks == []
-    head = model.lm_head.kept if kept_ids is not None else model.lm_head
-    assert dynamic_int8_engine(head) == (int8_head_engine(model) or torch.backends.quantized.engine)
+    engine = int8_head_engine(model) or torch.backends.quantized.engine
+    assert {dynamic_int8_engine(block) for block in head.blocks} == {engine}
 
-    expected = torch_ao_int8_dynamic(tiny_checkpoint, kept_ids, names=layers)
-    assert {n for n, m in expected.named_modules() if type(m) is DynamicLinear} == set(layers)
-    # A restricted model refuses state_dict() (it cannot be saved): its parts are compared instead.
-    parts = [""] if kept_ids is None else ["encoder", "decoder", "shared", "lm_head.kept"]
-    for part in parts:
+    expected = torch_ao_int8_dynamic(tiny_checkpoint, kept_ids, names=[*layers, head_name])
+    assert {n for n, m in expected.named_modules() if type(m) is DynamicLinear} == {*layers, head_name}
+    # A restricted model refuses state_dict() (it cannot be saved), and the head is in blocks: the stacks and the
+    # embedding are compared as they are, the head's blocks against the reference's one layer.
+    for part in ["encoder", "decoder", "shared"]:
         got_state, expected_state = model.get_submodule(part).state_dict(), expected.get_submodule(part).state_dict()
         assert list(got_state) == list(expected_state), part
         for key, value in expected_state.items():
             assert_same_state(got_state[key], value, f"{part}.{key}")
+    whole = expected.get_submodule(head_name).weight()
+    blocks = [block.weight() for block in head.blocks]
+    assert torch.equal(torch.cat([b.int_repr() for b in blocks]), whole.int_repr())
+    assert torch.equal(torch.cat([b.q_per_channel_scales() for b in blocks]), whole.q_per_channel_scales())
+    assert torch.equal(torch.cat([b.q_per_channel_zero_points() for b in blocks]), whole.q_per_channel_zero_points())
     # The same kernels on the same packed weights: the logits and tokens are equal, not merely close.
     for seed in (0, 3):
         assert torch.equal(logits(model, seed), logits(expected, seed))

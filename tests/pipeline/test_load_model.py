@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 from model.packed import PackedLinear, can_pack
+from model.quantize import Int8HeadBlocks
 from model.vocabulary import RestrictedHead
 from pipeline.replica import load_model
 from pipeline.settings import SummarizeSettings
@@ -22,7 +22,7 @@ def test_a_cpu_float32_replica_packs_its_head_and_an_int8_one_quantizes_it(tiny_
     assert isinstance(model.lm_head, RestrictedHead) and isinstance(model.lm_head.kept, PackedLinear)
 
     model, _ = load_model(SummarizeSettings(model=str(tiny_checkpoint), quantization="int8-dynamic"), "cpu")
-    assert isinstance(model.lm_head, DynamicLinear)
+    assert isinstance(model.lm_head, Int8HeadBlocks)  # int8-dynamic, in vocabulary blocks
 
 
 def test_a_checkpoint_on_object_storage_loads_with_the_jobs_storage_options(s3, tiny_checkpoint, tmp_path, monkeypatch):
