@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .decode_batch import DecodeBatch
 from .modules import KVCache
-from .packed import is_packed
+from .packed import is_dynamic_int8, is_packed
 
 if TYPE_CHECKING:
     from .decode import Search
@@ -182,11 +182,9 @@ class CompiledDecodeBatch(DecodeBatch):
     move storage rows in place rather than making new tensors."""
 
     def __init__(self, model, config: GenerationConfig, search: Search, max_documents: int):
-        from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
-
         # The decoder and the head run in the graph. Dynamo stops at an int8-dynamic layer's packed weights (a
         # TorchScript object: "Failed to convert args/kwargs to proxy") at the first step; the encoder runs eagerly.
-        if any(isinstance(m, DynamicLinear) for name, m in model.named_modules() if not name.startswith("encoder")):
+        if any(is_dynamic_int8(m) for name, m in model.named_modules() if not name.startswith("encoder")):
             raise ValueError(
                 "the compiled decode step cannot run int8-dynamic layers: torch.compile does not trace their packed "
                 "weights; decode without compile, or quantize the encoder alone (skip=('decoder', 'lm_head'))"

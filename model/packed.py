@@ -93,7 +93,7 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN prepacked"
 
 
-def _is_dynamic_int8(linear) -> bool:
+def is_dynamic_int8(linear) -> bool:
     from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
     return isinstance(linear, DynamicLinear) and linear._packed_params.dtype == torch.qint8
@@ -151,13 +151,14 @@ def pack_head_for_cpu(model: nn.Module, rows_hint: int = ROWS_HINT) -> bool:
         return False  # a tied head is the input embedding too: packing it would unshare the two
     owner, name = _head_slot(model)
     linear = getattr(owner, name, None)
-    if isinstance(linear, Int8HeadBlocks):  # quantize(head_engine=...) made it so; a copy may need repacking
+    # An int8-dynamic head, one layer or in blocks (quantize(head_engine=...) makes them), is packed for its engine
+    # already; a copy of it, or a loaded state dict, was packed again for the engine set then and is repacked.
+    int8_layers = linear.blocks if isinstance(linear, Int8HeadBlocks) else [linear] if is_dynamic_int8(linear) else []
+    if int8_layers:
         engine = int8_head_engine(model)
-        stale = [block for block in linear.blocks if dynamic_int8_engine(block) != engine]
-        return engine is not None and all(repack_dynamic_int8(block, engine) for block in stale)
-    if _is_dynamic_int8(linear):
-        engine = int8_head_engine(model)
-        return engine is not None and (dynamic_int8_engine(linear) == engine or repack_dynamic_int8(linear, engine))
+        return engine is not None and all(
+            dynamic_int8_engine(layer) == engine or repack_dynamic_int8(layer, engine) for layer in int8_layers
+        )
     if not _packable(linear):
         return False
     setattr(owner, name, PackedLinear(linear, rows_hint).train(linear.training))

@@ -85,9 +85,8 @@ def native_bfloat16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512_BF16, or AMX tiles).
 
     int8-dynamic then holds the `wo` it leaves unquantized in bfloat16: mT5's activation dtype in its TPU
-    pretraining, with
-    float32's range (so none of float16's overflow) and a rounding of each value on its own (so none of
-    per-tensor int8's coarsening by outliers). There oneDNN multiplies it 4x faster than float32 (at 490 rows
+    pretraining, with float32's range (so none of float16's overflow) and a rounding of each value on its own (so
+    none of per-tensor int8's coarsening by outliers). There oneDNN multiplies it 4x faster than float32 (at 490 rows
     of mt5-small's `wo` on AMD EPYC, 1.07 against 4.5 ms): there int8-dynamic's encoder took 1.3 s instead of
     1.7, and against CTranslate2 int8 greedy went from 1.02x to 1.24x, beam 4 from 0.73x to 0.88x
     (benchmarks/README.md, "on AMD"). Without those instructions oneDNN converts bfloat16 to float32 on the fly,
@@ -541,7 +540,7 @@ def quantize(
     if dynamic and native_bfloat16():
         # `wo`, left unquantized, in bfloat16 (native_bfloat16); FeedForward casts its input to match.
         for name, layer in model.named_modules():
-            if name.rsplit(".", 1)[-1] == "wo" and type(layer) is nn.Linear and not _matches(name, skip):
+            if _matches(name, ("wo",)) and type(layer) is nn.Linear and not _matches(name, skip):
                 layer.to(torch.bfloat16)
     for parent, attr, head in targets:
         # One layer at a time, on the device it will run on (bitsandbytes quantizes there on a weight's first
