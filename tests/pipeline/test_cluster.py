@@ -15,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -29,6 +30,7 @@ from tests.pipeline.helpers import (
     SECRET,
     RayHead,
     assert_every_row_once,
+    busy_replicas,
     committed_count,
     free_port,
     job_command,
@@ -80,12 +82,19 @@ def two_nodes(monkeypatch):
 def test_node_removed_mid_job_job_completes(two_nodes, tiny_checkpoint, tmp_path):
     """The worker node dies (all its processes SIGKILLed) while its replica is mid-unit, and no node replaces
     it: the replica on the head takes over its units, and every row is written once."""
+    from ray._private import ray_constants
+
     cluster, worker = two_nodes
-    docs = documents(160, seed=11)
+    # Enough units that the head replica alone needs seconds for what is left when the node goes: the whole
+    # node's processes take a while to die, and with 16 units (as once here) the worker's replica had finished
+    # its share before they did, so nothing was redone and the test saw no failover at all.
+    docs = documents(480, seed=11)
     corpus = tmp_path / "corpus"
     write_shards(corpus, docs, files=4, row_group_size=10)
     out = tmp_path / "out"
     settings = SummarizeSettings(model=str(tiny_checkpoint), **FAST)
+    # the worker node's replica is a descendant of that node's raylet
+    worker_raylet = psutil.Process(worker.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid)
 
     result: dict = {}
 
@@ -97,7 +106,11 @@ def test_node_removed_mid_job_job_completes(two_nodes, tiny_checkpoint, tmp_path
 
     thread = threading.Thread(target=job, daemon=True)
     thread.start()
-    wait_for(lambda: committed_count(out) >= 2 or not thread.is_alive(), 180, "the first units to commit")
+    wait_for(
+        lambda: committed_count(out) >= 2 and busy_replicas(worker_raylet, out) or not thread.is_alive(),
+        180,
+        "the worker node's replica mid-unit",
+    )
     assert thread.is_alive(), f"the job ended before the node was removed: {result}"
     committed_before = committed_count(out)
     cluster.remove_node(worker, allow_graceful=False)
