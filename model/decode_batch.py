@@ -85,6 +85,11 @@ class DecodeBatch:
         self.caches = [
             KVCache(0, c.num_heads, self.max_len, c.d_kv, dtype, self.device) for _ in range(c.num_decoder_layers)
         ]
+        self.spare: tuple[torch.Tensor, torch.Tensor] | None = None  # cache storage that reorders pass on
+        # Per slot, the steps taken before its document joined: a row's length is at most 1 + the steps since,
+        # so the oldest document bounds the cache positions a step reads, with no host sync.
+        self.steps = 0
+        self.joined: list[int] = []
         empty = torch.empty(0, c.num_heads, 0, c.d_kv, dtype=dtype, device=self.device)
         self.cross_kv = [(empty, empty) for _ in range(c.num_decoder_layers)]  # per slot
         self.encoder_mask = torch.empty(0, 0, dtype=torch.long, device=self.device)  # per slot
@@ -95,6 +100,10 @@ class DecodeBatch:
 
     def logits(self) -> torch.Tensor:
         """Logits [rows, vocab] (float32) for the next token of every row."""
+        visible = min(1 + self.steps - min(self.joined, default=self.steps), self.max_len)
+        for cache in self.caches:
+            cache.visible = visible
+        self.steps += 1
         positions = (self.lengths - 1)[:, None]
         tokens = torch.gather(self.sequences, 1, positions)
         hidden = self.model.decoder(
@@ -105,7 +114,7 @@ class DecodeBatch:
     def reorder_rows(self, index: torch.Tensor) -> None:
         """Row i's caches continue from row index[i]'s (beam search)."""
         for cache in self.caches:
-            cache.select(index)
+            self.spare = cache.select(index, self.spare)
 
     def finished(self) -> list[int]:
         """The slots none of whose rows is still decoding (a host sync)."""
@@ -134,7 +143,7 @@ class DecodeBatch:
             self.decoding[rows] = True
             self.search.start(index)
             for slot, (key, ids) in zip(slots, documents):
-                self.keys[slot], self.source_lengths[slot] = key, len(ids)
+                self.keys[slot], self.source_lengths[slot], self.joined[slot] = key, len(ids), self.steps
         leaving = set(free[len(documents) :])
         if leaving:
             self._select([s for s in range(len(self)) if s not in leaving])
@@ -176,6 +185,7 @@ class DecodeBatch:
         """Room for `slots` more documents, at the end."""
         self.keys += [None] * slots
         self.source_lengths += [0] * slots
+        self.joined += [self.steps] * slots
         rows = slots * self.group
         self.sequences = torch.cat([self.sequences, self.sequences.new_zeros(rows, self.max_len)])
         self.lengths = torch.cat([self.lengths, self.lengths.new_ones(rows)])
@@ -200,6 +210,7 @@ class DecodeBatch:
         rows = self._rows(index)
         self.keys = [self.keys[s] for s in slots]
         self.source_lengths = [self.source_lengths[s] for s in slots]
+        self.joined = [self.joined[s] for s in slots]
         self._select_sources(index)
         self.sequences = self.sequences.index_select(0, rows)
         self.lengths = self.lengths.index_select(0, rows)

@@ -109,27 +109,45 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
 
 
 class KVCache(nn.Module):
-    """A preallocated self-attention cache, written in place one step at a time."""
+    """A preallocated self-attention cache, written in place one step at a time.
+
+    Attention reads only the first `visible` positions, and a reorder copies only those: the caller keeps every
+    row's length within them (DecodeBatch: the oldest document's length), so a step early in a document's
+    decode reads and copies a short cache rather than all max_len positions. What lies past a row's length, in
+    the visible part or not, is stale but finite (zeros at first, then other rows' keys and values): the
+    attention bias masks it, and a NaN there would not stay masked."""
 
     def __init__(self, batch: int, heads: int, max_len: int, d_kv: int, dtype: torch.dtype, device):
         super().__init__()
         self.register_buffer("k", torch.zeros(batch, heads, max_len, d_kv, dtype=dtype, device=device))
         self.register_buffer("v", torch.zeros(batch, heads, max_len, d_kv, dtype=dtype, device=device))
+        self.visible = max_len
 
     def update(self, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v [rows, heads, len, d_kv] at `positions` [rows, len] (each row at its own) and return
-        the cache of those rows, all positions: the attention bias masks what lies past a row's positions.
-        The cache may hold more rows than are written (the compiled step's preallocated storage)."""
+        the cache of those rows, its visible positions: the attention bias masks what lies past a row's
+        positions. The cache may hold more rows than are written (the compiled step's preallocated storage)."""
         rows = torch.arange(k.shape[0], device=k.device)[:, None]
         self.k[rows, :, positions] = k.transpose(1, 2)  # indexed: [rows, len, heads, d_kv]
         self.v[rows, :, positions] = v.transpose(1, 2)
-        return self.k[: k.shape[0]], self.v[: k.shape[0]]
+        return self.k[: k.shape[0], :, : self.visible], self.v[: k.shape[0], :, : self.visible]
 
-    def select(self, index: torch.Tensor) -> None:
-        """Row i continues from row index[i] (beam search); rows left out are dropped (finished work),
-        so later steps skip them. One pass: the selected rows become the cache."""
-        self.k = self.k.index_select(0, index)
-        self.v = self.v.index_select(0, index)
+    def select(self, index: torch.Tensor, spare: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Row i continues from row index[i] (beam search); rows left out are dropped (finished work), so
+        later steps skip them. One pass over the visible positions, into `spare` (k, v storage of another
+        cache of this shape, with at least len(index) rows: it holds finite values throughout) or else new
+        zeroed storage; returns the storage this cache held, to be the next cache's spare. Beam search
+        reorders every step: passing the storage on, a decode copies no position it has not written and
+        allocates nothing."""
+        rows, heads, max_len, d_kv = len(index), *self.k.shape[1:]
+        if spare is None or spare[0].shape[0] < rows or spare[0].shape[1:] != self.k.shape[1:]:
+            spare = tuple(self.k.new_zeros(rows, heads, max_len, d_kv) for _ in range(2))
+        held = self.k, self.v
+        k, v = spare[0][:rows], spare[1][:rows]
+        torch.index_select(self.k[:, :, : self.visible], 0, index, out=k[:, :, : self.visible])
+        torch.index_select(self.v[:, :, : self.visible], 0, index, out=v[:, :, : self.visible])
+        self.k, self.v = k, v
+        return held
 
     def append(self, rows: int) -> None:
         """Room for `rows` more rows (continuous batching: new documents join the batch)."""
@@ -313,7 +331,7 @@ class Decoder(nn.Module):
         length = embeds.shape[1]
         if positions is None:
             positions = torch.arange(length, device=x.device)[None, :]
-        key_length = caches[0].k.shape[2] if caches is not None else length
+        key_length = caches[0].visible if caches is not None else length
         self_bias = self.relative_bias(positions, key_length)  # [rows or 1, heads, len, key_len]
         # A query sees the keys at its position and before: causal, and blind to a cache's stale entries.
         future = torch.arange(key_length, device=x.device)[None, None, :] > positions[:, :, None]

@@ -63,6 +63,38 @@ def test_cross_attention_kv_is_per_document_not_per_beam_and_cache_is_preallocat
     assert state.caches[0].k.shape == (12, tiny.config.num_heads, 20, tiny.config.d_kv)
 
 
+def test_steps_read_and_reorder_only_the_cache_positions_written_so_far(tiny):
+    """A beam decode at its 4th step reads 4 cache positions of 20: NaN past them changes neither its logits
+    nor, after a reorder of the beams, the positions read next (a NaN read would spread to both)."""
+    ids, mask = batch_with_padding(batch=3)
+    config = tiny.generation_config.updated(num_beams=4, max_length=20, max_new_tokens=None, eos_token_id=-1)
+    sources = [(i, row[m.bool()].tolist()) for i, (row, m) in enumerate(zip(ids, mask))]
+    reorder = torch.arange(12).flip(0)
+
+    def fourth_step(poison: bool):
+        search = BeamSearch(config, None, tiny.device)
+        state = DecodeBatch(tiny, config, search)
+        with torch.no_grad():
+            state.refill([], sources)
+            for _ in range(3):
+                search.step(state)
+            if poison:
+                for cache in state.caches:
+                    cache.k[:, :, 4:] = float("nan")
+                    cache.v[:, :, 4:] = float("nan")
+            logits = state.logits()
+            state.reorder_rows(reorder)
+        return state, logits
+
+    clean, clean_logits = fourth_step(poison=False)
+    poisoned, poisoned_logits = fourth_step(poison=True)
+    assert clean.caches[0].visible == 4 and int(clean.lengths.max()) == 4
+    assert torch.equal(poisoned_logits, clean_logits) and poisoned_logits.isfinite().all()
+    for cache, reference in zip(poisoned.caches, clean.caches):
+        assert torch.equal(cache.k[:, :, :4], reference.k[:, :, :4]) and cache.k[:, :, :4].isfinite().all()
+        assert torch.equal(cache.v[:, :, :4], reference.v[:, :, :4])
+
+
 def test_no_repeat_ngram_bans_exactly_the_completing_tokens():
     sequences = torch.tensor([[0, 5, 6, 7, 5], [0, 1, 2, 3, 4]])
     scores = torch.zeros(2, 10)
@@ -112,3 +144,4 @@ def test_chunked_argmax_equals_torch_argmax(n):
     scores[4, [n // 3, n - 1]] = float("nan")
     scores[5, n - 1] = float("nan")
     assert torch.equal(argmax(scores), scores.argmax(-1))
+
