@@ -65,7 +65,8 @@ def main(argv=None) -> int:
 
     path = checkpoints.checkpoint(args.shape)
     docs = checkpoints.documents(args.docs, MT5Tokenizer.from_pretrained(path))
-    model = load_for_inference(path, dtype=args.dtype, device=args.device)
+    # as a job with --compile-decode loads it (its head alone packed on CPU), for the eager step too: the same model
+    model = load_for_inference(path, dtype=args.dtype, device=args.device, compile_decode=True)
     rows = []
     for name in args.decoding.split(","):
         d = DECODINGS[name]

@@ -132,15 +132,27 @@ class ContinuousEngine(TorchEngine):
 
 
 def ours(
-    ctx: Context, dtype: str = "float32", quantization: str = "none", vocabulary: int | None = None
+    ctx: Context,
+    dtype: str = "float32",
+    quantization: str = "none",
+    vocabulary: int | None = None,
+    compile_decode: bool = False,
 ) -> TorchEngine:
-    """Our model as a job loads it; `vocabulary`: keep only that many output ids (see RESTRICTED_VOCAB)."""
+    """Our model as a job loads it; `vocabulary`: keep only that many output ids (see RESTRICTED_VOCAB);
+    `compile_decode`: as a job with --compile-decode loads it."""
     from model import load_for_inference
 
     kept = None if vocabulary is None else range(vocabulary)
     return TorchEngine(
         ctx,
-        load_for_inference(ctx.checkpoint, dtype=dtype, device=ctx.device, quantization=quantization, kept_ids=kept),
+        load_for_inference(
+            ctx.checkpoint,
+            dtype=dtype,
+            device=ctx.device,
+            quantization=quantization,
+            kept_ids=kept,
+            compile_decode=compile_decode,
+        ),
     )
 
 
@@ -347,11 +359,14 @@ ENGINES = {
             ctx, shared["ours-fp32"].model if "ours-fp32" in shared else ours(ctx).model
         ),
     ),
-    "ours-fp32-compiled": (("cpu", "cuda"), lambda ctx, shared: ContinuousEngine(ctx, ours(ctx).model, compile=True)),
+    "ours-fp32-compiled": (
+        ("cpu", "cuda"),
+        lambda ctx, shared: ContinuousEngine(ctx, ours(ctx, compile_decode=True).model, compile=True),
+    ),
     "ours-bf16-continuous": (("cuda",), lambda ctx, shared: ContinuousEngine(ctx, ours(ctx, dtype="bfloat16").model)),
     "ours-bf16-compiled": (
         ("cuda",),
-        lambda ctx, shared: ContinuousEngine(ctx, ours(ctx, dtype="bfloat16").model, compile=True),
+        lambda ctx, shared: ContinuousEngine(ctx, ours(ctx, dtype="bfloat16", compile_decode=True).model, compile=True),
     ),
     "ours-int8-dynamic-continuous": (
         ("cpu",),

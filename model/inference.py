@@ -7,8 +7,9 @@ MT5ForConditionalGeneration.from_pretrained for the rest, whose order is the rec
 - restrict before quantizing, so that int8-dynamic quantizes the smaller head (model/vocabulary.py);
 - quantize while moving to the device: a quantized model is loaded in host memory and each layer is quantized as it
   reaches the GPU, which never holds more than the quantized model plus one full-precision layer;
-- pack last: a float32 head on CPU is packed for oneDNN, and an int8-dynamic one is packed for oneDNN on a CPU
-  with VNNI; other quantized heads stay as they are (model/packed.py).
+- pack last: a float32 head and float32 projections on CPU are packed for oneDNN, and an int8-dynamic head is
+  packed for oneDNN on a CPU with VNNI; other quantized layers stay as they are (model/packed.py). A model for the
+  compiled decode step packs its head alone: torch.compile cannot trace a packed weight.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ def load_for_inference(
     kept_ids: Iterable[int] | None = None,
     revision: str | None = None,
     cache_dir: str | Path | None = None,
+    compile_decode: bool = False,
 ) -> MT5ForConditionalGeneration:
-    """An mT5 model ready to generate, in eval mode and for inference only (a packed head takes no gradient:
-    model.packed.unpack_head puts the plain one back for training).
+    """An mT5 model ready to generate, in eval mode and for inference only (a packed layer takes no gradient:
+    model.packed.unpack puts the plain ones back for training).
 
     source, revision, cache_dir: as MT5ForConditionalGeneration.from_pretrained.
     dtype: as inference_dtype.
@@ -40,6 +42,8 @@ def load_for_inference(
         layer as it moves to `device` (from_pretrained): where --quantization auto chose it because the
         full-precision model does not fit the GPU's share, loading it there first would run out of memory.
     kept_ids: the only ids the model may generate (restrict_vocabulary), or None for the whole vocabulary.
+    compile_decode: the model will decode through the compiled step (generation's `compile`), which cannot run
+        packed projections: only the head is packed.
     """
     device = torch.device(device)
     return MT5ForConditionalGeneration.from_pretrained(
@@ -49,6 +53,7 @@ def load_for_inference(
         quantization=quantization,
         kept_ids=kept_ids,
         pack_head=True,
+        pack_linears=not compile_decode,
         revision=revision,
         cache_dir=cache_dir,
     )

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MT5Config
+from .packed import PackedLinear
 
 
 class Embedding(nn.Embedding):
@@ -219,8 +220,9 @@ class FeedForward(nn.Module):
         else:
             h = F.relu(h)
         h = self.dropout(h)
-        # wo may be kept in float32 while the rest is float16 (see keep_wo_in_float32).
-        wo = self.wo.weight
+        # wo may be kept in float32 while the rest is float16 (see keep_wo_in_float32). A packed wo is float32 in a
+        # float32 model, and its weight would be unpacked (a copy) to be asked.
+        wo = None if isinstance(self.wo, PackedLinear) else self.wo.weight
         if isinstance(wo, torch.Tensor) and wo.dtype != h.dtype and wo.dtype.is_floating_point:
             h = h.to(wo.dtype)
         return self.wo(h)

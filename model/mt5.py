@@ -24,7 +24,7 @@ from .modules import (
     RMSNorm,
     SelfAttention,
 )
-from .packed import int8_head_engine, pack_head_for_cpu
+from .packed import int8_head_engine, pack_head_for_cpu, pack_linears_for_cpu
 from .quantize import METHODS as QUANTIZATIONS
 from .quantize import Int8HeadBlocks, is_quantized, quantize
 from .vocabulary import restrict_vocabulary
@@ -82,6 +82,7 @@ class MT5PreTrainedModel(nn.Module):
         revision: str | None = None,
         kept_ids: Iterable[int] | None = None,
         pack_head: bool = False,
+        pack_linears: bool = False,
     ):
         """Load a Hugging Face mT5 checkpoint: a directory, an fsspec URI or a hub id.
 
@@ -93,7 +94,8 @@ class MT5PreTrainedModel(nn.Module):
         `kept_ids`: the only ids the model may generate (model.vocabulary.restrict_vocabulary), restricted before
         quantizing, so that int8-dynamic quantizes the smaller head. `pack_head`: the output head laid out for CPU
         inference (model.packed.pack_head_for_cpu; an int8-dynamic head is packed for its engine as it is quantized,
-        once); a packed head takes no gradient. model.load_for_inference loads with both.
+        once); a packed head takes no gradient. `pack_linears`: the encoder's and decoder's float32 projections too
+        (model.packed.pack_linears_for_cpu). model.load_for_inference loads with all of them.
         """
         dtype = as_dtype(dtype)
         if quantization not in QUANTIZATIONS:  # before reading any weight
@@ -109,6 +111,8 @@ class MT5PreTrainedModel(nn.Module):
         quantize(model, quantization, device=device, head_engine=head_engine)
         if pack_head:
             pack_head_for_cpu(model)
+        if pack_linears:
+            pack_linears_for_cpu(model)
         model._after_load(directory)
         return model
 

@@ -21,7 +21,7 @@ import torch
 from model import MT5Tokenizer, load_for_inference
 from model.checkpoint import resolve_checkpoint
 from model.inference import inference_dtype
-from model.packed import pack_head_for_cpu
+from model.packed import pack_head_for_cpu, pack_linears_for_cpu
 from model.storage import open_filesystem
 
 from . import fit, vocabulary
@@ -50,7 +50,14 @@ def load_model(settings: SummarizeSettings, device: str, storage_options: dict |
     if settings.output_vocabulary:
         kept = vocabulary.kept_ids(tokenizer, vocabulary.read_sample(settings.output_vocabulary, storage_options))
     quantization = fit.on_this_device(settings, directory, device)  # the driver has resolved auto already
-    model = load_for_inference(directory, dtype=settings.dtype, device=device, quantization=quantization, kept_ids=kept)
+    model = load_for_inference(
+        directory,
+        dtype=settings.dtype,
+        device=device,
+        quantization=quantization,
+        kept_ids=kept,
+        compile_decode=settings.compile_decode,
+    )
     return model, tokenizer
 
 
@@ -201,7 +208,10 @@ class Replica:
         finally:
             dist.destroy_process_group()
         model.eval()
-        pack_head_for_cpu(model)  # back to serving: summarize_texts uses the trained model
+        # back to serving, laid out as load_model lays it out: summarize_texts uses the trained model
+        pack_head_for_cpu(model)
+        if not self._model_settings[0].compile_decode:
+            pack_linears_for_cpu(model)
         return result
 
     def summarize_texts(self, texts: list[str]) -> list[str | None]:

@@ -511,9 +511,9 @@ def _finite_or_none(value: float) -> float | None:
 def prepare_for_training(model, settings: FinetuneSettings):
     """Full: every weight trains. LoRA / QLoRA: adapters on q, k, v, o, wi_0, wi_1, wo; the rest is frozen
     (for QLoRA the base was loaded 4-bit). Returns the LoRA config, or None for full fine-tuning."""
-    from model.packed import unpack_head
+    from model.packed import unpack
 
-    unpack_head(model)  # a replica packs its CPU head for summarizing; backward needs the plain one
+    unpack(model)  # a replica packs its CPU layers for summarizing; backward needs the plain ones
     for module in (model.encoder, model.decoder):
         module.gradient_checkpointing = settings.gradient_checkpointing
     if settings.method == "full":

@@ -7,7 +7,7 @@ import torch
 from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 import model as ours
-from model.packed import PackedLinear, can_pack, pack_head_for_cpu
+from model.packed import PackedLinear, can_pack, pack_head_for_cpu, pack_linears_for_cpu
 from model.quantize import BITSANDBYTES, Int8HeadBlocks, quantize, quantized_bytes
 from model.vocabulary import RestrictedHead, restrict_vocabulary
 from tests.model.helpers import FP32_ATOL, batch_with_padding, decoder_inputs, logits
@@ -60,12 +60,13 @@ def test_auto_dtype_is_bfloat16_only_on_a_gpu_with_it_and_bfloat16_is_refused_el
 
 def quantized_after_loading(checkpoint, method: str, dtype, device="cpu", kept_ids=None):
     """The old order, the reference: the whole model loaded on `device` in `dtype`, then restricted, quantized and
-    its head packed for a CPU (where it applies)."""
+    its head and float32 projections packed for a CPU (where it applies)."""
     model = ours.MT5ForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype, device=device)
     if kept_ids is not None:
         restrict_vocabulary(model, kept_ids)
     quantize(model, method)
     pack_head_for_cpu(model)
+    pack_linears_for_cpu(model)
     return model
 
 

@@ -1,5 +1,5 @@
-"""The oneDNN-prepacked output head: the same tokens as transformers, the same checkpoint saved, and the
-cases it must leave alone."""
+"""The oneDNN-prepacked output head and projections: the same tokens as transformers, the same checkpoint saved,
+and the cases they must leave alone."""
 
 from __future__ import annotations
 
@@ -10,7 +10,14 @@ from torch import nn
 
 import model as ours
 from model.decode import generate_stream
-from model.packed import PackedLinear, can_pack, can_pack_int8, pack_head_for_cpu, unpack_head
+from model.packed import (
+    PackedLinear,
+    can_pack,
+    can_pack_int8,
+    pack_head_for_cpu,
+    pack_linears_for_cpu,
+    unpack,
+)
 from model.quantize import quantize
 from model.vocabulary import restrict_vocabulary
 from tests.model.helpers import (
@@ -26,10 +33,21 @@ from tests.model.helpers import (
 pytestmark = pytest.mark.skipif(not can_pack(), reason="this torch has no oneDNN prepacked linear")
 
 
+# Each block's projections: self-attention qkv and o, feed-forward wi and wo; the decoder's cross-attention q, kv, o.
+PROJECTIONS_PER_LAYER = {"encoder": 4, "decoder": 7}
+
+
 def packed(checkpoint):
+    """The model laid out as load_for_inference lays it out on CPU: head and projections packed."""
     model = ours.MT5ForConditionalGeneration.from_pretrained(checkpoint)
     assert pack_head_for_cpu(model)
-    assert isinstance(model.lm_head, PackedLinear)
+    c = model.config
+    projections = (
+        PROJECTIONS_PER_LAYER["encoder"] * c.num_layers + PROJECTIONS_PER_LAYER["decoder"] * c.num_decoder_layers
+    )
+    assert pack_linears_for_cpu(model) == projections
+    assert isinstance(model.lm_head, PackedLinear) and isinstance(model.decoder.blocks[0].ff.wo, PackedLinear)
+    assert not any(type(m) is nn.Linear for m in model.modules())
     return model
 
 
@@ -70,11 +88,14 @@ def test_packed_continuous_batching_is_token_identical_to_transformers(tiny_chec
 def test_a_packed_model_saves_the_checkpoint_it_was_loaded_from(tiny_checkpoint, tmp_path):
     plain = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
     model = packed(tiny_checkpoint)
-    state = model.state_dict()
-    assert torch.equal(state["lm_head.weight"], plain.lm_head.weight)  # unpacked bit for bit
+    state, expected = model.state_dict(), plain.state_dict()
+    assert state.keys() == expected.keys()
+    assert all(torch.equal(state[name], expected[name]) for name in expected)  # unpacked bit for bit
     model.save_pretrained(tmp_path)
     reloaded = transformers.MT5ForConditionalGeneration.from_pretrained(tmp_path)
     assert torch.equal(reloaded.lm_head.weight, plain.lm_head.weight)
+    wo = reloaded.decoder.block[0].layer[2].DenseReluDense.wo.weight
+    assert torch.equal(wo, plain.decoder.blocks[0].ff.wo.weight)
 
 
 def test_loading_a_state_dict_repacks_the_head(tiny_checkpoint):
@@ -94,19 +115,21 @@ def test_loading_a_state_dict_repacks_the_head(tiny_checkpoint):
 def test_training_through_a_packed_head_fails_clearly(tiny_checkpoint):
     model = packed(tiny_checkpoint).train()
     ids, mask = batch_with_padding()
-    with pytest.raises(RuntimeError, match="packed output head is for inference only"):
+    with pytest.raises(RuntimeError, match="packed linear layer is for inference only"):
         model(input_ids=ids, attention_mask=mask, labels=decoder_inputs()).loss.backward()
 
 
-def test_unpacking_restores_a_trainable_plain_head(tiny_checkpoint):
+def test_unpacking_restores_a_trainable_plain_model(tiny_checkpoint):
     plain = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
     model = packed(tiny_checkpoint)
-    assert unpack_head(model) and not unpack_head(model)
-    assert type(model.lm_head) is nn.Linear and torch.equal(model.lm_head.weight, plain.lm_head.weight)
-    model.lm_head.weight.requires_grad_(True)
+    assert unpack(model) == sum(type(m) is nn.Linear for m in plain.modules()) and not unpack(model)
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+    assert all(torch.equal(model.state_dict()[name], weight) for name, weight in plain.state_dict().items())
+    model.requires_grad_(True)
     ids, mask = batch_with_padding()
     model.train()(input_ids=ids, attention_mask=mask, labels=decoder_inputs()).loss.backward()
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    assert model.encoder.blocks[0].self_attn.qkv.weight.grad.abs().sum() > 0
 
 
 def test_restricted_head_packs_its_kept_rows(tiny_checkpoint):
@@ -175,3 +198,26 @@ def test_an_int8_dynamic_head_packed_again_elsewhere_is_repacked_for_onednn(tiny
     model.lm_head.load_state_dict(model.lm_head.state_dict())
     assert engines(model) == {None}
     assert pack_head_for_cpu(model) and torch.equal(logits(model), expected)
+
+
+def test_projections_it_cannot_pack_are_left_alone(tiny_checkpoint):
+    int8 = quantize(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint), "int8-dynamic")
+    float_wo = [m for m in int8.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32]
+    assert pack_linears_for_cpu(int8) == len(float_wo)  # int8-dynamic keeps wo unquantized: only those
+    half = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype="bfloat16")
+    assert pack_linears_for_cpu(half) == 0
+    model = packed(tiny_checkpoint)
+    assert pack_linears_for_cpu(model) == 0  # already packed
+
+
+def test_a_model_for_the_compiled_step_packs_its_head_alone_and_a_packed_one_is_refused(tiny_checkpoint):
+    from model.compiled_decode import CompiledDecodeBatch
+    from model.decode import Greedy
+
+    for_compile = ours.load_for_inference(tiny_checkpoint, compile_decode=True)
+    assert isinstance(for_compile.lm_head, PackedLinear)
+    assert sum(isinstance(m, PackedLinear) for m in for_compile.modules()) == 1
+    model = ours.load_for_inference(tiny_checkpoint)
+    config = model.generation_config.updated(compile=True)
+    with pytest.raises(ValueError, match="compile_decode=True"):
+        CompiledDecodeBatch(model, config, Greedy(config), 4)
