@@ -143,15 +143,12 @@ def ours(
     from model import load_for_inference
 
     kept = None if vocabulary is None else range(vocabulary)
+    # passed only when set: before_after_issue15.py's NAME@REV engines load revisions that predate it
+    extra = {"compile_decode": True} if compile_decode else {}
     return TorchEngine(
         ctx,
         load_for_inference(
-            ctx.checkpoint,
-            dtype=dtype,
-            device=ctx.device,
-            quantization=quantization,
-            kept_ids=kept,
-            compile_decode=compile_decode,
+            ctx.checkpoint, dtype=dtype, device=ctx.device, quantization=quantization, kept_ids=kept, **extra
         ),
     )
 
