@@ -394,7 +394,7 @@ def weight_only_compiled(run: Run) -> dict:
     steps = {"min_new_tokens": run.plan.max_new_tokens}
 
     def loaded():
-        model = ours(ctx, dtype="float32", quantization="int8-weight-only").model
+        model = ours(ctx, dtype="float32", quantization="int8-weight-only", compile_decode=True).model
         model.generation_config = model.generation_config.updated(**steps)
         return model
 
@@ -847,7 +847,8 @@ def pipeline_stages(run: Run) -> dict:
 
     speed_dtype = "bfloat16" if run.cuda else "float32"
     start = time.perf_counter()
-    model = load_for_inference(path, dtype=speed_dtype, device=run.device)
+    # as a job with --compile-decode loads it, for the eager passes too: the same model
+    model = load_for_inference(path, dtype=speed_dtype, device=run.device, compile_decode=True)
     synchronized(run)
     load_seconds = time.perf_counter() - start
     first, steady = passes(model, True, 2)
@@ -857,7 +858,7 @@ def pipeline_stages(run: Run) -> dict:
     if speed_dtype == "float32":
         exact_compiled, exact_eager = steady, eager
     else:
-        model = load_for_inference(path, dtype="float32", device=run.device)
+        model = load_for_inference(path, dtype="float32", device=run.device, compile_decode=True)
         exact_table = table.slice(0, plan.pipeline_exact_docs + 2)
         exact_compiled, exact_eager = (
             passes(model, True, 1, exact_table)[0],

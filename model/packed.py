@@ -64,6 +64,13 @@ class PackedLinear(nn.Module):
         """The plain [out_features, in_features] weight, unpacked (a copy)."""
         return self.packed.to_dense()
 
+    def __deepcopy__(self, memo) -> PackedLinear:
+        # The packed tensor is opaque (it has no storage to copy): the copy packs the plain weight again.
+        linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
+        linear.weight = nn.Parameter(self.weight, requires_grad=False)
+        copied = memo[id(self)] = PackedLinear(linear, self.rows_hint).train(self.training)
+        return copied
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             raise RuntimeError(

@@ -85,6 +85,17 @@ def test_packed_continuous_batching_is_token_identical_to_transformers(tiny_chec
         assert got[key] == reference.generate(input_ids=torch.tensor([ids]), **settings)[0].tolist(), key
 
 
+def test_a_packed_model_deep_copies_into_an_equal_packed_model(tiny_checkpoint):
+    """copy.deepcopy (benchmarks and users copy models) cannot copy oneDNN's opaque tensor: the copy packs again."""
+    import copy
+
+    model = packed(tiny_checkpoint)
+    copied = copy.deepcopy(model)
+    assert isinstance(copied.decoder.blocks[0].ff.wo, PackedLinear)
+    assert copied.decoder.blocks[0].ff.wo.packed is not model.decoder.blocks[0].ff.wo.packed
+    assert torch.equal(logits(copied), logits(model))
+
+
 def test_a_packed_model_saves_the_checkpoint_it_was_loaded_from(tiny_checkpoint, tmp_path):
     plain = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
     model = packed(tiny_checkpoint)
