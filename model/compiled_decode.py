@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .decode_batch import DecodeBatch
 from .modules import KVCache
-from .packed import PackedLinear, is_dynamic_int8, is_packed
+from .packed import has_packed_projections, is_dynamic_int8, is_packed
 
 if TYPE_CHECKING:
     from .decode import Search
@@ -189,8 +189,7 @@ class CompiledDecodeBatch(DecodeBatch):
                 "the compiled decode step cannot run int8-dynamic layers: torch.compile does not trace their packed "
                 "weights; decode without compile, or quantize the encoder alone (skip=('decoder', 'lm_head'))"
             )
-        head = model.lm_head.kept if getattr(model.lm_head, "kept_ids", None) is not None else model.lm_head
-        if any(isinstance(m, PackedLinear) and m is not head for m in model.modules()):
+        if has_packed_projections(model):
             raise ValueError(
                 "the compiled decode step cannot run oneDNN-packed projections: torch.compile does not trace their "
                 "weights; load the model with load_for_inference(..., compile_decode=True), which packs the head alone"

@@ -24,7 +24,7 @@ from .modules import (
     RMSNorm,
     SelfAttention,
 )
-from .packed import int8_head_engine, pack_head_for_cpu, pack_linears_for_cpu
+from .packed import int8_head_engine, pack_for_cpu
 from .quantize import METHODS as QUANTIZATIONS
 from .quantize import Int8HeadBlocks, is_quantized, quantize
 from .vocabulary import restrict_vocabulary
@@ -94,8 +94,8 @@ class MT5PreTrainedModel(nn.Module):
         `kept_ids`: the only ids the model may generate (model.vocabulary.restrict_vocabulary), restricted before
         quantizing, so that int8-dynamic quantizes the smaller head. `pack_head`: the output head laid out for CPU
         inference (model.packed.pack_head_for_cpu; an int8-dynamic head is packed for its engine as it is quantized,
-        once); a packed head takes no gradient. `pack_linears`: the encoder's and decoder's float32 projections too
-        (model.packed.pack_linears_for_cpu). model.load_for_inference loads with all of them.
+        once); a packed head takes no gradient. `pack_linears`, with pack_head: the encoder's and decoder's float32
+        projections too (model.packed.pack_for_cpu). model.load_for_inference loads with all of them.
         """
         dtype = as_dtype(dtype)
         if quantization not in QUANTIZATIONS:  # before reading any weight
@@ -110,9 +110,7 @@ class MT5PreTrainedModel(nn.Module):
         head_engine = (int8_head_engine(model) or torch.backends.quantized.engine) if pack_head else None
         quantize(model, quantization, device=device, head_engine=head_engine)
         if pack_head:
-            pack_head_for_cpu(model)
-        if pack_linears:
-            pack_linears_for_cpu(model)
+            pack_for_cpu(model, projections=pack_linears)
         model._after_load(directory)
         return model
 

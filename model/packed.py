@@ -64,11 +64,15 @@ class PackedLinear(nn.Module):
         """The plain [out_features, in_features] weight, unpacked (a copy)."""
         return self.packed.to_dense()
 
-    def __deepcopy__(self, memo) -> PackedLinear:
-        # The packed tensor is opaque (it has no storage to copy): the copy packs the plain weight again.
+    def plain(self) -> nn.Linear:
+        """The plain nn.Linear this layer packs (its weight unpacked, a copy)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=False, device="meta")
         linear.weight = nn.Parameter(self.weight, requires_grad=False)
-        copied = memo[id(self)] = PackedLinear(linear, self.rows_hint).train(self.training)
+        return linear.train(self.training)
+
+    def __deepcopy__(self, memo) -> PackedLinear:
+        # The packed tensor is opaque (it has no storage to copy): the copy packs the plain weight again.
+        copied = memo[id(self)] = PackedLinear(self.plain(), self.rows_hint).train(self.training)
         return copied
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -198,8 +202,21 @@ def unpack(model: nn.Module) -> int:
     for owner in list(model.modules()):
         for name, layer in list(owner.named_children()):
             if isinstance(layer, PackedLinear):
-                linear = nn.Linear(layer.in_features, layer.out_features, bias=False, device="meta")
-                linear.weight = nn.Parameter(layer.weight, requires_grad=False)
-                setattr(owner, name, linear.train(layer.training))
+                setattr(owner, name, layer.plain())
                 unpacked += 1
     return unpacked
+
+
+def pack_for_cpu(model: nn.Module, *, projections: bool = True) -> None:
+    """Lay `model` out for CPU inference as load_for_inference does: its head packed, and with `projections` its
+    encoder's and decoder's float32 projections too (a model for the compiled decode step packs its head alone)."""
+    pack_head_for_cpu(model)
+    if projections:
+        pack_linears_for_cpu(model)
+
+
+def has_packed_projections(model: nn.Module) -> bool:
+    """Whether any layer but the head is a PackedLinear (pack_linears_for_cpu packed them)."""
+    owner, name = _head_slot(model)
+    head = getattr(owner, name, None)
+    return any(isinstance(m, PackedLinear) and m is not head for m in model.modules())

@@ -21,7 +21,7 @@ import torch
 from model import MT5Tokenizer, load_for_inference
 from model.checkpoint import resolve_checkpoint
 from model.inference import inference_dtype
-from model.packed import pack_head_for_cpu, pack_linears_for_cpu
+from model.packed import pack_for_cpu
 from model.storage import open_filesystem
 
 from . import fit, vocabulary
@@ -209,9 +209,7 @@ class Replica:
             dist.destroy_process_group()
         model.eval()
         # back to serving, laid out as load_model lays it out: summarize_texts uses the trained model
-        pack_head_for_cpu(model)
-        if not self._model_settings[0].compile_decode:
-            pack_linears_for_cpu(model)
+        pack_for_cpu(model, projections=not self._model_settings[0].compile_decode)
         return result
 
     def summarize_texts(self, texts: list[str]) -> list[str | None]:
