@@ -58,4 +58,22 @@ def joined_ray():
     try:
         yield
     finally:
+        if address == "local":
+            stop_autoscaler_monitor()
         ray.shutdown()
+
+
+def stop_autoscaler_monitor() -> None:
+    """Kill the autoscaler monitor of the Ray this process started, before ray.shutdown() stops the rest.
+
+    ray.shutdown() stops the GCS first and then sends the monitor SIGTERM; the monitor's handler reports its
+    "failure" to the GCS that is gone and waits, so Ray gives it a second before SIGKILL. Every local job paid
+    that second at exit. A monitor of a local Ray scales nothing, so nothing is lost. Ray's node object is
+    private: if it changes, the job simply pays the second again."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    for info in getattr(node, "all_processes", {}).get("monitor", ()):
+        if info.process.poll() is None:
+            info.process.kill()
+            info.process.wait(timeout=REACHABLE_WITHIN_SECONDS)

@@ -60,3 +60,23 @@ def test_only_a_ray_of_the_jobs_own_starts_without_a_dashboard(ray_tmpdir, monke
         pass
     assert calls[0]["address"] == address
     assert calls[0].get("include_dashboard") is dashboard
+
+
+def test_a_ray_of_the_jobs_own_loses_its_autoscaler_monitor_before_the_rest(monkeypatch):
+    """ray.shutdown() stops the GCS and then the monitor, whose SIGTERM handler waits a second on the GCS that is
+    gone: every local job paid that second at exit. The job kills the monitor first."""
+    import ray
+
+    monkeypatch.setenv("RAY_ADDRESS", "local")
+    shutdown = ray.shutdown
+    monitors, alive_at_shutdown = [], []
+
+    def recording_shutdown():
+        alive_at_shutdown.extend(m.process.poll() is None for m in monitors)
+        shutdown()
+
+    monkeypatch.setattr(ray, "shutdown", recording_shutdown)
+    with joined_ray():
+        monitors.extend(ray._private.worker._global_node.all_processes["monitor"])
+        assert all(m.process.poll() is None for m in monitors)
+    assert alive_at_shutdown == [False] * len(monitors) and monitors
