@@ -48,8 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS = ("none", "int8", "nf4", "fp4", "int8-dynamic", "int8-weight-only")
-BITSANDBYTES = ("int8", "nf4", "fp4")
+from .quantization_methods import METHODS
 
 # The stacks' projections, by their attribute names in model/modules.py.
 PROJECTIONS = ("qkv", "q", "kv", "o", "wi", "wo")

@@ -15,7 +15,7 @@ import uuid
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 
-from model import MT5ForConditionalGeneration, MT5Tokenizer
+from model import MT5Tokenizer
 from model.checkpoint import hub_commit, resolve_checkpoint
 from model.storage import redact_url
 
@@ -28,7 +28,7 @@ from .listing import Shard, list_shards
 from .partitions import matches, parse_filter
 from .placement import DEFAULT_PLACEMENT, Placement, Target, wait_until_placed
 from .settings import SummarizeSettings
-from .stages import Stats
+from .stats import Stats
 from .units import WorkUnit, known_units, plan_units, planned_from_listing
 
 # A unit whose replica dies this many times while running it alone is recorded as failed (a poison unit that
@@ -72,6 +72,10 @@ def model_fingerprint(source: str, revision: str | None = None, storage_options:
     (issue 12). Reading every byte costs about a second per GB, so the hash is cached by the files' stat
     (pipeline/checkpoint_hash.py): a run on files unchanged since the last one reads none of them.
     """
+    # torch, for the model on the meta device: imported here, not with this module, so that the job parses its
+    # flags and starts Ray while torch imports beside it (jobs/summarize.py)
+    from model.mt5 import MT5ForConditionalGeneration
+
     directory = resolve_checkpoint(source, revision=revision, storage_options=storage_options)
     MT5ForConditionalGeneration.check_pretrained(directory)
     MT5Tokenizer.from_pretrained(directory)  # a missing or broken spiece.model fails here, before any work

@@ -31,7 +31,8 @@ from .metrics import PipelineMetrics
 from .placement import torch_device
 from .retry import Replayable, is_transient, read_resuming, with_retries
 from .settings import SummarizeSettings
-from .stages import Stats, Summarizer, output_schema
+from .stages import Summarizer, output_schema
+from .stats import Stats
 from .units import WorkUnit, ensure_unchanged, resolve_unit
 
 # Units a replica runs at once: two keep the model busy across unit boundaries.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from model.quantize import METHODS
+from model.quantization_methods import METHODS
 
 # auto: the fastest setting that fits the replica's share of GPU memory, float32 without quantization on CPU
 # (pipeline/fit.py); the driver resolves it once, before replicas start, and the manifest records the choice.

@@ -27,6 +27,7 @@ import torch
 from model.decode import generate_stream
 
 from .settings import SummarizeSettings
+from .stats import Stats
 from .tokenize_pool import TokenizePool, encode_with
 
 EMPTY_TEXT = "empty text: nothing to summarize"
@@ -41,22 +42,6 @@ MAX_CHARS_PER_TOKEN = 64
 LOOKAHEAD_BATCHES = 16
 # Rows per window, in batches: length bucketing sorts within a window, so larger windows pad less.
 WINDOW_BATCHES = 8
-
-
-@dataclass
-class Stats:
-    rows: int = 0
-    empty: int = 0
-    truncated: int = 0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    model_seconds: float = 0.0
-    failed_rows: int = 0  # rows with an error of their own (invalid UTF-8, out of memory alone); not the empty ones
-    oom_retries: int = 0  # windows halved after generation ran out of memory
-
-    def add(self, other: "Stats") -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
 @dataclass

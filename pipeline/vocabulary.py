@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 
 from model.storage import open_filesystem, redact_url, scrub, url_secrets
-from model.vocabulary import kept_ids_from_text
 
 from .errors import InputError
 
@@ -44,4 +43,6 @@ def fingerprint(text: str) -> str:
 
 def kept_ids(tokenizer, text: str) -> set[int]:
     """The pieces of the sample, tokenized a line at a time (a file may hold one document per line)."""
+    from model.vocabulary import kept_ids_from_text  # torch: the replica's, not the driver's (fingerprint)
+
     return kept_ids_from_text(tokenizer, (line for line in text.splitlines() if line.strip()))

@@ -8,7 +8,8 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
 
 import model as ours
 from model.packed import PackedLinear, can_pack, pack_head_for_cpu, pack_linears_for_cpu
-from model.quantize import BITSANDBYTES, Int8HeadBlocks, quantize, quantized_bytes
+from model.quantization_methods import BITSANDBYTES
+from model.quantize import Int8HeadBlocks, quantize, quantized_bytes
 from model.vocabulary import RestrictedHead, restrict_vocabulary
 from tests.model.helpers import FP32_ATOL, batch_with_padding, decoder_inputs, logits
 

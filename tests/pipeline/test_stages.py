@@ -271,7 +271,7 @@ def test_windows_of_small_row_groups_share_one_stream(model_and_tokenizer, tiny_
     import time
 
     from model.decode_batch import DecodeBatch
-    from pipeline.stages import Stats
+    from pipeline.stats import Stats
 
     streams, widths = [], []
 

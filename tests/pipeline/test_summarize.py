@@ -17,7 +17,8 @@ from model.generate import GenerationConfig
 from pipeline.driver import model_fingerprint, run
 from pipeline.errors import InputError, OutputError
 from pipeline.settings import SummarizeSettings
-from pipeline.stages import EMPTY_TEXT, Stats, Summarizer
+from pipeline.stages import EMPTY_TEXT, Summarizer
+from pipeline.stats import Stats
 from synthetic.corpus import documents, write_shards
 from tests.pipeline.helpers import REPO, SETTINGS, local_job_env, read_output
 

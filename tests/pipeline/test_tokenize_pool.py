@@ -14,7 +14,8 @@ import pytest
 from model import MT5ForConditionalGeneration, MT5Tokenizer
 from pipeline.placement import Placement, cpus_per_gpu
 from pipeline.settings import SummarizeSettings
-from pipeline.stages import Stats, Summarizer, _ModelThread
+from pipeline.stages import Summarizer, _ModelThread
+from pipeline.stats import Stats
 from pipeline.tokenize_pool import ATTEMPTS, AUTO_MAX_WORKERS, TokenizePool
 
 # Small windows (batch_size 2: windows of 16 rows, and row groups of 3 rows make windows of 3), so that several
