@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ast
 import os
 import socket
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -57,6 +61,26 @@ def s3_endpoint():
     server.start()
     yield f"http://127.0.0.1:{port}"
     server.stop()
+
+
+@pytest.fixture
+def torch_imported_by():
+    """Runs Python code in a fresh process at the repository root (where `model`, `pipeline` and `jobs` import) and
+    returns the torch modules it imported: for the paths that must not pay for torch."""
+
+    def run(code: str, *argv: str) -> list[str]:
+        child = code + "\nimport sys\nprint(sorted(m for m in sys.modules if m.split('.')[0] == 'torch'))\n"
+        ran = subprocess.run(
+            [sys.executable, "-c", child, *argv],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=Path(__file__).resolve().parents[1],
+        )
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        return ast.literal_eval(ran.stdout.strip().splitlines()[-1])
+
+    return run
 
 
 def pytest_report_header(config):
