@@ -14,6 +14,7 @@ is writing, a setting the device cannot run, no replica placed within --placemen
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import sys
@@ -120,6 +121,13 @@ def build_parser():
     return p
 
 
+def import_early(module: str) -> None:
+    """Import `module` ahead of its first use. A failure is left to that use, which reports it where the job
+    handles errors, rather than a second traceback from this thread."""
+    with contextlib.suppress(Exception):
+        importlib.import_module(module)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -134,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     inputs = args.input[0] if len(args.input) == 1 else args.input
     # The driver's model check needs torch, about 0.8 s to import; Ray's start-up mostly waits on the processes
     # it starts, so torch imports beside it rather than after it.
-    threading.Thread(target=importlib.import_module, args=("model.mt5",), daemon=True).start()
+    threading.Thread(target=import_early, args=("model.mt5",), daemon=True).start()
     with joined_ray():
         try:
             report = run(
