@@ -109,6 +109,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout, scale=1.0)
 
 
+def attend_one_query(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """attend() without dropout for one query per (batch, head): a greedy decode step's cross-attention on CPU
+    (CrossAttention), keys @ query and then weights @ values, each a matrix-vector product that streams the keys
+    or values once. SDPA's CPU kernel spends more setting up each (batch, head) than reading them takes: at
+    mt5-base's [16, 12, 448, 64] it took 2.7 ms a call, this 2.0 (AMD EPYC, one thread). Where there are several
+    queries per source (beam search's beams, folded in) or many short rows (a self-attention step), SDPA is
+    the faster. The softmax is in float32, as in the reference."""
+    scores = torch.matmul(k, q.transpose(-1, -2)).transpose(-1, -2)  # [batch, heads, 1, key_len]
+    weights = torch.softmax(scores.float() + bias.float(), dim=-1).to(v.dtype)
+    return torch.matmul(weights, v)
+
+
 class KVCache(nn.Module):
     """A preallocated self-attention cache, written in place one step at a time.
 
@@ -198,7 +210,10 @@ class CrossAttention(nn.Module):
         batch = k.shape[0]
         group = rows // batch  # beams per source sequence
         q = self.q(x).view(batch, group * length, self.heads, self.d_kv).transpose(1, 2)
-        out = attend(q, k, v, bias, self.dropout if self.training else 0.0)  # [batch, heads, group*len, d_kv]
+        if group * length == 1 and q.device.type == "cpu" and not self.training:
+            out = attend_one_query(q, k, v, bias)  # [batch, heads, 1, d_kv]
+        else:
+            out = attend(q, k, v, bias, self.dropout if self.training else 0.0)  # [batch, heads, group*len, d_kv]
         return self.o(out.transpose(1, 2).reshape(rows, length, self.inner))
 
 
