@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 REACHABLE_WITHIN_SECONDS = 2.0
+# A SIGKILLed process is reaped within this; Ray bounds its own reaping the same way (a process in D state).
+REAPED_WITHIN_SECONDS = 1.0
 
 
 def recorded_cluster() -> Path:
@@ -76,4 +78,4 @@ def stop_autoscaler_monitor() -> None:
     for info in getattr(node, "all_processes", {}).get("monitor", ()):
         if info.process.poll() is None:
             info.process.kill()
-            info.process.wait(timeout=REACHABLE_WITHIN_SECONDS)
+            info.process.wait(timeout=REAPED_WITHIN_SECONDS)

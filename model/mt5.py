@@ -25,7 +25,7 @@ from .modules import (
     SelfAttention,
 )
 from .packed import int8_head_engine, pack_for_cpu
-from .quantize import METHODS as QUANTIZATIONS
+from .quantization_methods import METHODS as QUANTIZATIONS
 from .quantize import Int8HeadBlocks, is_quantized, quantize
 from .vocabulary import restrict_vocabulary
 
