@@ -8,7 +8,8 @@ replacement leave the batch, so the steps compute only what is still decoding.
 
 The loop makes no host sync but at those syncs: finished flags stay on the device, and on a GPU the loop
 looks at them only every SYNC_EVERY steps. The extra steps cannot change a result (a finished row's
-tokens are no longer written). On CPU there is nothing to stall, and it looks every step (sync_every).
+tokens are no longer written). On CPU there is nothing to stall (host_reads_are_free): it looks every step
+(sync_every), and beam search's top-k reads one flag back per step.
 
 Each document gets the tokens that generate() and transformers give it alone: its rows are decoded
 independently of the others (their own caches, cross-attention keys and values, logits processors and
@@ -24,7 +25,7 @@ import torch
 
 from .compiled_decode import CompiledDecodeBatch
 from .decode_batch import DecodeBatch, Document, StepBuffers
-from .logits import LogitsProcessor, argmax, top_k
+from .logits import LogitsProcessor, argmax, chunk_maxima, top_k
 
 if TYPE_CHECKING:
     from .generate import GenerationConfig
@@ -34,10 +35,15 @@ SYNC_EVERY = 4
 NEVER = -1.0e9
 
 
+def host_reads_are_free(device: torch.device) -> bool:
+    """Whether a step may read a result back to the host: on CPU there is no queue of work to stall."""
+    return device.type == "cpu"
+
+
 def sync_every(device: torch.device) -> int:
     """Steps between completion checks: on CPU every step, since a finished row kept for the steps up to a
     check costs a row's share of each step (a whole step's lm_head at one row), and a check costs nothing."""
-    return 1 if device.type == "cpu" else SYNC_EVERY
+    return 1 if host_reads_are_free(device) else SYNC_EVERY
 
 
 class Search(Protocol):
@@ -121,14 +127,15 @@ LOGSUMEXP_BLOCK_BYTES = 1 << 20
 LOG2E = 1.4426950408889634
 
 
-def logsumexp(x: torch.Tensor, buffers: StepBuffers) -> torch.Tensor:
+def logsumexp(x: torch.Tensor, buffers: StepBuffers, top: torch.Tensor | None = None) -> torch.Tensor:
     """torch.logsumexp(x, -1, keepdim=True) for rows with a finite maximum, with its temporary in reused
-    memory and no denormal arithmetic.
+    memory and no denormal arithmetic. `top` [rows, 1], each row's maximum where the caller has it already.
 
     Each row's sum is the same whatever the block: a block has at least as many rows as torch has
     threads, and torch then sums each row in one thread, as over all rows at once."""
     rows, vocab = x.shape
-    top = x.amax(-1, keepdim=True)
+    if top is None:
+        top = x.amax(-1, keepdim=True)
     sums = torch.empty_like(top)
     block = max(LOGSUMEXP_BLOCK_BYTES // (4 * vocab), torch.get_num_threads(), 1)
     shifted = buffers.get("shifted", min(block, rows), x, vocab)
@@ -201,8 +208,14 @@ class BeamSearch:
         # log_softmax moves a row by a constant and the other processors only ban tokens, so a document's best
         # continuations are among each of its rows' best `width` logits: only those become log-probabilities,
         # rather than [rows, vocab] of them (three passes over 250k ids per row and step).
-        normalizer = logsumexp(logits, batch.buffers)  # [rows, 1]
-        top_logits, top_tokens = top_k(process(batch.sequences, logits, batch.lengths), self.width)
+        # On CPU one pass over the logits gives both each row's maximum, for the normalizer, and its chunks' maxima,
+        # for top_k (bounds once the processors have banned ids); each pass reads [rows, 250k] from memory. top_k
+        # reads back whether the bounds held, which would stall a GPU; there each reduction is one kernel anyway.
+        top = bounds = None
+        if host_reads_are_free(logits.device):
+            bounds, top = chunk_maxima(logits)
+        normalizer = logsumexp(logits, batch.buffers, top)  # [rows, 1]
+        top_logits, top_tokens = top_k(process(batch.sequences, logits, batch.lengths), self.width, bounds)
         scores = (top_logits - normalizer).view(docs, beams, self.width) + self.running_scores[:, :, None]
         best_scores, picked = torch.topk(scores.view(docs, -1), self.width)  # picked: beam * width + rank
         tokens = torch.gather(top_tokens.view(docs, beams * self.width), 1, picked)

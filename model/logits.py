@@ -76,8 +76,26 @@ def ban_repeated_ngrams(sequences: torch.Tensor, scores: torch.Tensor, n: int, l
 # top_k's first pass reads each row in chunks of this many scores and keeps each chunk's maximum.
 TOP_K_CHUNK = 256
 
+# Chunks top_k searches beyond k when it is given chunk maxima taken before the logits processors banned ids.
+# A ban can only lower a chunk's maximum, so those maxima bound the scores from above; the k best are then shown
+# to lie in the chunks searched unless more than this many of them lost their maximum to a ban (an n-gram ban
+# strikes the few tokens that followed the last one before, min_length strikes EOS), and otherwise searched anew.
+TOP_K_MARGIN = 4
 
-def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+
+def chunk_maxima(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(each whole chunk's maximum [rows, n // TOP_K_CHUNK], each row's maximum [rows, 1]) of scores [rows, n],
+    in one pass over them: the row's maximum is that of its chunks' and of the ids past the last whole chunk."""
+    rows, n = scores.shape
+    whole = n - n % TOP_K_CHUNK
+    maxima = scores[:, :whole].view(rows, whole // TOP_K_CHUNK, TOP_K_CHUNK).amax(-1)
+    top = maxima.amax(-1, keepdim=True) if whole else scores.new_full((rows, 1), float("-inf"))
+    if whole < n:
+        top = torch.maximum(top, scores[:, whole:].amax(-1, keepdim=True))
+    return maxima, top
+
+
+def top_k(scores: torch.Tensor, k: int, bounds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """torch.topk(scores, k) (largest, sorted) over the last dimension of [rows, n], for k far below n.
 
     torch.topk partially sorts every row: at 64 rows of mT5's 250k ids it took longer than the whole
@@ -85,18 +103,32 @@ def top_k(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     searched. They hold the k best scores: every chunk holding one of them has a maximum at least the k-th
     best score, and each chunk whose maximum is above it holds one of the others. So the values are
     torch.topk's exactly, and so are the indices but for ties between equal scores, whose order torch.topk
-    does not define either."""
+    does not define either.
+
+    `bounds` [rows, n // TOP_K_CHUNK], chunk maxima of the scores before some of them were lowered (chunk_maxima
+    before the logits processors' bans), save that pass: the k + TOP_K_MARGIN chunks of largest bound are
+    searched, and the k best found are the row's k best when the k-th is above the largest bound left out (no
+    score outside can reach it). Checking that reads a result back to the host, so bounds are for CPU tensors;
+    where the check fails, the row's chunks are searched anew."""
     rows, n = scores.shape
     chunk = TOP_K_CHUNK
     whole = n - n % chunk  # the ids in whole chunks; the rest (fewer than `chunk`) are always searched
-    if k * chunk >= whole:
+    searched = k if bounds is None else k + TOP_K_MARGIN
+    if searched * chunk >= whole:
         return torch.topk(scores, k)
-    maxima = scores[:, :whole].view(rows, whole // chunk, chunk).amax(-1)  # [rows, chunks]
-    best = torch.topk(maxima, k, sorted=False)[1].sort(-1)[0]  # in id order, as torch.topk would meet them
-    ids = (best[:, :, None] * chunk + torch.arange(chunk, device=scores.device)).view(rows, k * chunk)
+    if bounds is None:
+        maxima = scores[:, :whole].view(rows, whole // chunk, chunk).amax(-1)  # [rows, chunks]
+        best = torch.topk(maxima, k, sorted=False)[1]
+    else:
+        ranked, order = torch.topk(bounds, searched + 1)  # the last: the largest bound left out
+        best = order[:, :searched]
+    best = best.sort(-1)[0]  # in id order, as torch.topk would meet them
+    ids = (best[:, :, None] * chunk + torch.arange(chunk, device=scores.device)).view(rows, searched * chunk)
     if whole < n:
         ids = torch.cat([ids, torch.arange(whole, n, device=scores.device).expand(rows, n - whole)], 1)
     values, picked = torch.topk(torch.gather(scores, 1, ids), k)
+    if bounds is not None and not bool((values[:, -1] > ranked[:, -1]).all()):
+        return top_k(scores, k)
     return values, torch.gather(ids, 1, picked)
 
 

@@ -10,6 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 
 import model as ours
 from model import compiled_decode
+from model import decode as decode_module
 from model.compiled_decode import CompiledDecodeBatch, bucket, width_bucket
 from model.decode import BeamSearch, Greedy, generate_stream
 from model.packed import pack_head_for_cpu
@@ -215,6 +216,9 @@ def test_decode_steps_make_no_host_sync(model, settings, compile, traced, monkey
             return call
 
         monkeypatch.setattr(compiled_decode, "compiled_step", outside_the_mode)
+    # On CPU the loop reads back at will (host_reads_are_free): decode as on an accelerator, whose queue a read
+    # would stall, with CPU tensors.
+    monkeypatch.setattr(decode_module, "host_reads_are_free", lambda device: False)
     if compile:
         decode(model, settings, compile)  # compiles every bucket first: steady state is what is counted
     search = BeamSearch if settings.get("num_beams", 1) > 1 else Greedy

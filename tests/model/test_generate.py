@@ -8,7 +8,7 @@ import torch
 import model as ours
 from model.decode import BeamSearch, logsumexp
 from model.decode_batch import DecodeBatch, StepBuffers
-from model.logits import TOP_K_CHUNK, argmax, ban_repeated_ngrams, top_k
+from model.logits import TOP_K_CHUNK, TOP_K_MARGIN, argmax, ban_repeated_ngrams, chunk_maxima, top_k
 from tests.model.helpers import batch_with_padding
 
 
@@ -126,6 +126,35 @@ def test_chunked_top_k_equals_torch_topk(n):
     expected_values, expected_ids = torch.topk(scores, k)
     assert torch.equal(values, expected_values)
     assert torch.equal(ids, expected_ids)
+
+
+@pytest.mark.parametrize("n", [250112, 40 * TOP_K_CHUNK + 77])
+def test_top_k_from_maxima_taken_before_bans_equals_torch_topk_after_them(n):
+    # Beam search takes the chunk maxima, then the logits processors ban ids (-inf), then top_k reads the maxima
+    # as bounds. Row 0 loses its single best id; row 1 the maxima of TOP_K_MARGIN + 1 of its best chunks; row 2
+    # every id of its k + TOP_K_MARGIN best chunks, so that the chunks the bounds point to hold nothing (only a
+    # search anew finds its best); row 3 is banned nowhere; row 4's best ids lie past the last whole chunk.
+    k, rows = 8, 5
+    generator = torch.Generator().manual_seed(1)
+    scores = torch.stack([torch.randperm(n, generator=generator).float() for _ in range(rows)])
+    scores[4, n - 3 :] += n
+    bounds, top = chunk_maxima(scores)
+    assert torch.equal(top, scores.amax(-1, keepdim=True))
+    chunks = scores[:, : n - n % TOP_K_CHUNK].view(rows, -1, TOP_K_CHUNK)
+    scores[0, scores[0].argmax()] = float("-inf")
+    for c in bounds[1].topk(TOP_K_MARGIN + 1)[1]:
+        chunks[1, c, chunks[1, c].argmax()] = float("-inf")
+    chunks[2, bounds[2].topk(k + TOP_K_MARGIN)[1]] = float("-inf")
+    values, ids = top_k(scores, k, bounds)
+    expected_values, expected_ids = torch.topk(scores, k)
+    assert torch.equal(values, expected_values)
+    assert torch.equal(ids, expected_ids)
+
+
+def test_normalizer_from_a_given_row_maximum_is_the_same():
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 250_112, generator=generator) * 4
+    assert torch.equal(logsumexp(x, StepBuffers(), chunk_maxima(x)[1]), logsumexp(x, StepBuffers()))
 
 
 @pytest.mark.parametrize("n", [250112, 40 * TOP_K_CHUNK + 77, 3 * TOP_K_CHUNK, TOP_K_CHUNK - 1])
