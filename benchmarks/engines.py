@@ -32,10 +32,11 @@ class Decoding:
     no_repeat_ngram_size: int = 2
     length_penalty: float = 0.6
     early_stopping: bool = False
+    min_new_tokens: int = 0  # max_new_tokens: every output runs to the cap (run.py --to-cap)
 
     def hf_settings(self) -> dict:
-        """generate() keywords for ours and transformers: no forced minimum length."""
-        return dict(
+        """generate() keywords for ours and transformers: no forced minimum length unless min_new_tokens."""
+        settings = dict(
             max_new_tokens=self.max_new_tokens,
             num_beams=self.num_beams,
             do_sample=False,
@@ -43,6 +44,9 @@ class Decoding:
             length_penalty=self.length_penalty,
             early_stopping=self.early_stopping,
         )
+        if self.min_new_tokens:
+            settings["min_new_tokens"] = self.min_new_tokens
+        return settings
 
 
 # beam4 is transformers' default rule (early_stopping=False: a source is done when no running beam can
@@ -203,7 +207,7 @@ class CTranslate2Engine:
                 length_penalty=decoding.length_penalty,
                 no_repeat_ngram_size=decoding.no_repeat_ngram_size,
                 max_decoding_length=decoding.max_new_tokens,
-                min_decoding_length=0,
+                min_decoding_length=decoding.min_new_tokens,
                 return_end_token=True,
                 return_scores=False,
             )
@@ -230,6 +234,9 @@ class PipelineEngine:
 
     def settings(self, decoding: Decoding):
         from pipeline.settings import SummarizeSettings
+
+        if decoding.min_new_tokens:
+            raise ValueError("the pipeline's settings have no minimum length: run --to-cap without pipeline engines")
 
         # float32 everywhere, so that end-to-end compares with ours-fp32 (the job's auto is bfloat16 on GPU)
         return SummarizeSettings(

@@ -50,6 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--docs", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument(
+        "--to-cap",
+        action="store_true",
+        help="every output runs to --max-new-tokens (EOS forbidden before it, in every engine): the same number of "
+        "steps for each, whatever their numerics make of a random model",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="CPU threads for every engine")
@@ -84,7 +90,13 @@ def setup(args) -> tuple[Context, list[dict], list[Decoding]]:
         d = DECODINGS[name]
         decodings.append(
             Decoding(
-                d.name, d.num_beams, args.max_new_tokens, d.no_repeat_ngram_size, d.length_penalty, d.early_stopping
+                d.name,
+                d.num_beams,
+                args.max_new_tokens,
+                d.no_repeat_ngram_size,
+                d.length_penalty,
+                d.early_stopping,
+                args.max_new_tokens if args.to_cap else 0,
             )
         )
     return ctx, docs, decodings
@@ -148,6 +160,7 @@ def measure_memory(args, engines: list[str]) -> dict[str, dict]:
             args.device,
             "--threads",
             str(args.threads),
+            *(["--to-cap"] if args.to_cap else []),
         ]
         print(f"[bench] peak memory of {name} (subprocess)", file=sys.stderr, flush=True)
         done = subprocess.run(cmd, capture_output=True, text=True)
