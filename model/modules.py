@@ -313,6 +313,9 @@ class Encoder(nn.Module):
         bias = self.relative_bias(torch.arange(length, device=x.device)[None, :], length)  # [1, heads, len, len]
         if attention_mask is not None:
             bias = bias + mask_to_bias(attention_mask, bias.dtype)  # [batch, heads, len, len]
+        # The sum keeps the embedding's permuted layout, and SDPA's CPU kernel copies a strided mask contiguous at
+        # every call: made contiguous once here, not in each layer (at [16, 200] tokens, 50 of 546 ms an encode).
+        bias = bias.contiguous()
         for block in self.blocks:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(block, x, bias, use_reentrant=False)
@@ -359,6 +362,7 @@ class Decoder(nn.Module):
         self_bias = self_bias.masked_fill(future[:, None], torch.finfo(self_bias.dtype).min)
         if decoder_mask is not None:
             self_bias = self_bias + mask_to_bias(decoder_mask[:, :key_length], self_bias.dtype)
+        self_bias = self_bias.contiguous()  # as the encoder's: one copy, not one in each layer's SDPA
         dtype = cross_kv[0][0].dtype if cross_kv else x.dtype
         if encoder_mask is not None:
             cross_bias = mask_to_bias(encoder_mask, dtype)  # [sources, 1, 1, src_len]
