@@ -133,7 +133,8 @@ def test_top_k_from_maxima_taken_before_bans_equals_torch_topk_after_them(n):
     # Beam search takes the chunk maxima, then the logits processors ban ids (-inf), then top_k reads the maxima
     # as bounds. Row 0 loses its single best id; row 1 the maxima of TOP_K_MARGIN + 1 of its best chunks; row 2
     # every id of its k + TOP_K_MARGIN best chunks, so that the chunks the bounds point to hold nothing (only a
-    # search anew finds its best); row 3 is banned nowhere; row 4's best ids lie past the last whole chunk.
+    # search anew finds its best); row 3 is banned nowhere; row 4's best ids are its last ones (past the last
+    # whole chunk where n leaves a tail).
     k, rows = 8, 5
     generator = torch.Generator().manual_seed(1)
     scores = torch.stack([torch.randperm(n, generator=generator).float() for _ in range(rows)])
