@@ -13,6 +13,7 @@ Prints a table and writes a JSON results file; it never asserts a time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -87,17 +88,9 @@ def setup(args) -> tuple[Context, list[dict], list[Decoding]]:
     for name in args.decoding.split(","):
         if name not in DECODINGS:
             raise SystemExit(f"unknown decoding {name!r}; use {', '.join(DECODINGS)}")
-        d = DECODINGS[name]
+        cap = args.max_new_tokens
         decodings.append(
-            Decoding(
-                d.name,
-                d.num_beams,
-                args.max_new_tokens,
-                d.no_repeat_ngram_size,
-                d.length_penalty,
-                d.early_stopping,
-                args.max_new_tokens if args.to_cap else 0,
-            )
+            dataclasses.replace(DECODINGS[name], max_new_tokens=cap, min_new_tokens=cap if args.to_cap else 0)
         )
     return ctx, docs, decodings
 

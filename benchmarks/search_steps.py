@@ -14,7 +14,7 @@ best hypothesis is the output the speed benchmark counts.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from benchmarks import checkpoints, run  # noqa: E402
-from benchmarks.engines import DECODINGS, Decoding, generated_ids  # noqa: E402
+from benchmarks.engines import DECODINGS, Context, CTranslate2Engine, Decoding, generated_ids  # noqa: E402
 
 
 def ours(path: Path, docs: list[dict], order: list[int], decoding: Decoding, batch_size: int) -> list[list[int]]:
@@ -44,23 +44,14 @@ def ours(path: Path, docs: list[dict], order: list[int], decoding: Decoding, bat
     return [hypotheses[i] for i in order]
 
 
-def ctranslate2_int8(shape: str, docs: list[dict], order: list[int], decoding: Decoding, batch_size: int):
-    """The same from CTranslate2 int8, batch by batch as the speed benchmark runs it."""
-    import ctranslate2
-
-    from benchmarks.checkpoints import ct2_model
-
-    folder = ct2_model(shape)
-    translator = ctranslate2.Translator(str(folder), device="cpu", compute_type="int8", intra_threads=1)
-    vocab = json.loads((folder / "shared_vocabulary.json").read_text(encoding="utf-8"))
-    ids: dict[str, int] = {}
-    for i, token in enumerate(vocab):
-        ids.setdefault(token, i)
+def ctranslate2_int8(ctx: Context, docs: list[dict], order: list[int], decoding: Decoding) -> list[list[list[int]]]:
+    """The same from CTranslate2 int8 (the speed benchmark's engine), batch by batch as it runs them."""
+    engine = CTranslate2Engine(ctx, "int8")
     out = []
-    for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        results = translator.translate_batch(
-            [[vocab[t] for t in docs[i]["ids"]] for i in batch],
+    for start in range(0, len(order), ctx.batch_size):
+        batch = order[start : start + ctx.batch_size]
+        results = engine.translator.translate_batch(
+            [[engine.vocab[t] for t in docs[i]["ids"]] for i in batch],
             beam_size=decoding.num_beams,
             num_hypotheses=decoding.num_beams,
             length_penalty=decoding.length_penalty,
@@ -69,7 +60,7 @@ def ctranslate2_int8(shape: str, docs: list[dict], order: list[int], decoding: D
             min_decoding_length=0,
             return_end_token=True,
         )
-        out += [[[ids[t] for t in h] for h in result.hypotheses] for result in results]
+        out += [[[engine.ids[t] for t in h] for h in result.hypotheses] for result in results]
     return out
 
 
@@ -88,12 +79,12 @@ def main() -> None:
     path = checkpoints.checkpoint(args.shape)
     docs = checkpoints.documents(args.docs, MT5Tokenizer.from_pretrained(path))
     order = sorted(range(len(docs)), key=lambda i: -len(docs[i]["ids"]))  # as run.py batches them
-    d = DECODINGS["beam4-early"]
-    decoding = Decoding(d.name, d.num_beams, args.max_new_tokens, early_stopping=True)
+    decoding = dataclasses.replace(DECODINGS["beam4-early"], max_new_tokens=args.max_new_tokens)
+    ctx = Context(args.shape, path, "cpu", 1, [], args.batch_size)
     counts = {}
     for name, hypotheses in (
         ("ours-int8-dynamic-continuous", ours(path, docs, order, decoding, args.batch_size)),
-        ("ct2-int8", ctranslate2_int8(args.shape, docs, order, decoding, args.batch_size)),
+        ("ct2-int8", ctranslate2_int8(ctx, docs, order, decoding)),
     ):
         counts[name] = {
             "document_steps": sum(max(len(h) for h in doc) for doc in hypotheses),
