@@ -228,6 +228,14 @@ class CrossAttention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    """`fused_gelu`: the gate's GELU through torch's fused tanh-approximation kernel rather than the reference's
+    formula (gated_gelu). Within a few float32 ulps of it, not bit-identical, and 2.3x faster on CPU (an encoder's
+    [3,200, 1,024] gate: 11.3 -> 4.9 ms on AMD EPYC, one thread, where the formula's `tanh` goes through MKL's
+    generic path). int8-dynamic sets it (model/quantize.py): its int8 products are off by far more than that, and it
+    owes no bit-parity with transformers; float models keep the formula, whose last bits greedy parity needs."""
+
+    fused_gelu = False
+
     def __init__(self, config: MT5Config):
         super().__init__()
         self.gated = config.is_gated
@@ -241,7 +249,7 @@ class FeedForward(nn.Module):
         h = self.wi(x)
         if self.gated:
             gate, linear = h.split(self.d_ff, dim=-1)
-            h = gated_gelu(gate, linear)
+            h = F.gelu(gate, approximate="tanh").mul_(linear) if self.fused_gelu else gated_gelu(gate, linear)
         else:
             h = F.relu(h)
         h = self.dropout(h)

@@ -24,7 +24,7 @@ from .modules import (
     RMSNorm,
     SelfAttention,
 )
-from .packed import int8_head_engine, pack_for_cpu
+from .packed import int8_head_engine, int8_source_engine, pack_for_cpu
 from .quantization_methods import METHODS as QUANTIZATIONS
 from .quantize import Int8HeadBlocks, is_quantized, quantize
 from .vocabulary import restrict_vocabulary
@@ -108,7 +108,8 @@ class MT5PreTrainedModel(nn.Module):
             restrict_vocabulary(model, kept_ids)
         # after eval(): the new layers copy the training flag
         head_engine = (int8_head_engine(model) or torch.backends.quantized.engine) if pack_head else None
-        quantize(model, quantization, device=device, head_engine=head_engine)
+        source_engine = int8_source_engine() if pack_head else None
+        quantize(model, quantization, device=device, head_engine=head_engine, source_engine=source_engine)
         if pack_head:
             pack_for_cpu(model, projections=pack_linears)
         model._after_load(directory)

@@ -142,8 +142,8 @@ def _tied(model: nn.Module, layer: nn.Linear) -> bool:
     return shared is not None and layer.weight is shared.weight
 
 
-def _targets(model: nn.Module, skip: tuple[str, ...], keep: tuple[str, ...]) -> list[tuple[nn.Module, str, bool]]:
-    """(parent module, attribute name, whether it is the output head) of each nn.Linear to replace.
+def _targets(model: nn.Module, skip: tuple[str, ...], keep: tuple[str, ...]) -> list[tuple[nn.Module, str, str, bool]]:
+    """(parent module, attribute name, dotted path, whether it is the output head) of each nn.Linear to replace.
 
     The output head is `lm_head` itself, or the nn.Linear inside it when model/vocabulary.py has put a
     restricted head there; either way `skip=("lm_head",)` leaves it.
@@ -158,8 +158,14 @@ def _targets(model: nn.Module, skip: tuple[str, ...], keep: tuple[str, ...]) -> 
                 continue
             head = attr == "lm_head" or in_head
             if (in_stack and attr in PROJECTIONS) or (head and not _tied(model, child)):
-                found.append((module, attr, head))
+                found.append((module, attr, full, head))
     return found
+
+
+def runs_over_sources(path: str) -> bool:
+    """Whether the projection at `path` multiplies every source token of a batch at once (the encoder's, and the
+    cross-attention's key/value projection, run once per source), rather than a decode step's few rows."""
+    return path.split(".")[0] == "encoder" or path.endswith("cross_attn.kv")
 
 
 def _quantized_layer(bnb, layer: nn.Linear, method: str, compute_dtype: torch.dtype) -> nn.Module:
@@ -467,6 +473,7 @@ def quantize(
     device: str | torch.device | None = None,
     observe: Callable[[nn.Module], None] | None = None,
     head_engine: str | None = None,
+    source_engine: str | None = None,
 ) -> nn.Module:
     """Replace the stacks' projections of `model` with quantized layers, in place; returns `model`.
 
@@ -494,6 +501,9 @@ def quantize(
         that quantized engine's kernels (by default the head is one layer packed for the engine set now, as the stacks'
         layers are). load_for_inference passes model.packed.int8_head_engine(model), or the engine set now, so that
         the head is packed once, in the layout it decodes with.
+    source_engine: int8-dynamic only: where given, the engine the projections that run over source tokens
+        (runs_over_sources: thousands of rows a call) are packed for; the decoder's per-step projections (tens of
+        rows) stay on the engine set now. load_for_inference passes model.packed.int8_source_engine().
     """
     if method not in METHODS:
         raise ValueError(f"unknown quantization method {method!r}; use one of {', '.join(METHODS)}")
@@ -506,7 +516,7 @@ def quantize(
     targets = _targets(model, tuple(skip), keep.get(method, KEEP_UNQUANTIZED))
     if not targets:
         return model if device is None else _move_keeping_ties(model, torch.device(device))
-    parent, attr, _ = targets[0]
+    parent, attr, _, _ = targets[0]
     source, dtype = getattr(parent, attr).weight.device, getattr(parent, attr).weight.dtype
     if source.type == "meta":
         raise ValueError("quantize() needs the weights: the model is on the meta device; load it first")
@@ -514,14 +524,16 @@ def quantize(
     if dynamic:
         _check_dynamic_int8(device, dtype)
 
-        def make_layer(layer: nn.Linear, head: bool) -> nn.Module:
-            if head and head_engine is not None:
-                return Int8HeadBlocks.from_float(layer, head_engine)
-            return _dynamic_int8_layer(layer, head_engine if head else None)
+        def make_layer(layer: nn.Linear, path: str, head: bool) -> nn.Module:
+            if head:
+                return (
+                    _dynamic_int8_layer(layer) if head_engine is None else Int8HeadBlocks.from_float(layer, head_engine)
+                )
+            return _dynamic_int8_layer(layer, source_engine if runs_over_sources(path) else None)
 
     elif weight_only:
 
-        def make_layer(layer: nn.Linear, head: bool) -> nn.Module:
+        def make_layer(layer: nn.Linear, path: str, head: bool) -> nn.Module:
             return _int8_weight_only_layer(layer)
 
     else:
@@ -533,22 +545,28 @@ def quantize(
         # are, which also gives bitsandbytes' cached code book (made on first use, on that tensor's device) data.
         _check_runs(bnb, method, source if device.type == "meta" else device, compute_dtype)
 
-        def make_layer(layer: nn.Linear, head: bool) -> nn.Module:
+        def make_layer(layer: nn.Linear, path: str, head: bool) -> nn.Module:
             return _quantized_layer(bnb, layer, method, compute_dtype)
 
+    if dynamic:
+        from .modules import FeedForward  # here: modules imports packed, which imports this module
+
+        for module in model.modules():
+            if isinstance(module, FeedForward):
+                module.fused_gelu = True  # see FeedForward: int8's rounding dwarfs the fused GELU's
     if dynamic and native_bfloat16():
         # `wo`, left unquantized, in bfloat16 (native_bfloat16); FeedForward casts its input to match.
         for name, layer in model.named_modules():
             if _matches(name, ("wo",)) and type(layer) is nn.Linear and not _matches(name, skip):
                 layer.to(torch.bfloat16)
-    for parent, attr, head in targets:
+    for parent, attr, path, head in targets:
         # One layer at a time, on the device it will run on (bitsandbytes quantizes there on a weight's first
         # move too): its full-precision weight is released by the setattr below, before the next one moves, so
         # the peak there is the quantized model plus one full-precision layer.
         getattr(parent, attr).to(device)  # in place: no other reference to the full-precision weight is kept
         if observe is not None:
             observe(model)
-        setattr(parent, attr, make_layer(getattr(parent, attr), head))
+        setattr(parent, attr, make_layer(getattr(parent, attr), path, head))
     if device != source:
         # The rest, in the dtype each part has (`wo` stays float32 in a float16 model). The quantized layers are
         # there already, and moving them again to their own device copies nothing.

@@ -194,7 +194,8 @@ def test_an_int8_dynamic_head_packed_again_elsewhere_is_repacked_for_onednn(tiny
     a loaded state dict must not pass for one packed for oneDNN, or pack_head_for_cpu would leave it on fbgemm."""
     import copy
 
-    from model.quantize import dynamic_int8_engine
+    from model.packed import is_dynamic_int8
+    from model.quantize import dynamic_int8_engine, runs_over_sources
 
     def engines(model) -> set:
         return {dynamic_int8_engine(block) for block in model.lm_head.blocks}  # the head is in vocabulary blocks
@@ -205,7 +206,15 @@ def test_an_int8_dynamic_head_packed_again_elsewhere_is_repacked_for_onednn(tiny
     copied = copy.deepcopy(model)
     assert engines(copied) == {None}
     assert pack_head_for_cpu(copied) and engines(copied) == {"onednn"}
-    assert torch.equal(logits(copied), expected)  # the same kernel again: equal, not merely close
+    # The projections over source tokens were packed again too, for the engine set now: pack_linears_for_cpu
+    # repacks them (and packs the float32 `wo` layers, as it does for any model).
+    over_sources = [m for name, m in copied.named_modules() if is_dynamic_int8(m) and runs_over_sources(name)]
+    float_wo = [m for m in copied.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32]
+    assert len(over_sources) == 3 * 3 + 2  # the encoder's qkv, o and wi in its 3 blocks; kv in the decoder's 2
+    assert {dynamic_int8_engine(layer) for layer in over_sources} == {None}
+    assert pack_linears_for_cpu(copied) == len(float_wo) + len(over_sources)
+    assert {dynamic_int8_engine(layer) for layer in over_sources} == {"onednn"}
+    assert torch.equal(logits(copied), expected)  # the same kernels again: equal, not merely close
     model.lm_head.load_state_dict(model.lm_head.state_dict())
     assert engines(model) == {None}
     assert pack_head_for_cpu(model) and torch.equal(logits(model), expected)
@@ -213,8 +222,15 @@ def test_an_int8_dynamic_head_packed_again_elsewhere_is_repacked_for_onednn(tiny
 
 def test_projections_it_cannot_pack_are_left_alone(tiny_checkpoint):
     int8 = quantize(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint), "int8-dynamic")
+    from model.packed import int8_source_engine, is_dynamic_int8
+    from model.quantize import runs_over_sources
+
     float_wo = [m for m in int8.modules() if type(m) is nn.Linear and m.weight.dtype == torch.float32]
-    assert pack_linears_for_cpu(int8) == len(float_wo)  # int8-dynamic keeps wo unquantized: only those
+    # int8-dynamic keeps wo unquantized: those are packed, and of the int8 layers (quantize() packed them for the
+    # engine set now) those over source tokens are repacked where int8_source_engine says, the rest left.
+    over_sources = [m for name, m in int8.named_modules() if is_dynamic_int8(m) and runs_over_sources(name)]
+    assert pack_linears_for_cpu(int8) == len(float_wo) + (len(over_sources) if int8_source_engine() else 0)
+    assert pack_linears_for_cpu(int8) == 0
     half = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype="bfloat16")
     assert pack_linears_for_cpu(half) == 0
     model = packed(tiny_checkpoint)

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import model as ours
+from model.modules import FeedForward, gelu_new
 from model.quantize import (
     HEAD_BLOCK_IDS,
     METHODS,
@@ -344,12 +345,37 @@ def test_int8_dynamic_from_pretrained_replaces_every_projection_wo_and_the_head_
     assert {m.weight.dtype for m in kept.values()} == {wo_dtype}
     assert model.shared.weight.dtype == torch.float32  # the embedding is not a projection
     assert is_quantized(model)
+    assert {m.fused_gelu for m in model.modules() if isinstance(m, FeedForward)} == {True}
+    assert not ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint).encoder.blocks[0].ff.fused_gelu
 
     ids, mask = batch_with_padding()
     for settings in (dict(num_beams=1), dict(num_beams=4, no_repeat_ngram_size=2)):
         generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, **settings)
         assert generated.shape[0] == 4 and 2 <= generated.shape[1] <= 9
         assert ((generated >= 0) & (generated < model.config.vocab_size)).all()
+
+
+def test_the_fused_gelu_of_int8_dynamic_is_as_close_to_the_formula_as_the_formula_in_float32_is():
+    """int8-dynamic's FeedForward runs torch's fused tanh-approximation GELU, not the reference's formula op by op.
+    Against the formula in float64, each is within 2 eps (|x| + 1): 0.5 x (1 + tanh u) rounds t = 1 + tanh u to about
+    an eps (tanh's own rounding, and u's few roundings, damped by tanh's slope: |u| sech^2 u < 0.45), and x t / 2
+    multiplies that by |x|, with a last rounding of the product. Measured: 0.69 for both."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.linspace(-12, 12, 200_001), 3 * torch.randn(1_000_000)])
+    exact = gelu_new(x.double())
+    bound = 2 * torch.finfo(torch.float32).eps * (x.abs().double() + 1)
+    for got in (F.gelu(x, approximate="tanh"), gelu_new(x)):
+        assert ((got.double() - exact).abs() <= bound).all()
+    linear = torch.randn_like(x)
+    ff = FeedForward(ours.MT5Config(d_model=4, d_ff=x.numel(), feed_forward_proj="gated-gelu", dropout_rate=0.0))
+    ff.wi = nn.Identity()  # the FeedForward's input is then [gate, linear] itself
+    with torch.no_grad():
+        formula = ff(torch.cat([x, linear]))
+        ff.fused_gelu = True
+        fused = ff(torch.cat([x, linear]))
+        assert torch.equal(fused, ff.wo(F.gelu(x, approximate="tanh") * linear))
+        assert torch.equal(formula, ff.wo(gelu_new(x) * linear))
+    assert not torch.equal(fused, formula)  # the two kernels round apart somewhere in a million values
 
 
 @pytest.mark.parametrize("wo_in_bfloat16", [True, False], ids=["wo-bfloat16", "wo-float32"])
@@ -556,27 +582,36 @@ def test_moving_to_a_device_gives_the_layout_and_ties_of_quantizing_in_place(tin
 def torch_ao_int8_dynamic(checkpoint, kept_ids=None, names=()):
     """The reference for load_for_inference(quantization="int8-dynamic"): the modules `names` quantized by torch.ao's
     own quantize_dynamic under per_channel_dynamic_qconfig (each packed for the engine set now), then the head
-    unpacked and packed again for oneDNN where pack_head_for_cpu runs it there."""
+    unpacked and packed again for oneDNN where pack_head_for_cpu runs it there, and so are the projections over source
+    tokens where int8_source_engine says."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
 
-    from model.packed import int8_head_engine
+    from model.packed import int8_head_engine, int8_source_engine
+    from model.quantize import runs_over_sources
     from model.vocabulary import restrict_vocabulary
 
     model = ours.MT5ForConditionalGeneration.from_pretrained(checkpoint)
     if kept_ids is not None:
         restrict_vocabulary(model, kept_ids)
     quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in names}, inplace=True)
+    for module in model.modules():
+        if isinstance(module, FeedForward):
+            module.fused_gelu = True  # int8-dynamic's GELU: torch's fused kernel
     if native_bfloat16():  # int8-dynamic's rule for the wo it leaves: bfloat16 on such a CPU
         for name, layer in model.named_modules():
             if name.endswith(".ff.wo"):
                 layer.to(torch.bfloat16)
-    head = model.lm_head.kept if kept_ids is not None else model.lm_head
+    head_name = "lm_head.kept" if kept_ids is not None else "lm_head"
+    onednn = [name for name in names if runs_over_sources(name)] if int8_source_engine() == "onednn" else []
     if int8_head_engine(model) == "onednn":
-        current, torch.backends.quantized.engine = torch.backends.quantized.engine, "onednn"
-        try:
-            head._packed_params.set_weight_bias(*head._packed_params._weight_bias())
-        finally:
-            torch.backends.quantized.engine = current
+        onednn.append(head_name)
+    current, torch.backends.quantized.engine = torch.backends.quantized.engine, "onednn"
+    try:
+        for name in onednn:
+            layer = model.get_submodule(name)
+            layer._packed_params.set_weight_bias(*layer._packed_params._weight_bias())
+    finally:
+        torch.backends.quantized.engine = current
     return model
 
 
@@ -600,8 +635,8 @@ def assert_same_state(got, expected, key: str = "") -> None:
 
 @pytest.mark.parametrize("kept_ids", [None, range(0, 4000, 7)], ids=["full", "restricted"])
 def test_int8_dynamic_load_packs_each_layer_once_into_the_model_torch_ao_builds(tiny_checkpoint, kept_ids, monkeypatch):
-    from model.packed import int8_head_engine
-    from model.quantize import dynamic_int8_engine
+    from model.packed import int8_head_engine, int8_source_engine
+    from model.quantize import dynamic_int8_engine, runs_over_sources
 
     packs, unpacks = [], []
     prepack, unpack = torch.ops.quantized.linear_prepack, torch.ops.quantized.linear_unpack
@@ -625,6 +660,16 @@ def test_int8_dynamic_load_packs_each_layer_once_into_the_model_torch_ao_builds(
     assert unpacks == []
     engine = int8_head_engine(model) or torch.backends.quantized.engine
     assert {dynamic_int8_engine(block) for block in head.blocks} == {engine}
+    # The encoder's projections and the cross-attention's keys and values (thousands of rows a call) on oneDNN where
+    # its VNNI kernel runs; the decoder's per-step ones on the engine set now.
+    over_sources = {"encoder.blocks.0.self_attn.qkv", "encoder.blocks.2.ff.wi", "decoder.blocks.1.cross_attn.kv"}
+    per_step = {"decoder.blocks.0.self_attn.qkv", "decoder.blocks.1.cross_attn.q", "decoder.blocks.1.ff.wi"}
+    assert {runs_over_sources(name) for name in over_sources} == {True}
+    assert {runs_over_sources(name) for name in per_step} == {False}
+    assert {dynamic_int8_engine(layers[name]) for name in over_sources} == {
+        int8_source_engine() or torch.backends.quantized.engine
+    }
+    assert {dynamic_int8_engine(layers[name]) for name in per_step} == {torch.backends.quantized.engine}
 
     expected = torch_ao_int8_dynamic(tiny_checkpoint, kept_ids, names=[*layers, head_name])
     assert {n for n, m in expected.named_modules() if type(m) is DynamicLinear} == {*layers, head_name}
