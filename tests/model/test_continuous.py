@@ -105,13 +105,21 @@ def test_sources_encoded_in_length_groups_match_one_padded_batch(pair, monkeypat
     calls = []
     original = model.encode
     monkeypatch.setattr(model, "encode", lambda ids, mask: (calls.append(ids.shape), original(ids, mask))[1])
+    longest = max(map(len, rows))
     with torch.inference_mode():
-        k_v, mask = DecodeBatch(model, model.generation_config, Greedy(model.generation_config))._encode(rows)
+        batch = DecodeBatch(model, model.generation_config, Greedy(model.generation_config))
+        batch._append(len(rows) + 2)
+        batch._widen_sources(longest + 3)
+        slots = torch.tensor([2, 0, 1, *range(3, len(rows) + 2)])[: len(rows)]  # not in order, not all of them
+        batch._encode(rows, slots)
         assert len(calls) > 2, "one group: the fixture no longer exercises grouping"
-        longest = max(map(len, rows))
         ids = torch.tensor([r + [0] * (longest - len(r)) for r in rows])
         expected = model.decoder.project_cross_kv(original(ids, (ids != 0).long()))
-    assert torch.equal(mask, (ids != 0).long())
+    mask = batch.encoder_mask[slots]
+    assert torch.equal(mask[:, :longest], (ids != 0).long()) and not mask[:, longest:].any()
+    assert not batch.encoder_mask[[len(rows), len(rows) + 1]].any()  # the slots not written
+    mask = mask[:, :longest]
+    k_v = [(k[slots, :, :longest], v[slots, :, :longest]) for k, v in batch.cross_kv]
     for (k, v), (want_k, want_v) in zip(k_v, expected):
         keep = mask.bool()[:, None, :, None]
         torch.testing.assert_close(k * keep, want_k * keep, atol=1e-5, rtol=0)
