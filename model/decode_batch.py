@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .modules import KVCache
+from .modules import KVCache, grown
 
 if TYPE_CHECKING:
     from .decode import Search
@@ -37,16 +37,6 @@ def length_groups(lengths: list[int]) -> list[list[int]]:
         else:
             groups.append([i])
     return groups
-
-
-def _grown(tensor: torch.Tensor, dim: int, extra: int) -> torch.Tensor:
-    """`tensor` with `extra` zeros more along `dim`, in one new tensor: torch.cat with a tensor of zeros would
-    write those zeros twice (in the zeros, then in the copy), and a source's keys and values are tens of MB."""
-    shape = list(tensor.shape)
-    shape[dim] += extra
-    out = tensor.new_zeros(shape)
-    out.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
-    return out
 
 
 class StepBuffers:
@@ -197,8 +187,8 @@ class DecodeBatch:
 
     def _append_storage(self, slots: int) -> None:
         """The encoder side and caches of `slots` more documents."""
-        self.encoder_mask = _grown(self.encoder_mask, 0, slots)
-        self.cross_kv = [(_grown(k, 0, slots), _grown(v, 0, slots)) for k, v in self.cross_kv]
+        self.encoder_mask = grown(self.encoder_mask, 0, slots)
+        self.cross_kv = [(grown(k, 0, slots), grown(v, 0, slots)) for k, v in self.cross_kv]
         for cache in self.caches:
             cache.append(slots * self.group)
 
@@ -226,8 +216,8 @@ class DecodeBatch:
         extra = width - self.encoder_mask.shape[1]
         if extra <= 0:
             return
-        self.cross_kv = [(_grown(k, 2, extra), _grown(v, 2, extra)) for k, v in self.cross_kv]
-        self.encoder_mask = _grown(self.encoder_mask, 1, extra)
+        self.cross_kv = [(grown(k, 2, extra), grown(v, 2, extra)) for k, v in self.cross_kv]
+        self.encoder_mask = grown(self.encoder_mask, 1, extra)
 
     def _trim_sources(self) -> None:
         """Cross-attention reads only as many source positions as the longest source still decoding."""

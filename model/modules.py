@@ -130,6 +130,17 @@ def attend_decode_step(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: 
     return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
 
 
+def grown(tensor: torch.Tensor, dim: int, extra: int) -> torch.Tensor:
+    """`tensor` with `extra` zeros more along `dim`, in one new tensor: torch.cat with a tensor of zeros would
+    write those zeros twice (in the zeros, then in the copy), and a batch's cross-attention keys and values are
+    tens of MB."""
+    shape = list(tensor.shape)
+    shape[dim] += extra
+    out = tensor.new_zeros(shape)
+    out.narrow(dim, 0, tensor.shape[dim]).copy_(tensor)
+    return out
+
+
 class KVCache(nn.Module):
     """A preallocated self-attention cache, written in place one step at a time.
 
@@ -173,8 +184,7 @@ class KVCache(nn.Module):
 
     def append(self, rows: int) -> None:
         """Room for `rows` more rows (continuous batching: new documents join the batch)."""
-        self.k = torch.cat([self.k, self.k.new_zeros(rows, *self.k.shape[1:])])
-        self.v = torch.cat([self.v, self.v.new_zeros(rows, *self.v.shape[1:])])
+        self.k, self.v = grown(self.k, 0, rows), grown(self.v, 0, rows)
 
 
 class SelfAttention(nn.Module):
@@ -221,9 +231,8 @@ class CrossAttention(nn.Module):
         group = rows // batch  # beams per source sequence
         q = self.q(x).view(batch, group * length, self.heads, self.d_kv).transpose(1, 2)
         dropout = self.dropout if self.training else 0.0
-        out = attend(
-            q, k, v, bias, dropout, decode_step=length == 1 and not self.training
-        )  # [batch, heads, group*len, d_kv]
+        # [batch, heads, group*len, d_kv]
+        out = attend(q, k, v, bias, dropout, decode_step=length == 1 and not self.training)
         return self.o(out.transpose(1, 2).reshape(rows, length, self.inner))
 
 

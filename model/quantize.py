@@ -165,7 +165,7 @@ def _targets(model: nn.Module, skip: tuple[str, ...], keep: tuple[str, ...]) -> 
 def runs_over_sources(path: str) -> bool:
     """Whether the projection at `path` multiplies every source token of a batch at once (the encoder's, and the
     cross-attention's key/value projection, run once per source), rather than a decode step's few rows."""
-    return path.split(".")[0] == "encoder" or path.endswith("cross_attn.kv")
+    return "encoder" in path.split(".") or path.endswith("cross_attn.kv")  # "transformer.encoder..." in the heads
 
 
 def _quantized_layer(bnb, layer: nn.Linear, method: str, compute_dtype: torch.dtype) -> nn.Module:

@@ -666,6 +666,8 @@ def test_int8_dynamic_load_packs_each_layer_once_into_the_model_torch_ao_builds(
     per_step = {"decoder.blocks.0.self_attn.qkv", "decoder.blocks.1.cross_attn.q", "decoder.blocks.1.ff.wi"}
     assert {runs_over_sources(name) for name in over_sources} == {True}
     assert {runs_over_sources(name) for name in per_step} == {False}
+    assert runs_over_sources("transformer.encoder.blocks.0.ff.wi")  # the task heads hold the stacks one level down
+    assert not runs_over_sources("transformer.decoder.blocks.0.ff.wi")
     assert {dynamic_int8_engine(layers[name]) for name in over_sources} == {
         int8_source_engine() or torch.backends.quantized.engine
     }
