@@ -60,10 +60,10 @@ def split_continuous(model, docs: list[dict], settings: dict, rows: int) -> None
     spent = {"encode": 0.0, "step": 0.0, "steps": 0, "rows": 0}
     encode, logits = DecodeBatch._encode, DecodeBatch.logits
 
-    def timed_encode(self, rows_):
+    def timed_encode(self, *args):
         start = time.perf_counter()
         try:
-            return encode(self, rows_)
+            return encode(self, *args)
         finally:
             spent["encode"] += time.perf_counter() - start
 
@@ -106,6 +106,7 @@ def main() -> None:
         help="instead: time continuous batching over --docs documents, encoding vs decode steps",
     )
     p.add_argument("--docs", type=int, default=48, help="documents for --continuous")
+    p.add_argument("--to-cap", action="store_true", help="every output runs to --max-new-tokens (as run.py --to-cap)")
     args = p.parse_args()
 
     from model import MT5Tokenizer, load_for_inference
@@ -115,7 +116,13 @@ def main() -> None:
     tokenizer = MT5Tokenizer.from_pretrained(path)
     model = load_for_inference(path, dtype="float32", quantization=args.quantization)  # as a replica loads it
     d = DECODINGS[args.decoding]
-    settings = Decoding(d.name, d.num_beams, args.max_new_tokens, early_stopping=d.early_stopping).hf_settings()
+    settings = Decoding(
+        d.name,
+        d.num_beams,
+        args.max_new_tokens,
+        early_stopping=d.early_stopping,
+        min_new_tokens=args.max_new_tokens if args.to_cap else 0,
+    ).hf_settings()
     if args.continuous:
         split_continuous(model, checkpoints.documents(args.docs, tokenizer), settings, args.batch * d.num_beams)
         return

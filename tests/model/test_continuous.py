@@ -124,3 +124,8 @@ def test_sources_encoded_in_length_groups_match_one_padded_batch(pair, monkeypat
         keep = mask.bool()[:, None, :, None]
         torch.testing.assert_close(k * keep, want_k * keep, atol=1e-5, rtol=0)
         torch.testing.assert_close(v * keep, want_v * keep, atol=1e-5, rtol=0)
+    # On CPU the values are held transposed, and stay compact as the batch narrows to its longest source left.
+    assert all(v.transpose(-1, -2).is_contiguous() for _, v in batch.cross_kv)
+    batch.source_lengths = [longest - 1] * len(batch)
+    batch._trim_sources()
+    assert all(v.shape[2] == longest - 1 and v.transpose(-1, -2).is_contiguous() for _, v in batch.cross_kv)

@@ -8,19 +8,23 @@ import torch
 from model.modules import attend, attend_decode_step, mask_to_bias
 
 
+@pytest.mark.parametrize("values_transposed", [False, True])
 @pytest.mark.parametrize("queries", [1, 4])
 @pytest.mark.parametrize("heads,src_len", [(6, 448), (12, 37)])
-def test_decode_step_attention_is_sdpas_to_float32_rounding(heads, src_len, queries):
+def test_decode_step_attention_is_sdpas_to_float32_rounding(heads, src_len, queries, values_transposed):
     """A decode step's attention on CPU (one query per row, or a document's beams folded into the query axis of
     its cross-attention) goes through two matrix products instead of SDPA. Scores are 64-term dot products of
     unit-normal entries: float32 rounds each term to about 2^-24 of its size, and the two paths sum them in other
     orders, so a score moves by about sqrt(64) * 2^-24 * 40 = 2e-5 at most (scores reach about 40 here) and each
     weight by that relative amount; an output, a weighted mean of unit-normal values (at most about 4), by under
-    1e-4. Masked positions must weigh nothing in both."""
+    1e-4. Masked positions must weigh nothing in both. `values_transposed`: the values held [.., 64, src_len] in
+    memory, as DecodeBatch holds the cross-attention's on CPU (another product, the same bound)."""
     torch.manual_seed(0)
     sources = 5
     q = torch.randn(sources, heads, queries, 64)
     k, v = torch.randn(sources, heads, src_len, 64), torch.randn(sources, heads, src_len, 64)
+    if values_transposed:
+        v = v.transpose(-1, -2).contiguous().transpose(-1, -2)
     mask = torch.ones(sources, src_len, dtype=torch.long)
     mask[1, src_len // 2 :] = 0
     mask[3, 1:] = 0  # one key only: its value, exactly
