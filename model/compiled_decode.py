@@ -199,6 +199,7 @@ class CompiledDecodeBatch(DecodeBatch):
         self.storage = storage_for(model, max_documents * self.group, self.max_len, self)
         self.caches = self.storage.caches
         self.cross_kv, self.encoder_mask = self.storage.sources(MIN_WIDTH)
+        self.values_transposed = False  # the storage holds the values as the compiled step reads them
         self.width = MIN_WIDTH
         # Beam search reorders its rows every step: inside the graph, from `parents`, each row's source row.
         self.reorders = config.num_beams > 1

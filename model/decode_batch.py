@@ -233,6 +233,12 @@ class DecodeBatch:
         ]
         self.encoder_mask = grown(self.encoder_mask, 1, extra)
 
+    def _first_positions(self, values: torch.Tensor, width: int) -> torch.Tensor:
+        """values[:, :, :width]: a view, or a compact copy where they are held transposed (see _trim_sources)."""
+        if not self.values_transposed:
+            return values[:, :, :width]
+        return self._stored(self._stored(values)[..., :width].contiguous())
+
     def _trim_sources(self) -> None:
         """Cross-attention reads only as many source positions as the longest source still decoding. Keys keep their
         storage (each head's positions stay one contiguous block); transposed values are copied narrower, since a view
@@ -240,10 +246,5 @@ class DecodeBatch:
         149 of 448 positions, 2x the time of the values untransposed)."""
         width = max(self.source_lengths, default=0)
         if width < self.encoder_mask.shape[1]:
-            narrower = (
-                (lambda v: self._stored(self._stored(v)[..., :width].contiguous()))
-                if self.values_transposed
-                else (lambda v: v[:, :, :width])
-            )
-            self.cross_kv = [(k[:, :, :width], narrower(v)) for k, v in self.cross_kv]
+            self.cross_kv = [(k[:, :, :width], self._first_positions(v, width)) for k, v in self.cross_kv]
             self.encoder_mask = self.encoder_mask[:, :width]
