@@ -217,6 +217,16 @@ def transparent_hugepage() -> str | None:
     return text[text.find("[") + 1 : text.find("]")] if "[" in text else text.strip()
 
 
+ISA_CAP_VARIABLES = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "FBGEMM_ENABLE_INSTRUCTIONS",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "CT2_FORCE_CPU_ISA",
+)
+
+
 def machine(args) -> dict:
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
@@ -242,6 +252,8 @@ def machine(args) -> dict:
         "transparent_hugepage": transparent_hugepage(),
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "ct2_force_cpu_isa": os.environ.get("CT2_FORCE_CPU_ISA"),
+        # the caps that run an AVX-512 machine as an AVX2 one (benchmarks/README.md, "AVX2 on an AVX-512 machine")
+        "isa_caps": {name: os.environ[name] for name in ISA_CAP_VARIABLES if os.environ.get(name)},
     }
     for package in ("transformers", "ctranslate2", "bitsandbytes", "ray"):
         try:

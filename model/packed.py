@@ -41,6 +41,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from . import cpu_isa
 from .quantize import Int8HeadBlocks, dynamic_int8_engine, pack_dynamic_int8, runs_over_sources
 
 # The row count oneDNN's layout is chosen for: a decode step's rows (batch x beams). Measured on the head
@@ -123,9 +124,8 @@ def is_dynamic_int8(linear) -> bool:
 
 def can_pack_int8() -> bool:
     """Whether an int8-dynamic head gains from oneDNN's kernel: torch has the engine, and the CPU VNNI (on
-    AVX2 without it, u8 x s8 products go through 16-bit sums, and fbgemm stays)."""
-    is_vnni = getattr(torch.cpu, "_is_vnni_supported", None)
-    return "onednn" in torch.backends.quantized.supported_engines and is_vnni is not None and is_vnni()
+    AVX2 without it, u8 x s8 products go through 16-bit sums, and fbgemm stays), as oneDNN runs it (cpu_isa)."""
+    return "onednn" in torch.backends.quantized.supported_engines and cpu_isa.onednn_vnni()
 
 
 def repack_dynamic_int8(linear, engine: str = "onednn") -> bool:

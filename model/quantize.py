@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_isa
 from .quantization_methods import METHODS
 
 # The stacks' projections, by their attribute names in model/modules.py.
@@ -81,7 +82,7 @@ DYNAMIC_KEEP_UNQUANTIZED = ("wo",)
 
 
 def native_bfloat16() -> bool:
-    """Whether this CPU multiplies bfloat16 in hardware (AVX512_BF16, or AMX tiles).
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512_BF16, or AMX tiles), as oneDNN runs it (cpu_isa).
 
     int8-dynamic then holds the `wo` it leaves unquantized in bfloat16: mT5's activation dtype in its TPU
     pretraining, with float32's range (so none of float16's overflow) and a rounding of each value on its own (so
@@ -93,7 +94,7 @@ def native_bfloat16() -> bool:
     benchmarks/quality.py's trained model (1,556 held-out documents): sequences identical to float32's 75.5 %
     greedy / 76.0 % beam 4 with `wo` in bfloat16, 75.8 % / 76.3 % with it in float32; ROUGE-L 44.8 / 46.0
     against 45.0 / 45.9 (results/quality-first-words-wo-bf16.json)."""
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return cpu_isa.onednn_bfloat16()
 
 
 # int8-weight-only keeps `wo` as the other methods do, so that every method quantizes the same layers. Its own
