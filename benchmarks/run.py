@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from benchmarks import checkpoints  # noqa: E402
 from benchmarks.engines import BASELINES, DECODINGS, Context, Decoding, build, expand  # noqa: E402
+from model.cpu_isa import isa_caps  # noqa: E402
 
 # Warm-up: every engine and decoding once on a few short documents, so that thread pools, allocators
 # and oneDNN kernels are set up before anything is timed.
@@ -217,16 +218,6 @@ def transparent_hugepage() -> str | None:
     return text[text.find("[") + 1 : text.find("]")] if "[" in text else text.strip()
 
 
-ISA_CAP_VARIABLES = (
-    "ATEN_CPU_CAPABILITY",
-    "ONEDNN_MAX_CPU_ISA",
-    "DNNL_MAX_CPU_ISA",
-    "FBGEMM_ENABLE_INSTRUCTIONS",
-    "MKL_ENABLE_INSTRUCTIONS",
-    "CT2_FORCE_CPU_ISA",
-)
-
-
 def machine(args) -> dict:
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
@@ -252,8 +243,8 @@ def machine(args) -> dict:
         "transparent_hugepage": transparent_hugepage(),
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "ct2_force_cpu_isa": os.environ.get("CT2_FORCE_CPU_ISA"),
-        # the caps that run an AVX-512 machine as an AVX2 one (benchmarks/README.md, "AVX2 on an AVX-512 machine")
-        "isa_caps": {name: os.environ[name] for name in ISA_CAP_VARIABLES if os.environ.get(name)},
+        # the caps that held the libraries below the CPU (model/cpu_isa.py ISA_CAP_VARIABLES)
+        "isa_caps": isa_caps() or None,
     }
     for package in ("transformers", "ctranslate2", "bitsandbytes", "ray"):
         try:
@@ -353,7 +344,8 @@ def main(argv=None) -> None:
     report = {
         "benchmark": "lakesum generate vs transformers vs CTranslate2",
         # the script run (a wrapper such as before_after_issue15.py calls this main)
-        "command": "python "
+        "command": (isa_caps() + " " if isa_caps() else "")
+        + "python "
         + " ".join(
             [os.path.relpath(__file__ if argv is not None else sys.argv[0], ROOT)]
             + (argv if argv is not None else sys.argv[1:])

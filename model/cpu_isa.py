@@ -14,6 +14,25 @@ import os
 
 import torch
 
+# The variables that hold each library that picks its CPU kernels at run time below what the CPU has: torch's own
+# kernels, oneDNN, fbgemm (torch's int8-dynamic linears), MKL, CTranslate2. Set together at AVX2, they run an AVX-512
+# machine as an AVX2 one (benchmarks/README.md, "AVX2 on an AVX-512 machine"); the benchmarks and the tests' header
+# record those set.
+ISA_CAP_VARIABLES = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "FBGEMM_ENABLE_INSTRUCTIONS",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "CT2_FORCE_CPU_ISA",
+)
+
+
+def isa_caps() -> str:
+    """The ISA caps set, as the start of a command line that sets them again ('' when none is)."""
+    return " ".join(f"{name}={os.environ[name]}" for name in ISA_CAP_VARIABLES if os.environ.get(name))
+
+
 # oneDNN's ISA names in its order, each containing the ones before (aliases of one level share its rank). An
 # unknown value leaves oneDNN uncapped, and here too.
 _ONEDNN_ISA_RANKS = {

@@ -76,11 +76,14 @@ def describe() -> list[str]:
     model, flags = cpu()
     import torch
 
+    from model.cpu_isa import isa_caps
+
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "CPU build"
     return [
         f"cpu: {model}; simd: {' '.join(flags) or 'none of ' + ', '.join(SIMD_FLAGS)}",
         f"python {platform.python_version()}; torch {torch.__version__} ({build}), "
-        f"{torch.get_num_threads()} threads, ATen CPU kernels {torch.backends.cpu.get_cpu_capability()}",
+        f"{torch.get_num_threads()} threads, ATen CPU kernels {torch.backends.cpu.get_cpu_capability()}"
+        + (f", ISA caps {isa_caps()}" if isa_caps() else ""),
         "packages: " + ", ".join(f"{name} {version}" for name, version in versions().items()),
     ]
 
