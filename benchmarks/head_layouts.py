@@ -8,7 +8,12 @@ layout alike (median of --repeats calls):
 - float32 row-major: nn.Linear as loaded (MKL, transposed B);
 - float32 column-major: the same weight stored transposed (MKL, plain B), the layout that was dropped;
 - float32 oneDNN-packed: model.packed.PackedLinear, the layout model.load_for_inference gives a CPU head;
-- int8-dynamic: what quantization="int8-dynamic" makes of the head, where no float layout applies.
+- int8-dynamic: what quantization="int8-dynamic" makes of the head, where no float layout applies: its vocabulary blocks
+  (model/quantize.py Int8HeadBlocks, written into a reused output as a decode step does) packed for fbgemm, packed for
+  oneDNN, and as load_for_inference holds them on a CPU with VNNI: packed for oneDNN, with a copy packed for fbgemm
+  that multiplies up to FEW_ROWS rows.
+
+    .venv/bin/python benchmarks/head_layouts.py --layouts int8 --rows 1,2,4,8,12,16,20,24,32,48,64,128 --repeats 7
 """
 
 from __future__ import annotations
@@ -29,21 +34,39 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 
-def layouts(vocab: int, d_model: int) -> dict:
-    from model.packed import PackedLinear
-    from model.quantize import _dynamic_int8_layer
+def layouts(vocab: int, d_model: int, kinds: str) -> dict:
+    from model.packed import PackedLinear, can_pack_int8
+    from model.quantize import Int8HeadBlocks
 
     torch.manual_seed(0)
     linear = nn.Linear(d_model, vocab, bias=False).requires_grad_(False)
-    row_major = linear.weight.detach().contiguous()
-    column_major = row_major.t().contiguous().t()
-    packed, int8 = PackedLinear(linear), _dynamic_int8_layer(linear)
-    return {
-        "fp32 row-major": lambda x: F.linear(x, row_major),
-        "fp32 column-major": lambda x: F.linear(x, column_major),
-        "fp32 oneDNN-packed": packed,
-        "int8-dynamic": int8,
-    }
+    heads = {}
+    if kinds in ("all", "fp32"):
+        row_major = linear.weight.detach().contiguous()
+        column_major = row_major.t().contiguous().t()
+        heads["fp32 row-major"] = lambda x: F.linear(x, row_major)
+        heads["fp32 column-major"] = lambda x: F.linear(x, column_major)
+        heads["fp32 oneDNN-packed"] = PackedLinear(linear)
+    if kinds in ("all", "int8"):
+        engines = ["fbgemm", "onednn"] if can_pack_int8() else ["fbgemm"]
+        for engine in engines:
+            blocks = Int8HeadBlocks.from_float(linear, engine)
+            blocks.few_rows = ()  # this engine at every row count
+            heads[f"int8 {engine}"] = into_reused_output(blocks)
+        if can_pack_int8():
+            heads["int8 as loaded"] = into_reused_output(Int8HeadBlocks.from_float(linear, "onednn"))
+    return heads
+
+
+def into_reused_output(head):
+    """The head writing into one output per row count, as a decode step's reused logits buffer."""
+    outputs: dict[int, torch.Tensor] = {}
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        out = outputs.setdefault(x.shape[0], x.new_empty(x.shape[0], head.out_features))
+        return head(x, out=out)
+
+    return run
 
 
 def main(argv=None) -> None:
@@ -55,12 +78,13 @@ def main(argv=None) -> None:
     p.add_argument("--rows", default="1,4,16,64,128", help="row counts: batch x beams of a decode step")
     p.add_argument("--repeats", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--layouts", choices=["all", "fp32", "int8"], default="all")
     p.add_argument("--out", type=Path)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = datetime.datetime.now(datetime.timezone.utc)
     load_before = os.getloadavg()[0]
-    heads = layouts(args.vocab, args.d_model)
+    heads = layouts(args.vocab, args.d_model, args.layouts)
     results = []
     with torch.inference_mode():
         for rows in (int(r) for r in args.rows.split(",")):
@@ -80,7 +104,7 @@ def main(argv=None) -> None:
         + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
         "date": started.isoformat(timespec="seconds"),
         "machine": machine(argparse.Namespace(threads=args.threads, device="cpu")),
-        "setup": {"vocab": args.vocab, "d_model": args.d_model, "repeats": args.repeats},
+        "setup": {"vocab": args.vocab, "d_model": args.d_model, "repeats": args.repeats, "layouts": args.layouts},
         "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
         "results": results,
     }

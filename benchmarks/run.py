@@ -242,7 +242,6 @@ def machine(args) -> dict:
         "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         "transparent_hugepage": transparent_hugepage(),
         "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "ct2_force_cpu_isa": os.environ.get("CT2_FORCE_CPU_ISA"),
         # the caps that held the libraries below the CPU (model/cpu_isa.py ISA_CAP_VARIABLES)
         "isa_caps": isa_caps() or None,
     }
@@ -344,12 +343,10 @@ def main(argv=None) -> None:
     report = {
         "benchmark": "lakesum generate vs transformers vs CTranslate2",
         # the script run (a wrapper such as before_after_issue15.py calls this main)
-        "command": (isa_caps() + " " if isa_caps() else "")
-        + "python "
-        + " ".join(
-            [os.path.relpath(__file__ if argv is not None else sys.argv[0], ROOT)]
+        "command": " ".join(
+            [isa_caps(), "python", os.path.relpath(__file__ if argv is not None else sys.argv[0], ROOT)]
             + (argv if argv is not None else sys.argv[1:])
-        ),
+        ).lstrip(),
         "date": started.isoformat(timespec="seconds"),
         # other jobs on a shared machine: the 1-minute load average when the run started and ended
         "machine": {**machine(args), "load_average": [round(load_at_start[0], 2), round(os.getloadavg()[0], 2)]},

@@ -55,8 +55,8 @@ _ONEDNN_ISA_RANKS = {
 
 def onednn_isa_cap() -> str | None:
     """The ISA oneDNN is capped at by the environment, upper-cased; None when uncapped (unset, ALL, DEFAULT)."""
-    value = os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA")
-    return value.strip().upper() if value and value.strip().upper() in _ONEDNN_ISA_RANKS else None
+    value = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").strip().upper()
+    return value if value in _ONEDNN_ISA_RANKS else None
 
 
 def _onednn_allows(isa: str) -> bool:

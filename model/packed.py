@@ -23,7 +23,9 @@ load_for_inference has quantize() make it an Int8HeadBlocks (vocabulary blocks w
 reused buffer) packed for oneDNN there (int8_head_engine), for the engine set now elsewhere, so that its 250k rows
 are packed once and pack_head_for_cpu finds nothing to do; a one-layer head packed for fbgemm is repacked in place.
 There oneDNN runs the head's u8 x s8 GEMM with VNNI or AMX tiles, 1.6-2x fbgemm's speed at 64 rows (beam 4's
-16 x 4) and on par at 16 on an AVX-512 / AMX Xeon (benchmarks/README.md).
+16 x 4) and on par at 16 on an AVX-512 / AMX Xeon (benchmarks/README.md). At up to quantize.FEW_ROWS rows the
+head multiplies through a second copy of its blocks packed for fbgemm (Int8HeadBlocks.few_rows): there the weight's
+bytes bound the product, and fbgemm streams them faster (0.47-0.83x oneDNN's time at 1-16 rows, AMD EPYC Zen 4).
 Both quantize the input alike (per tensor, 7 bits: reduce_range) and sum the int8 products exactly in int32;
 only the float rescaling of each sum is rounded in another order, so the logits agree to float32 rounding.
 The int8-dynamic projections over source tokens (the encoder's, and the cross-attention's keys and values:
@@ -187,9 +189,12 @@ def pack_head_for_cpu(model: nn.Module, rows_hint: int = ROWS_HINT) -> bool:
     int8_layers = linear.blocks if isinstance(linear, Int8HeadBlocks) else [linear] if is_dynamic_int8(linear) else []
     if int8_layers:
         engine = int8_head_engine(model)
-        return engine is not None and all(
-            dynamic_int8_engine(layer) == engine or repack_dynamic_int8(layer, engine) for layer in int8_layers
-        )
+        if engine is None:
+            return False
+        repacked = [repack_dynamic_int8(layer, engine) for layer in int8_layers if dynamic_int8_engine(layer) != engine]
+        if isinstance(linear, Int8HeadBlocks):
+            linear.pack_few_rows(again=bool(repacked))  # weights loaded into the blocks since are the copy's too
+        return True
     if not _packable(linear):
         return False
     setattr(owner, name, PackedLinear(linear, rows_hint).train(linear.training))

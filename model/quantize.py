@@ -289,6 +289,16 @@ def _dynamic_int8_layer(layer: nn.Linear, engine: str | None = None) -> nn.Modul
 # block's float32 output is 16 MiB, under glibc's largest mmap threshold (32 MiB).
 HEAD_BLOCK_IDS = 32768
 
+# Rows up to which an int8-dynamic head packed for oneDNN multiplies through the same codes packed for fbgemm
+# (Int8HeadBlocks.few_rows). At a few rows the product is bound by the head's bytes, and fbgemm streams them faster
+# than oneDNN's VNNI kernel; from some tens of rows on the products bound it, and oneDNN is the faster. fbgemm's time
+# over oneDNN's on an AMD EPYC Zen 4 (AVX-512 VNNI), the whole head in its blocks: mt5-small, one thread, at 1 / 4 /
+# 8 / 16 / 24 / 32 / 64 rows 0.47 / 0.51 / 0.57 / 0.83 / 0.97 / 1.00 / 1.09; two threads 0.57 / 0.44 / 0.55 /
+# 0.60 / 0.88 / 0.93 / 1.10; mt5-base, one thread, 0.71 / 0.78 / 0.78 / 1.00 / 1.07 / 1.19 / 1.13
+# (benchmarks/README.md, "The int8 head at a few rows").
+FEW_ROWS = 16
+FEW_ROWS_ENGINE = "fbgemm"
+
 
 class Int8HeadBlocks(nn.Module):
     """An int8-dynamic output head as vocabulary blocks, each an int8-dynamic layer of its own, written into one
@@ -300,7 +310,12 @@ class Int8HeadBlocks(nn.Module):
     `out` costs less than the faults did: on an AMD EPYC, one thread, oneDNN, 8 blocks against the whole head,
     16 rows 8.7 -> 8.5 ms, 48 rows 36.0 -> 19.3 ms, 128 rows 95.2 -> 42.6 ms (benchmarks/README.md, "on AMD").
     The logits are the whole layer's, bit for bit: a block holds its rows' int8 codes and per-channel scales, and
-    every block quantizes the same input rows alike."""
+    every block quantizes the same input rows alike.
+
+    Blocks packed for oneDNN come with a second set packed for fbgemm (`few_rows`), which multiplies batches of up to
+    FEW_ROWS rows: there the weight's bytes bound the product, and fbgemm streams them faster (see FEW_ROWS). The
+    second set holds the same codes and scales: it costs the head's int8 bytes once more, and takes no place in the
+    state dict."""
 
     def __init__(
         self, weight: torch.Tensor, bias: torch.Tensor | None, engine: str | None, block_ids: int = HEAD_BLOCK_IDS
@@ -309,30 +324,45 @@ class Int8HeadBlocks(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.starts = list(range(0, self.out_features, block_ids))
         codes, scales, zeros = weight.int_repr(), weight.q_per_channel_scales(), weight.q_per_channel_zero_points()
-        blocks = []
+        parts = []
         for start in self.starts:
             end = min(start + block_ids, self.out_features)
             part = torch._make_per_channel_quantized_tensor(
                 codes[start:end].contiguous(), scales[start:end], zeros[start:end], 0
             )
-            blocks.append(_packed_dynamic_int8(part, None if bias is None else bias[start:end], engine))
-        self.blocks = nn.ModuleList(blocks)
+            parts.append((part, None if bias is None else bias[start:end]))
+        self.blocks = nn.ModuleList(_packed_dynamic_int8(part, part_bias, engine) for part, part_bias in parts)
+        self.few_rows: tuple[nn.Module, ...] = ()  # a plain attribute, not submodules: out of the state dict
+        if engine == "onednn" and FEW_ROWS_ENGINE in torch.backends.quantized.supported_engines:
+            self.few_rows = tuple(_packed_dynamic_int8(part, part_bias, FEW_ROWS_ENGINE) for part, part_bias in parts)
 
     @classmethod
     def from_float(cls, layer: nn.Linear, engine: str | None, block_ids: int = HEAD_BLOCK_IDS) -> Int8HeadBlocks:
         return cls(_dynamic_int8_weight(layer), layer.bias, engine, block_ids).train(layer.training)
+
+    def pack_few_rows(self, again: bool = False) -> None:
+        """Pack the few-rows set for fbgemm from the blocks, in place, where torch has fbgemm: `again` (the blocks were
+        packed anew, their weights maybe loaded from a state dict), or where the set is not packed for it (a copy)."""
+        if FEW_ROWS_ENGINE not in torch.backends.quantized.supported_engines:
+            return
+        if again or not all(dynamic_int8_engine(layer) == FEW_ROWS_ENGINE for layer in self.few_rows or [None]):
+            self.few_rows = tuple(
+                _packed_dynamic_int8(*block._packed_params._weight_bias(), FEW_ROWS_ENGINE) for block in self.blocks
+            )
 
     def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The logits of `x` [..., in_features], written into `out` [rows, out_features] where given."""
         rows = x.reshape(-1, self.in_features)
         if out is None:
             out = rows.new_empty(rows.shape[0], self.out_features)
-        for start, block in zip(self.starts, self.blocks):
+        blocks = self.few_rows if self.few_rows and rows.shape[0] <= FEW_ROWS else self.blocks
+        for start, block in zip(self.starts, blocks):
             out[:, start : start + block.out_features] = block(rows)
         return out.view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, {len(self.blocks)} int8 blocks"
+        blocks = f"{len(self.blocks)} int8 blocks" + (f", fbgemm at up to {FEW_ROWS} rows" if self.few_rows else "")
+        return f"in_features={self.in_features}, out_features={self.out_features}, {blocks}"
 
 
 # The engine pack_dynamic_int8 packed each layer for, with the packed object it made, held weakly on both sides: a
@@ -662,8 +692,11 @@ def quantized_bytes(model: nn.Module, device: str | torch.device | None = None) 
         # LLM.int8: the row scales sit on the weight until the first forward, then on module.state.
         for owner in (getattr(module, "weight", None), getattr(module, "state", None)):
             add(getattr(owner, "SCB", None))
-        if isinstance(module, DynamicLinear) and counted(torch.device("cpu")):
-            # int8-dynamic, on CPU only: packed for fbgemm or oneDNN, neither parameter nor buffer
-            weight = module.weight()
-            total += weight.numel() + 8 * 2 * weight.q_per_channel_scales().numel()  # int8, float64 scales, int64 zeros
+        # int8-dynamic, on CPU only: packed for fbgemm or oneDNN, neither parameter nor buffer (an int8 head's set for
+        # a few rows is not even a submodule)
+        dynamic = [module] if isinstance(module, DynamicLinear) else list(getattr(module, "few_rows", ()))
+        for layer in dynamic if counted(torch.device("cpu")) else []:
+            weight = layer.weight()
+            # int8 codes, a float64 scale and an int64 zero point per row
+            total += weight.numel() + 8 * 2 * weight.q_per_channel_scales().numel()
     return total

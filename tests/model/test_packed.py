@@ -18,7 +18,7 @@ from model.packed import (
     pack_linears_for_cpu,
     unpack,
 )
-from model.quantize import quantize
+from model.quantize import FEW_ROWS, Int8HeadBlocks, quantize
 from model.vocabulary import restrict_vocabulary
 from tests.model.helpers import (
     FP32_ATOL,
@@ -200,12 +200,15 @@ def test_an_int8_dynamic_head_packed_again_elsewhere_is_repacked_for_onednn(tiny
     def engines(model) -> set:
         return {dynamic_int8_engine(block) for block in model.lm_head.blocks}  # the head is in vocabulary blocks
 
+    def few_rows_engines(model) -> set:
+        return {dynamic_int8_engine(layer) for layer in model.lm_head.few_rows}  # its copy for a few rows
+
     model = ours.load_for_inference(tiny_checkpoint, quantization="int8-dynamic")
-    assert engines(model) == {"onednn"}
+    assert engines(model) == {"onednn"} and few_rows_engines(model) == {"fbgemm"}
     expected = logits(model)
     copied = copy.deepcopy(model)
-    assert engines(copied) == {None}
-    assert pack_head_for_cpu(copied) and engines(copied) == {"onednn"}
+    assert engines(copied) == few_rows_engines(copied) == {None}
+    assert pack_head_for_cpu(copied) and engines(copied) == {"onednn"} and few_rows_engines(copied) == {"fbgemm"}
     # The projections over source tokens were packed again too, for the engine set now: pack_linears_for_cpu
     # repacks them (and packs the float32 `wo` layers, as it does for any model).
     over_sources = [m for name, m in copied.named_modules() if is_dynamic_int8(m) and runs_over_sources(name)]
@@ -218,6 +221,15 @@ def test_an_int8_dynamic_head_packed_again_elsewhere_is_repacked_for_onednn(tiny
     model.lm_head.load_state_dict(model.lm_head.state_dict())
     assert engines(model) == {None}
     assert pack_head_for_cpu(model) and torch.equal(logits(model), expected)
+    assert engines(model) == {"onednn"} and few_rows_engines(model) == {"fbgemm"}
+    # Other weights loaded into the blocks reach the copy for a few rows too.
+    negated = nn.Linear(model.config.d_model, model.config.vocab_size, bias=False)
+    negated.weight.data = -ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint).lm_head.weight.data
+    other = Int8HeadBlocks.from_float(negated, "onednn")
+    model.lm_head.load_state_dict(other.state_dict())
+    assert pack_head_for_cpu(model)
+    hidden = torch.randn(FEW_ROWS, model.config.d_model)
+    assert torch.equal(model.lm_head(hidden), other(hidden)) and not torch.equal(other(hidden), copied.lm_head(hidden))
 
 
 def test_projections_it_cannot_pack_are_left_alone(tiny_checkpoint):

@@ -8,6 +8,7 @@ quantization (wrong layout, wrong scales, a layer left in an undefined state).
 
 from __future__ import annotations
 
+import copy
 import gc
 import importlib
 import sys
@@ -23,6 +24,7 @@ from torch import nn
 import model as ours
 from model.modules import FeedForward, gelu_new
 from model.quantize import (
+    FEW_ROWS,
     HEAD_BLOCK_IDS,
     METHODS,
     Int8HeadBlocks,
@@ -424,6 +426,42 @@ def test_int8_head_blocks_give_the_whole_layers_logits_into_the_buffer_they_are_
     assert quantized_bytes(blocks) == quantized_bytes(whole)  # the same int8 codes and row statistics, split
 
 
+@pytest.mark.skipif(
+    "onednn" not in torch.backends.quantized.supported_engines, reason="an int8 head is packed for oneDNN where it runs"
+)
+def test_int8_head_blocks_for_onednn_multiply_up_to_few_rows_through_a_copy_for_fbgemm(tiny_checkpoint):
+    from model.quantize import dynamic_int8_engine
+
+    model = ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    ids = model.config.vocab_size
+    blocks = Int8HeadBlocks.from_float(model.lm_head, "onednn", block_ids=ids // 3 + 5)
+    whole = {
+        engine: quantize(ours.MT5ForConditionalGeneration.from_pretrained(tiny_checkpoint), "int8-dynamic").lm_head
+        for engine in ("fbgemm", "onednn")
+    }
+    for engine, layer in whole.items():
+        model_quantize.pack_dynamic_int8(layer, *layer._packed_params._weight_bias(), engine)
+    assert {dynamic_int8_engine(layer) for layer in blocks.blocks} == {"onednn"}
+    assert {dynamic_int8_engine(layer) for layer in blocks.few_rows} == {"fbgemm"}
+    for block, copy_for_few_rows in zip(blocks.blocks, blocks.few_rows):  # the same codes, scales and zero points
+        assert_same_state(copy_for_few_rows.weight(), block.weight())
+    ran = []
+    for layer in [*blocks.blocks, *blocks.few_rows]:
+        layer.register_forward_hook(lambda layer, args, out: ran.append(dynamic_int8_engine(layer)))
+    g = torch.Generator().manual_seed(0)
+    for rows, engine in [(1, "fbgemm"), (FEW_ROWS, "fbgemm"), (FEW_ROWS + 1, "onednn"), (4 * FEW_ROWS, "onednn")]:
+        ran.clear()
+        hidden = torch.randn(rows, model.config.d_model, generator=g)
+        assert torch.equal(blocks(hidden), whole[engine](hidden)), rows  # the whole layer's logits on that kernel
+        assert ran == [engine] * len(blocks.blocks), rows
+    # Held twice: the int8 codes and row statistics once for each kernel.
+    assert quantized_bytes(blocks) == 2 * quantized_bytes(whole["onednn"])
+    assert Int8HeadBlocks.from_float(model.lm_head, "fbgemm").few_rows == ()  # fbgemm's blocks need no copy
+    keys = set(ours.load_for_inference(tiny_checkpoint, quantization="int8-dynamic").state_dict())
+    assert "lm_head.blocks.0._packed_params._packed_params" in keys  # and the copy is no part of the state dict
+    assert not [key for key in keys if "few_rows" in key]
+
+
 def test_int8_dynamic_skip_keeps_the_named_modules_and_a_tied_head(tiny_checkpoint, tiny_relu_tied_checkpoint):
     model = load(tiny_checkpoint, "int8-dynamic", skip=("lm_head", "decoder"))
     assert type(model.lm_head) is nn.Linear and type(model.decoder.blocks[0].ff.wi) is nn.Linear
@@ -605,14 +643,28 @@ def torch_ao_int8_dynamic(checkpoint, kept_ids=None, names=()):
     onednn = [name for name in names if runs_over_sources(name)] if int8_source_engine() == "onednn" else []
     if int8_head_engine(model) == "onednn":
         onednn.append(head_name)
-    current, torch.backends.quantized.engine = torch.backends.quantized.engine, "onednn"
+    for name in onednn:
+        repack(model.get_submodule(name), "onednn")
+    if int8_head_engine(model) == "onednn":
+        on_fbgemm_at_few_rows(model.get_submodule(head_name))
+    return model
+
+
+def repack(layer, engine: str) -> None:
+    """Pack a torch.ao dynamic linear's weight again for `engine`, as torch.ao packs it under that engine."""
+    current, torch.backends.quantized.engine = torch.backends.quantized.engine, engine
     try:
-        for name in onednn:
-            layer = model.get_submodule(name)
-            layer._packed_params.set_weight_bias(*layer._packed_params._weight_bias())
+        layer._packed_params.set_weight_bias(*layer._packed_params._weight_bias())
     finally:
         torch.backends.quantized.engine = current
-    return model
+
+
+def on_fbgemm_at_few_rows(head: nn.Module) -> None:
+    """The reference for an int8 head packed for oneDNN (Int8HeadBlocks.few_rows): torch.ao's one layer, multiplying
+    through a copy packed for fbgemm at up to FEW_ROWS rows (its forward replaced, in place)."""
+    few_rows, many_rows = copy.deepcopy(head), head.forward
+    repack(few_rows, "fbgemm")
+    head.forward = lambda x: (few_rows if x.numel() // x.shape[-1] <= FEW_ROWS else many_rows)(x)
 
 
 def assert_same_state(got, expected, key: str = "") -> None:
@@ -655,7 +707,7 @@ def test_int8_dynamic_load_packs_each_layer_once_into_the_model_torch_ao_builds(
     # One pack of each weight at its size (the head's in its blocks), no unpack. Besides: the 1 x 1 placeholders the
     # layers are built with, and the 64 x 64 probe layer quantize() runs first (_check_dynamic_int8).
     full_size = Counter(tuple(shape) for shape in packs if tuple(shape) != (1, 1))
-    packed = Counter((m.out_features, m.in_features) for m in [*layers.values(), *head.blocks])
+    packed = Counter((m.out_features, m.in_features) for m in [*layers.values(), *head.blocks, *head.few_rows])
     assert full_size == packed + Counter({(64, 64): 1})
     assert unpacks == []
     engine = int8_head_engine(model) or torch.backends.quantized.engine
