@@ -345,7 +345,7 @@ class Int8HeadBlocks(nn.Module):
         packed anew, their weights maybe loaded from a state dict), or where the set is not packed for it (a copy)."""
         if FEW_ROWS_ENGINE not in torch.backends.quantized.supported_engines:
             return
-        if again or not all(dynamic_int8_engine(layer) == FEW_ROWS_ENGINE for layer in self.few_rows or [None]):
+        if again or not self.few_rows or any(dynamic_int8_engine(layer) != FEW_ROWS_ENGINE for layer in self.few_rows):
             self.few_rows = tuple(
                 _packed_dynamic_int8(*block._packed_params._weight_bias(), FEW_ROWS_ENGINE) for block in self.blocks
             )
