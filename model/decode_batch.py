@@ -26,16 +26,27 @@ Document = tuple[Hashable, list[int]]  # (key, input token ids)
 # A group encoded together pads each source to at most this much more than its own length.
 ENCODE_PADDING = 1.1
 
+# On CPU a group encoded together holds at most this many tokens, padding included. Each of the encoder's steps
+# streams its input and output through memory, and a smaller group's intermediates stay in the caches between them
+# (mt5-small's gated wi writes 8 KB a token: 8 MB here, 64 MB at 16 sources of 512) and reuse freed memory rather
+# than fault in fresh pages (glibc maps allocations over 32 MB anew each time). 16 sources of 512 tokens, int8-dynamic,
+# one thread, AMD EPYC Zen 4: mt5-small 2.84 s at once, 2.19 s in groups of 2 (2.13 at 4); mt5-base 11.9 against
+# 8.9 s (/tmp scripts, session 15; benchmarks/README.md). A GPU wants the biggest batch it is given, so no cap there.
+ENCODE_TOKENS_CPU = 1024
 
-def length_groups(lengths: list[int]) -> list[list[int]]:
+
+def length_groups(lengths: list[int], max_tokens: int | None = None) -> list[list[int]]:
     """Indices of `lengths` in groups to encode together, longest first: a source joins the current group
-    while the group's longest is within ENCODE_PADDING of it, so padding stays under ~10%."""
+    while the group's longest is within ENCODE_PADDING of it, so padding stays under ~10%, and, with
+    `max_tokens`, while the group padded to its longest stays within that many tokens (a longer source is a
+    group of its own)."""
     groups: list[list[int]] = []
     for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
         if groups and lengths[groups[-1][0]] <= ENCODE_PADDING * lengths[i]:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
+            if max_tokens is None or (len(groups[-1]) + 1) * lengths[groups[-1][0]] <= max_tokens:
+                groups[-1].append(i)
+                continue
+        groups.append([i])
     return groups
 
 
@@ -158,8 +169,9 @@ class DecodeBatch:
         layer's cross-attention keys and values at a source's positions, and its mask. A slot's positions past its
         source keep what they held (zeros, or a document before's finite values), which the mask hides. Encoded in
         groups of similar length (length_groups), since the encoder is compute-bound and every padded position
-        costs it as much as a real one; each group's keys and values are written straight into place, with no
-        batch-wide copy of them in between (at 16 sources of 448 tokens, 176 MB a copy for mt5-small)."""
+        costs it as much as a real one, and on CPU of at most ENCODE_TOKENS_CPU tokens; each group's keys and
+        values are written straight into place, with no batch-wide copy of them in between (at 16 sources of 448
+        tokens, 176 MB a copy for mt5-small)."""
         lengths = [len(source) for source in sources]
         mask = torch.zeros((len(sources), max(lengths)), dtype=torch.long)
         for n, length in enumerate(lengths):
@@ -167,7 +179,7 @@ class DecodeBatch:
         mask = mask.to(self.device)
         self.encoder_mask[slots] = 0
         self.encoder_mask[slots, : mask.shape[1]] = mask
-        for group in length_groups(lengths):
+        for group in length_groups(lengths, ENCODE_TOKENS_CPU if self.device.type == "cpu" else None):
             width = lengths[group[0]]
             input_ids = torch.full((len(group), width), self.config.pad_token_id, dtype=torch.long)
             for n, i in enumerate(group):

@@ -584,7 +584,7 @@ def quantize(
 
         for module in model.modules():
             if isinstance(module, FeedForward):
-                module.fused_gelu = True  # see FeedForward: int8's rounding dwarfs the fused GELU's
+                module.sigmoid_gelu = True  # see FeedForward: int8's rounding dwarfs its GELU's
     if dynamic and native_bfloat16():
         # `wo`, left unquantized, in bfloat16 (native_bfloat16); FeedForward casts its input to match.
         for name, layer in model.named_modules():

@@ -7,6 +7,7 @@ import torch
 import transformers
 
 import model as ours
+from model import decode_batch
 from model.decode import Greedy, generate_stream
 from model.decode_batch import DecodeBatch, length_groups
 from tests.model.helpers import STREAM_SETTINGS, token_documents
@@ -99,13 +100,28 @@ def test_length_groups_keep_padding_within_ten_percent():
         assert all(lengths[group[0]] <= 1.1 * lengths[i] for i in group)
 
 
-def test_sources_encoded_in_length_groups_match_one_padded_batch(pair, monkeypatch):
+def test_length_groups_hold_at_most_max_tokens_padded():
+    lengths = [100, 12, 95, 91, 40, 11, 38, 300, 99, 97]
+    groups = length_groups(lengths, max_tokens=250)
+    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
+    # 300 alone exceeds the cap: a group of its own; 100, 99, 97, 95, 91 pad to 100 each, two at a time.
+    assert groups == [[7], [0, 8], [9, 2], [3], [4, 6], [1, 5]]
+    assert all(len(g) * lengths[g[0]] <= 250 for g in groups[1:])
+    assert length_groups(lengths, max_tokens=10_000) == length_groups(lengths)
+
+
+@pytest.mark.parametrize("capped", [False, True])
+def test_sources_encoded_in_length_groups_match_one_padded_batch(pair, monkeypatch, capped):
     _, model = pair
     rows = [ids for _, ids in token_documents(10, seed=4)]
     calls = []
     original = model.encode
     monkeypatch.setattr(model, "encode", lambda ids, mask: (calls.append(ids.shape), original(ids, mask))[1])
     longest = max(map(len, rows))
+    groups = length_groups(list(map(len, rows)))
+    if capped:  # on CPU, a cap on tokens that splits the biggest group
+        biggest = max(groups, key=len)
+        monkeypatch.setattr(decode_batch, "ENCODE_TOKENS_CPU", len(rows[biggest[0]]) * (len(biggest) - 1))
     with torch.inference_mode():
         batch = DecodeBatch(model, model.generation_config, Greedy(model.generation_config))
         batch._append(len(rows) + 2)
@@ -113,6 +129,8 @@ def test_sources_encoded_in_length_groups_match_one_padded_batch(pair, monkeypat
         slots = torch.tensor([2, 0, 1, *range(3, len(rows) + 2)])[: len(rows)]  # not in order, not all of them
         batch._encode(rows, slots)
         assert len(calls) > 2, "one group: the fixture no longer exercises grouping"
+        assert all(docs == 1 or docs * width <= decode_batch.ENCODE_TOKENS_CPU for docs, width in calls)
+        assert len(calls) == len(groups) if not capped else len(calls) > len(groups)
         ids = torch.tensor([r + [0] * (longest - len(r)) for r in rows])
         expected = model.decoder.project_cross_kv(original(ids, (ids != 0).long()))
     mask = batch.encoder_mask[slots]
