@@ -27,12 +27,14 @@ Document = tuple[Hashable, list[int]]  # (key, input token ids)
 ENCODE_PADDING = 1.1
 
 # On CPU a group encoded together holds at most this many tokens, padding included. Each of the encoder's steps
-# streams its input and output through memory, and a smaller group's intermediates stay in the caches between them
-# (mt5-small's gated wi writes 8 KB a token: 8 MB here, 64 MB at 16 sources of 512) and reuse freed memory rather
+# streams its input and output through memory, and a smaller group's intermediates stay nearer the core between them
+# (mt5-small's gated wi writes 8 KB a token: 16 MB here, 64 MB at 16 sources of 512) and reuse freed memory rather
 # than fault in fresh pages (glibc maps allocations over 32 MB anew each time). 16 sources of 512 tokens, int8-dynamic,
-# one thread, AMD EPYC Zen 4: mt5-small 2.84 s at once, 2.19 s in groups of 2 (2.13 at 4); mt5-base 11.9 against
-# 8.9 s (/tmp scripts, session 15; benchmarks/README.md). A GPU wants the biggest batch it is given, so no cap there.
-ENCODE_TOKENS_CPU = 1024
+# one thread, AMD EPYC Zen 4: mt5-small 3.16 s in one group, 2.61 s capped; mt5-base 12.11 against 9.41 s. Of the
+# caps measured (512 to 4,096), 2,048 was the best or within noise of it on varied and shorter sources too
+# (benchmarks/encode_groups.py, benchmarks/README.md "cache-sized groups"). A GPU wants the biggest batch it is
+# given, so no cap there.
+ENCODE_TOKENS_CPU = 2048
 
 
 def length_groups(lengths: list[int], max_tokens: int | None = None) -> list[list[int]]:
