@@ -46,7 +46,7 @@ def encode_all(model, sources: list[list[int]], cap: int) -> None:
 
 def main(argv=None) -> None:
     from benchmarks import checkpoints
-    from benchmarks.run import machine, write_report
+    from benchmarks.run import cpu_timings_report, write_report
     from model import MT5Tokenizer, load_for_inference
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,24 +82,20 @@ def main(argv=None) -> None:
             results.append(
                 {"workload": workload, **{name: round(statistics.median(t), 3) for name, t in times.items()}}
             )
-    report = {
-        "benchmark": "lakesum CPU encode of 16 documents at a time, median s, by the cap on a group's tokens",
-        "command": "python "
-        + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
-        "date": started.isoformat(timespec="seconds"),
-        "machine": machine(argparse.Namespace(threads=args.threads, device="cpu")),
-        "setup": {"shape": args.shape, "quantization": args.quantization, "repeats": args.repeats},
-        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "results": results,
-    }
-    print(
-        f"{report['machine']['cpu']}, mt5-{args.shape} {args.quantization}, {args.threads} thread(s), load average "
-        f"{report['load_average'][0]} -> {report['load_average'][1]}; median s by the cap on a group's tokens"
+    report = cpu_timings_report(
+        f"lakesum CPU encode of 16 documents at a time (mt5-{args.shape} {args.quantization}), median s, by the cap on"
+        " a group's tokens",
+        __file__,
+        argv,
+        args.threads,
+        started,
+        load_before,
+        {"shape": args.shape, "quantization": args.quantization, "repeats": args.repeats},
+        results,
+        "workload",
+        list(caps),
+        2,
     )
-    print("| workload | " + " | ".join(caps) + " |")
-    print("|---" * (len(caps) + 1) + "|")
-    for r in results:
-        print(f"| {r['workload']} | " + " | ".join(f"{r[name]:.2f}" for name in caps) + " |")
     write_report(report, args.out, "encode-groups")
 
 

@@ -71,7 +71,7 @@ def into_reused_output(head):
 
 
 def main(argv=None) -> None:
-    from benchmarks.run import machine, write_report
+    from benchmarks.run import cpu_timings_report, write_report
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", type=int, default=250112)
@@ -99,24 +99,19 @@ def main(argv=None) -> None:
                     head(x)
                     times[name].append(time.perf_counter() - start)
             results.append({"rows": rows, **{name: round(1000 * statistics.median(t), 2) for name, t in times.items()}})
-    report = {
-        "benchmark": "lakesum CPU output-head layouts, median ms per [rows, d_model] x [d_model, vocab]",
-        "command": "python "
-        + " ".join([os.path.relpath(__file__, ROOT)] + (argv if argv is not None else sys.argv[1:])),
-        "date": started.isoformat(timespec="seconds"),
-        "machine": machine(argparse.Namespace(threads=args.threads, device="cpu")),
-        "setup": {"vocab": args.vocab, "d_model": args.d_model, "repeats": args.repeats, "layouts": args.layouts},
-        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "results": results,
-    }
-    print(
-        f"{report['machine']['cpu']}, {args.threads} thread(s), torch {torch.__version__}, load average "
-        f"{report['load_average'][0]} -> {report['load_average'][1]}; median ms"
+    report = cpu_timings_report(
+        "lakesum CPU output-head layouts, median ms per [rows, d_model] x [d_model, vocab]",
+        __file__,
+        argv,
+        args.threads,
+        started,
+        load_before,
+        {"vocab": args.vocab, "d_model": args.d_model, "repeats": args.repeats, "layouts": args.layouts},
+        results,
+        "rows",
+        list(heads),
+        1,
     )
-    print("| rows | " + " | ".join(heads) + " |")
-    print("|---" * (len(heads) + 1) + "|")
-    for r in results:
-        print(f"| {r['rows']} | " + " | ".join(f"{r[name]:.1f}" for name in heads) + " |")
     write_report(report, args.out, "head-layouts")
 
 

@@ -383,6 +383,41 @@ def write_report(report: dict, out: Path | None, tag: str) -> None:
         print(f"[{tag}] wrote {out}", file=sys.stderr)
 
 
+def cpu_timings_report(
+    benchmark: str,
+    script: str,
+    argv: list[str] | None,
+    threads: int,
+    started,
+    load_before: float,
+    setup: dict,
+    results: list[dict],
+    first: str,
+    columns: list[str],
+    decimals: int,
+) -> dict:
+    """A CPU micro-benchmark's report (head_layouts.py, encode_groups.py): its command, machine, load and `results`,
+    each a row keyed by `first` with one median per column, also printed as a Markdown table."""
+    report = {
+        "benchmark": benchmark,
+        "command": "python " + " ".join([os.path.relpath(script, ROOT)] + (argv if argv is not None else sys.argv[1:])),
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine(argparse.Namespace(threads=threads, device="cpu")),
+        "setup": setup,
+        "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "results": results,
+    }
+    print(
+        f"{report['machine']['cpu']}, {threads} thread(s), torch {torch.__version__}, load average "
+        f"{report['load_average'][0]} -> {report['load_average'][1]}; {benchmark}"
+    )
+    print(f"| {first} | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for row in results:
+        print(f"| {row[first]} | " + " | ".join(f"{row[name]:.{decimals}f}" for name in columns) + " |")
+    return report
+
+
 def summarize(
     args, engines, decodings, docs, outputs, timings, load_seconds, memory, nondeterministic, startup, tokenizer
 ) -> list[dict]:
