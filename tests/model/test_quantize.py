@@ -27,6 +27,7 @@ from model.quantize import (
     FEW_ROWS,
     HEAD_BLOCK_IDS,
     METHODS,
+    QUANTIZE_BLOCK_ROWS,
     Int8HeadBlocks,
     is_quantized,
     native_bfloat16,
@@ -413,6 +414,34 @@ def test_int8_dynamic_weights_take_a_quarter_of_the_bytes_plus_their_row_statist
     if native_bfloat16():  # wo held in bfloat16: two bytes a weight instead of four
         saved += sum(2 * m.weight.numel() for name, m in full.named_modules() if name.endswith(".ff.wo"))
     assert quantized_bytes(full) - quantized_bytes(dynamic) == saved  # no float32 copy is kept
+
+
+@pytest.mark.parametrize("rows", [1, QUANTIZE_BLOCK_ROWS, 2 * QUANTIZE_BLOCK_ROWS + 3])
+def test_int8_dynamic_weights_are_torch_aos_codes_bit_for_bit_ties_and_extremes_included(rows):
+    """_dynamic_int8_weight computes the codes itself (not through torch.quantize_per_channel): against torch.ao's
+    from_float on weights with values at or next to halfway between two codes (where the rounding decides), at a
+    row's extremes (±127), at zero, and in a row of one repeated value, in one block and across blocks."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig
+
+    from model.quantize import _dynamic_int8_weight
+
+    generator = torch.Generator().manual_seed(rows)
+    weight = torch.randn(rows, 96, generator=generator)
+    weight[:, 0] = weight.abs().amax(1) + 0.5  # each row's scale: max |w| / 127.5
+    scales = (weight[:, :1] / 127.5).float()
+    halves = torch.randint(-127, 127, (rows, 48), generator=generator).float() + 0.5
+    weight[:, 1:49] = halves * scales
+    weight[:, 49] = -weight[:, 0]
+    weight[:, 50] = 0.0
+    if rows > 1:
+        weight[-1] = 0.75  # one value throughout
+    layer = nn.Linear(96, rows, bias=False)
+    layer.weight.data = weight
+    layer.qconfig = per_channel_dynamic_qconfig
+    expected = DynamicLinear.from_float(layer).weight()
+    got = _dynamic_int8_weight(layer)
+    assert_same_state(got, expected)
+    assert (got.int_repr().abs() == 127).any() and (got.int_repr() == 0).any()
 
 
 def test_int8_head_blocks_give_the_whole_layers_logits_into_the_buffer_they_are_given(tiny_checkpoint):
