@@ -172,22 +172,28 @@ def transformers_engine(ctx: Context, dtype: str = "float32") -> TorchEngine:
 
 
 class CTranslate2Engine:
+    """CTranslate2's translator over the benchmark's batches, one translate_batch each. With `parallel_batches`,
+    its way of using several threads for throughput instead: inter_threads translators of one thread each, and
+    every document in one translate_batch that it splits into batches of at most batch_size (sorted by length
+    first) and runs on those translators at once; comparable with our decode streams (model/decode.py
+    cpu_streams)."""
+
     output = "ids"
 
-    def __init__(self, ctx: Context, compute_type: str):
+    def __init__(self, ctx: Context, compute_type: str, parallel_batches: bool = False):
         import ctranslate2
 
         from benchmarks.checkpoints import ct2_model
 
-        self.ctx = ctx
+        self.ctx, self.parallel_batches = ctx, parallel_batches
         folder = ct2_model(ctx.shape)
         device = "cuda" if ctx.device.startswith("cuda") else "cpu"
         self.translator = ctranslate2.Translator(
             str(folder),
             device=device,
             compute_type=compute_type,
-            inter_threads=1,
-            intra_threads=ctx.threads if device == "cpu" else 0,
+            inter_threads=ctx.threads if parallel_batches else 1,
+            intra_threads=1 if parallel_batches else ctx.threads if device == "cpu" else 0,
         )
         # The converter writes the vocabulary in id order; ids past the real pieces repeat extra ids, so the
         # reverse map keeps each token's first id (generation never reaches those padding rows).
@@ -198,11 +204,13 @@ class CTranslate2Engine:
 
     def run(self, docs: list[dict], decoding: Decoding) -> list[list[int]]:
         out: list[list[int] | None] = [None] * len(docs)
-        for batch in self.ctx.batches:
+        batches = [[i for batch in self.ctx.batches for i in batch]] if self.parallel_batches else self.ctx.batches
+        for batch in batches:
             # Our ids already end with </s>; CTranslate2 adds nothing to a T5 source (add_source_eos false).
             source = [[self.vocab[t] for t in docs[i]["ids"]] for i in batch]
             results = self.translator.translate_batch(
                 source,
+                max_batch_size=self.ctx.batch_size if self.parallel_batches else 0,
                 beam_size=decoding.num_beams,
                 length_penalty=decoding.length_penalty,
                 no_repeat_ngram_size=decoding.no_repeat_ngram_size,
@@ -397,6 +405,7 @@ ENGINES = {
     "transformers-bf16": (("cuda",), lambda ctx, shared: transformers_engine(ctx, "bfloat16")),
     "ct2-fp32": (("cpu",), lambda ctx, shared: CTranslate2Engine(ctx, "float32")),
     "ct2-int8": (("cpu",), lambda ctx, shared: CTranslate2Engine(ctx, "int8")),
+    "ct2-int8-parallel-batches": (("cpu",), lambda ctx, shared: CTranslate2Engine(ctx, "int8", parallel_batches=True)),
     "ct2-bf16": (("cuda",), lambda ctx, shared: CTranslate2Engine(ctx, "bfloat16")),
     "ct2-int8-bf16": (("cuda",), lambda ctx, shared: CTranslate2Engine(ctx, "int8_bfloat16")),
     "pipeline": (

@@ -18,6 +18,8 @@ beam scores); only the batch they share a step with changes.
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Hashable, Iterable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
@@ -282,7 +284,13 @@ class BeamSearch:
 
 @torch.no_grad()
 def decode_stream(
-    model, documents: Iterable[Document], config: GenerationConfig, *, max_rows: int, max_tokens: int | None = None
+    model,
+    documents: Iterable[Document],
+    config: GenerationConfig,
+    *,
+    max_rows: int,
+    max_tokens: int | None = None,
+    stop: threading.Event | None = None,
 ) -> Iterator[tuple[Hashable, list[list[int]]]]:
     """Decode a stream of (key, input token ids) with at most `max_rows` rows at once (rows_per_document a
     document) and, with `max_tokens`, at most that many rows x longest source; yields (key, its
@@ -293,7 +301,7 @@ def decode_stream(
 
     `documents` is read as the batch has room, at each sync, with next(). A source that has nothing yet (a
     queue) may stop and give more at a later next(): those documents join the batch in flight, and the
-    stream ends once the batch is empty."""
+    stream ends once the batch is empty. Once `stop` is set, it ends at the next step, its documents unfinished."""
     generator = None
     if config.do_sample:
         generator = torch.Generator(device=model.device)
@@ -333,7 +341,7 @@ def decode_stream(
 
     batch.refill([], admit([]))
     step, sync = 0, sync_every(batch.device)
-    while len(batch):
+    while len(batch) and not (stop is not None and stop.is_set()):
         search.step(batch)
         step += 1
         if step % sync:
@@ -345,16 +353,125 @@ def decode_stream(
         batch.refill(done, admit([n for s, n in enumerate(batch.source_lengths) if s not in gone]))
 
 
+def cpu_streams(device: torch.device, config: GenerationConfig) -> int:
+    """How many streams a decode on `device` runs at once (decode_streams): on CPU one per thread torch has, each
+    decoding its own batch on one thread, rather than one batch whose every operation is split between the threads.
+    A step's many small operations, and the Python between them, do not split, and on one thread nothing waits for
+    them: mt5-small int8-dynamic, greedy to the cap, 48 documents, 2 threads of an AMD EPYC Zen 4, 7.3-8.5 s in 2
+    streams against 12.4-13.4 s in one (benchmarks/README.md, "Decode streams"). Sampling keeps one stream (its
+    draws come from one generator, in the order of its steps), and so does the compiled step (its storage and
+    graphs are the model's, one set)."""
+    if device.type != "cpu" or config.do_sample or config.compile:
+        return 1
+    return torch.get_num_threads()
+
+
+class _SharedFeed:
+    """`documents` as several streams read them: one next() at a time, and none once `stopped` is set. A source that
+    stops and gives more at a later next() (a queue) is read the same way by every stream."""
+
+    def __init__(self, documents: Iterable[Document]):
+        self.documents = iter(documents)
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+
+    def __iter__(self) -> Iterator[Document]:
+        return self
+
+    def __next__(self) -> Document:
+        with self.lock:
+            if self.stopped.is_set():
+                raise StopIteration
+            return next(self.documents)
+
+
+def decode_streams(
+    model,
+    documents: Iterable[Document],
+    config: GenerationConfig,
+    *,
+    max_rows: int,
+    max_tokens: int | None = None,
+    streams: int = 1,
+) -> Iterator[tuple[Hashable, list[list[int]]]]:
+    """decode_stream() in `streams` threads at once, each on one torch thread, sharing the model and reading
+    `documents` as each has room; max_rows and max_tokens are shared out between them (never more streams than
+    documents fit at once). Yields what they yield, in the order the documents finish, each document's outputs as
+    decode_stream gives them (a document's tokens do not depend on the batch it decodes in). An error in one stream
+    stops the others and is raised here; so does closing this generator. torch's thread count is the caller's again
+    after. A stream ends when its batch is empty and `documents` gives nothing; the others go on."""
+    group = config.num_return_sequences if config.do_sample else max(config.num_beams, 1)
+    documents_at_once = max(max_rows // group, 1)
+    streams = min(streams, documents_at_once)
+    if streams <= 1:
+        yield from decode_stream(model, documents, config, max_rows=max_rows, max_tokens=max_tokens)
+        return
+    feed = _SharedFeed(documents)
+    results: queue.Queue = queue.Queue()
+    ready = threading.Barrier(streams)
+    threads = torch.get_num_threads()
+
+    def run(share: int) -> None:
+        try:
+            # Set before any stream decodes: torch's setter also clears oneDNN's cache of kernels.
+            torch.set_num_threads(1)
+            ready.wait()
+            tokens = None if max_tokens is None else max(max_tokens * share // documents_at_once, 1)
+            with torch.inference_mode():
+                for item in decode_stream(
+                    model, feed, config, max_rows=share * group, max_tokens=tokens, stop=feed.stopped
+                ):
+                    results.put((item, None))
+        except BaseException as error:  # handed to the caller's thread, which raises it
+            ready.abort()
+            results.put((None, error))
+        finally:
+            results.put(None)
+
+    shares = [documents_at_once // streams + (n < documents_at_once % streams) for n in range(streams)]
+    workers = [threading.Thread(target=run, args=(share,), name=f"decode-stream-{n}") for n, share in enumerate(shares)]
+    for worker in workers:
+        worker.start()
+    try:
+        running = streams
+        while running:
+            result = results.get()
+            if result is None:
+                running -= 1
+                continue
+            item, error = result
+            if error is not None and not isinstance(error, threading.BrokenBarrierError):
+                raise error
+            if item is not None:
+                yield item
+    finally:
+        feed.stopped.set()
+        for worker in workers:
+            worker.join()
+        torch.set_num_threads(threads)
+
+
 def generate_stream(
-    model, documents: Iterable[Document], config: GenerationConfig, *, max_rows: int, max_tokens: int | None = None
+    model,
+    documents: Iterable[Document],
+    config: GenerationConfig,
+    *,
+    max_rows: int,
+    max_tokens: int | None = None,
+    streams: int | None = None,
 ) -> Iterator[tuple[Hashable, list[int]]]:
-    """decode_stream() with one output per document, as the pipeline summarizes: yields (key, output ids)."""
+    """decode_streams() with one output per document, as the pipeline summarizes: yields (key, output ids).
+    `streams`: by default cpu_streams()."""
     if config.num_return_sequences != 1:
         raise ValueError(
             "the pipeline summarizes each document once, with one sequence per document: "
             f"got num_return_sequences={config.num_return_sequences}"
         )
+    if streams is None:
+        streams = cpu_streams(model.device, config)
     return (
         (key, outputs[0])
-        for key, outputs in decode_stream(model, documents, config, max_rows=max_rows, max_tokens=max_tokens)
+        for key, outputs in decode_streams(
+            model, documents, config, max_rows=max_rows, max_tokens=max_tokens, streams=streams
+        )
     )

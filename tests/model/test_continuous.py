@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 import transformers
 
 import model as ours
 from model import decode_batch
-from model.decode import Greedy, generate_stream
+from model.decode import Greedy, cpu_streams, generate_stream
 from model.decode_batch import DecodeBatch, length_groups
 from tests.model.helpers import STREAM_SETTINGS, token_documents
 
@@ -89,6 +91,66 @@ def test_several_sequences_per_document_and_empty_streams(pair):
             )
         )
     assert list(generate_stream(model, [], model.generation_config.updated(max_new_tokens=4), max_rows=2)) == []
+
+
+@pytest.mark.parametrize(
+    "settings", [STREAM_SETTINGS["greedy_xlsum"], STREAM_SETTINGS["beam_xlsum"]], ids=["greedy", "beam"]
+)
+def test_streams_give_each_document_the_tokens_of_one_stream_each_on_one_thread(pair, settings, monkeypatch):
+    _, model = pair
+    steps = []  # (thread, torch threads, rows) of each step
+    original = DecodeBatch.logits
+    monkeypatch.setattr(
+        DecodeBatch,
+        "logits",
+        lambda self: (
+            steps.append((threading.current_thread().name, torch.get_num_threads(), self.sequences.shape[0])),
+            original(self),
+        )[1],
+    )
+    docs = token_documents(count=12, seed=2)
+    config = model.generation_config.updated(**settings)
+    beams = settings.get("num_beams", 1)
+    threads = torch.get_num_threads()
+    one = dict(generate_stream(model, docs, config, max_rows=5 * beams, streams=1))
+    steps.clear()
+    two = dict(generate_stream(model, docs, config, max_rows=5 * beams, streams=2))
+    assert two == one and sorted(two) == [key for key, _ in docs]  # every document once, with the same tokens
+    assert {name for name, _, _ in steps} == {"decode-stream-0", "decode-stream-1"}
+    assert {count for _, count, _ in steps} == {1}  # one torch thread each
+    rows = {name: max(n for other, _, n in steps if other == name) for name, _, _ in steps}
+    assert rows == {"decode-stream-0": 3 * beams, "decode-stream-1": 2 * beams}  # 5 documents at once, shared out
+    assert torch.get_num_threads() == threads
+
+
+def test_an_error_in_one_stream_stops_the_others_and_reaches_the_caller(pair, monkeypatch):
+    _, model = pair
+    original, calls = DecodeBatch.logits, []
+
+    def failing(self):
+        calls.append(threading.current_thread().name)
+        if threading.current_thread().name == "decode-stream-1" and calls.count("decode-stream-1") == 3:
+            raise RuntimeError("stream 1 failed")
+        return original(self)
+
+    monkeypatch.setattr(DecodeBatch, "logits", failing)
+    threads = torch.get_num_threads()
+    config = model.generation_config.updated(max_new_tokens=30, min_new_tokens=30)  # no stream ends before
+    with pytest.raises(RuntimeError, match="stream 1 failed"):
+        list(generate_stream(model, token_documents(count=8), config, max_rows=4, streams=2))
+    assert not [t for t in threading.enumerate() if t.name.startswith("decode-stream")]
+    assert calls.count("decode-stream-0") < 30  # stopped at its next step, not decoded to the end
+    assert torch.get_num_threads() == threads
+
+
+def test_cpu_decodes_in_a_stream_per_thread_but_sampling_and_the_compiled_step(pair, monkeypatch):
+    _, model = pair
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    config = model.generation_config
+    assert cpu_streams(torch.device("cpu"), config.updated(num_beams=4)) == 3
+    assert cpu_streams(torch.device("cpu"), config.updated(do_sample=True)) == 1
+    assert cpu_streams(torch.device("cpu"), config.updated(compile=True)) == 1
+    assert cpu_streams(torch.device("cuda"), config) == 1
 
 
 def test_length_groups_keep_padding_within_ten_percent():
