@@ -174,9 +174,9 @@ def transformers_engine(ctx: Context, dtype: str = "float32") -> TorchEngine:
 class CTranslate2Engine:
     """CTranslate2's translator over the benchmark's batches, one translate_batch each. With `parallel_batches`,
     its way of using several threads for throughput instead: inter_threads translators of one thread each, and
-    every document in one translate_batch that it splits into batches of at most batch_size (sorted by length
-    first) and runs on those translators at once; comparable with our decode streams (model/decode.py
-    cpu_streams)."""
+    every document in one translate_batch that it splits into batches (sorted by length first) and runs on those
+    translators at once. Each batch holds batch_size / threads documents, so that batch_size are decoded at once in
+    all, as our decode streams share out the engine's batch_size (model/decode.py cpu_streams)."""
 
     output = "ids"
 
@@ -210,7 +210,7 @@ class CTranslate2Engine:
             source = [[self.vocab[t] for t in docs[i]["ids"]] for i in batch]
             results = self.translator.translate_batch(
                 source,
-                max_batch_size=self.ctx.batch_size if self.parallel_batches else 0,
+                max_batch_size=-(-self.ctx.batch_size // self.ctx.threads) if self.parallel_batches else 0,
                 beam_size=decoding.num_beams,
                 length_penalty=decoding.length_penalty,
                 no_repeat_ngram_size=decoding.no_repeat_ngram_size,
