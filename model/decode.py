@@ -356,15 +356,14 @@ def decode_stream(
 def cpu_streams(device: torch.device, config: GenerationConfig) -> int:
     """How many streams a decode on `device` runs at once (decode_streams): on CPU one per thread torch has, each
     decoding its own batch on one thread, rather than one batch whose every operation is split between the threads.
-    A step's many small operations, and the Python between them, do not split; a stream on one thread starts no
-    parallel region, so it waits at no barrier for a thread that another of the replica's threads, or another
-    library's OpenMP runtime, has taken from its core (CTranslate2's, run in the same process, slowed one stream on 2
-    torch threads from 5.8-6.3 to 8.6-9.2 s). Measured on 2 threads of an AMD EPYC Zen 4 (mt5-small int8-dynamic,
-    48 documents, 16 at once, one process with nothing else in it): about even, greedy 7.4 s in 2 streams against
-    6.6 in one, beam 4 12.6 against 13.9, in a spell that swung 10-20 % between rounds (benchmarks/README.md,
-    "Decode streams"); more cores per replica are not measured here. Sampling keeps one stream (its draws come from
-    one generator, in the order of its steps), and so does the compiled step (its storage and graphs are the model's,
-    one set)."""
+    A step's many small operations, and the Python between them, do not split, and every operation that does ends at
+    a barrier of all the threads; a stream on one thread starts no parallel region and waits at no barrier, and the
+    streams share one model where as many replicas would each load one. Measured on 2 threads of an AMD EPYC Zen 4
+    (mt5-small int8-dynamic, 48 documents, 16 at once, one process with nothing else in it): about even, greedy 7.4 s
+    in 2 streams against 6.6 in one, beam 4 12.6 against 13.9, in a spell that swung 10-20 % between rounds
+    (benchmarks/README.md, "Decode streams"); more cores per replica are not measured here. Sampling keeps one stream
+    (its draws come from one generator, in the order of its steps), and so does the compiled step (its storage and
+    graphs are the model's, one set)."""
     if device.type != "cpu" or config.do_sample or config.compile:
         return 1
     return torch.get_num_threads()
