@@ -400,7 +400,8 @@ def decode_streams(
     """decode_stream() in `streams` threads at once, each on one torch thread, sharing the model and reading
     `documents` as each has room; max_rows and max_tokens are shared out between them (never more streams than
     documents fit at once). Yields what they yield, in the order the documents finish, each document's outputs as
-    decode_stream gives them (a document's tokens do not depend on the batch it decodes in). An error in one stream
+    decode_stream gives them: in float32 the tokens it gets in any batch; in int8-dynamic, whose activations are
+    quantized per call, they can depend on which stream took it, and that on timing. An error in one stream
     stops the others and is raised here; so does closing this generator. torch's thread count is the caller's again
     after. A stream ends when its batch is empty and `documents` gives nothing; the others go on."""
     group = config.num_return_sequences if config.do_sample else max(config.num_beams, 1)
