@@ -217,8 +217,9 @@ def test_decode_steps_make_no_host_sync(model, settings, compile, traced, monkey
 
         monkeypatch.setattr(compiled_decode, "compiled_step", outside_the_mode)
     # On CPU the loop reads back at will (host_reads_are_free): decode as on an accelerator, whose queue a read
-    # would stall, with CPU tensors.
+    # would stall, with CPU tensors; and in one stream, as there (another stream's sync points would be counted too).
     monkeypatch.setattr(decode_module, "host_reads_are_free", lambda device: False)
+    monkeypatch.setattr(decode_module, "cpu_streams", lambda device, config: 1)
     if compile:
         decode(model, settings, compile)  # compiles every bucket first: steady state is what is counted
     search = BeamSearch if settings.get("num_beams", 1) > 1 else Greedy
