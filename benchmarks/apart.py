@@ -24,6 +24,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.run import write_report  # noqa: E402
+
 BASELINE = "ct2-int8"
 
 
@@ -108,19 +112,16 @@ def main(argv=None) -> None:
             f"{s['decoding']:8s} {s['engine']:34s} {s['tokens_per_second']:7.1f} {s['docs_per_second']:7.2f} "
             f"{s['vs_ct2']:10.2f} {s['vs_ct2_docs']:9.2f}  {s['seconds']}"
         )
-    if args.out:
-        report = {
-            "benchmark": "engines apart: one process each (benchmarks/apart.py over run.py)",
-            "command": command,
-            "date": first_report["date"],
-            "machine": first_report["machine"],
-            "setup": first_report["setup"],
-            "results": summary,
-            "rounds": rows,
-        }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        print(f"[apart] wrote {args.out}", file=sys.stderr)
+    report = {
+        "benchmark": "engines apart: one process each (benchmarks/apart.py over run.py)",
+        "command": command,
+        "date": first_report["date"],
+        "machine": first_report["machine"],
+        "setup": first_report["setup"],
+        "results": summary,
+        "rounds": rows,
+    }
+    write_report(report, args.out, "apart")
 
 
 if __name__ == "__main__":
