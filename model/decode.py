@@ -66,7 +66,7 @@ class Greedy:
     def __init__(self, config: GenerationConfig):
         self.config = config
         self.logits_processor = LogitsProcessor(config)
-        self.rows_per_document = 1
+        self.rows_per_document = config.rows_per_document()
 
     def start(self, slots: torch.Tensor) -> None:
         pass
@@ -104,7 +104,6 @@ class Sampling(Greedy):
     def __init__(self, config: GenerationConfig, generator: torch.Generator):
         super().__init__(config)
         self.generator = generator
-        self.rows_per_document = config.num_return_sequences
 
     def choose(self, scores: torch.Tensor) -> torch.Tensor:
         return torch.multinomial(scores.softmax(-1), 1, generator=self.generator).squeeze(1)
@@ -164,7 +163,7 @@ class BeamSearch:
     def __init__(self, config: GenerationConfig, generator: torch.Generator | None, device: torch.device):
         self.config, self.generator = config, generator
         self.logits_processor = LogitsProcessor(config)
-        self.rows_per_document = self.beams = config.num_beams
+        self.rows_per_document = self.beams = config.rows_per_document()
         self.width = 2 * self.beams  # candidates per document and step
         self.top_beams = torch.arange(self.width, device=device) < self.beams
         max_len = config.total_length()
@@ -404,7 +403,7 @@ def decode_streams(
     quantized per call, they can depend on which stream took it, and that on timing. An error in one stream
     stops the others and is raised here; so does closing this generator. torch's thread count is the caller's again
     after. A stream ends when its batch is empty and `documents` gives nothing; the others go on."""
-    group = config.num_return_sequences if config.do_sample else max(config.num_beams, 1)
+    group = config.rows_per_document()
     documents_at_once = max(max_rows // group, 1)
     streams = min(streams, documents_at_once)
     if streams <= 1:

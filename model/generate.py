@@ -90,6 +90,13 @@ class GenerationConfig:
         """Output length cap, counting the decoder start token as transformers does."""
         return 1 + self.max_new_tokens if self.max_new_tokens is not None else self.max_length
 
+    def rows_per_document(self) -> int:
+        """The rows a document takes in a decode batch: one per beam in beam search (sampled or not), one per
+        returned sequence in sampling, one in greedy."""
+        if self.num_beams > 1:
+            return self.num_beams
+        return self.num_return_sequences if self.do_sample else 1
+
     def save(self, out_dir: Path) -> None:
         out = dict(self.extra)
         unsaved = ("extra", "seed", "compile")
@@ -110,8 +117,8 @@ def generate(
     sources = input_ids.tolist()
     if attention_mask is not None:
         sources = [[t for t, m in zip(ids, mask) if m] for ids, mask in zip(sources, attention_mask.tolist())]
-    rows_per_input = max(config.num_beams, config.num_return_sequences)
-    outputs = dict(decode_stream(model, enumerate(sources), config, max_rows=len(sources) * rows_per_input))
+    rows = len(sources) * config.rows_per_document()
+    outputs = dict(decode_stream(model, enumerate(sources), config, max_rows=rows))
     sequences = [ids for i in range(len(sources)) for ids in outputs[i]]
     # transformers pads greedy and sampled outputs with pad_token_id, beam search's with
     # `pad_token_id or eos_token_id`: EOS for mT5, whose pad id is 0.

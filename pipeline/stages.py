@@ -129,7 +129,7 @@ class _ModelThread:
 
     def __init__(self, model, config, settings: SummarizeSettings):
         self.model, self.config = model, config
-        beams = config.num_beams
+        beams = config.rows_per_document()
         # documents x beams, and documents x beams x longest input, at once
         self.budget = (settings.batch_size * beams, settings.max_batch_tokens * beams)
         self._queue: deque[Document] = deque()
@@ -191,7 +191,7 @@ class _ModelThread:
 
     def _decode_queued(self) -> None:
         """One stream over the queued rows, and the retries of its rows if it runs out of memory."""
-        beams = self.config.num_beams
+        beams = self.config.rows_per_document()
         max_rows, max_tokens = self.budget
         retry: list[Document] | None = None  # rows to decode again on their own; None: the queue's
         while True:

@@ -42,6 +42,16 @@ def test_num_return_sequences_with_sampling_gives_that_many_rows(tiny):
     assert out.shape[0] == 6
 
 
+def test_rows_per_document_is_the_searchs_rows_beam_sampling_included():
+    """One rule sizes a batch's rows (decode_stream's search, decode_streams' shares, generate, the pipeline's
+    budget): beam sampling takes a row per beam, not per returned sequence."""
+    settings = ours.GenerationConfig
+    assert settings().rows_per_document() == 1
+    assert settings(do_sample=True, num_return_sequences=3).rows_per_document() == 3
+    assert settings(num_beams=4, num_return_sequences=2).rows_per_document() == 4
+    assert settings(num_beams=4, do_sample=True, num_return_sequences=2).rows_per_document() == 4
+
+
 def test_unknown_or_invalid_settings_are_refused(tiny):
     ids, mask = batch_with_padding(batch=1)
     with pytest.raises(TypeError, match="num_beam"):
